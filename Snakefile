@@ -1,0 +1,27 @@
+# Mistral-family checkpoints from the Hugging Face hub to VACC deployables.
+# This file is the table of contents: the stages live in rules/, the work in
+# the workflow_scripts package. See README.md.
+import sys
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+sys.path.insert(0, workflow.basedir)
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        target_outputs(config["targets"]),
+
+
+include: "rules/download.smk"
+include: "rules/patch.smk"
+include: "rules/targets.smk"

@@ -1,0 +1,25 @@
+# Stage 1: the checkpoint of each model under resources/models/{model}/.
+
+
+rule download:
+    input:
+        code=lambda wildcards: code(fetch_stage(wildcards.model)),
+        local=local_source_files,
+    output:
+        "resources/models/{model}/MANIFEST.json",
+    params:
+        stage=lambda wildcards: fetch_stage(wildcards.model),
+        source=settings("source"),
+    log:
+        "logs/{model}/download.log",
+    benchmark:
+        "benchmarks/{model}/download.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=240,
+    conda:
+        "../envs/workflow.yaml"
+    shell:
+        "python3 -m workflow_scripts.{params.stage} --model {wildcards.model:q}"
+        " --source {params.source:q} --manifest {output:q} > {log:q} 2>&1"

@@ -1,0 +1,10 @@
+# One target rule per configured model, named after its id: `snakemake demo_mistral`.
+from workflow_scripts.config import rule_name
+
+for model_id in MODELS:
+
+    rule:
+        name:
+            rule_name(model_id)
+        input:
+            target_outputs([model_id]),

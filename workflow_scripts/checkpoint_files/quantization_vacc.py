@@ -1,0 +1,69 @@
+"""Per-output-channel symmetric int8 weight quantization for VACC.
+
+Shipped inside the patched checkpoint and imported by ``modeling_mistral_vacc``.
+``weight`` holds int8 values ``[out, in]`` and ``weight_scale`` one float per
+output channel ``[out]`` in the original weight dtype; the forward pass
+dequantizes and multiplies, and ONNX export emits the vendor's custom op.
+"""
+import torch
+from torch import nn
+
+QMAX = {8: 127}
+
+
+def quantize_per_channel(weight: torch.Tensor, bits: int = 8):
+    """Return ``(int8 weight, scale)`` with ``scale = max|W| / qmax`` per output row.
+
+    The scale is rounded to the weight's dtype first and the rounding uses that
+    stored scale, so dequantizing the file reproduces exactly what was rounded.
+    """
+    if bits not in QMAX:
+        raise ValueError(f"weight_bit_width={bits} is not supported; VACC per-channel weights are int8 (8)")
+    qmax = QMAX[bits]
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / qmax).to(weight.dtype)
+    divisor = scale.float().masked_fill(scale == 0, 1.0).unsqueeze(1)
+    q = torch.round(w / divisor).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+class _QuantizedLinearPerChannelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, weight_scale):
+        dequantized = weight.to(hidden.dtype) * weight_scale.to(hidden.dtype).unsqueeze(1)
+        return nn.functional.linear(hidden, dequantized)
+
+    @staticmethod
+    def symbolic(graph, hidden, weight, weight_scale):
+        return graph.op("Vastai::QuantizedLinearPerChannel", hidden, weight, weight_scale)
+
+
+class QuantizedLinearPerChannel(nn.Module):
+    """A bias-free linear layer with int8 weights and one float scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, scale_dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(
+            torch.zeros(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False
+        )
+        self.weight_scale = nn.Parameter(
+            torch.ones(out_features, dtype=scale_dtype, device=device), requires_grad=False
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 8) -> "QuantizedLinearPerChannel":
+        if linear.bias is not None:
+            raise ValueError("per-channel int8 layers carry no bias; Mistral projections have none")
+        layer = cls(linear.in_features, linear.out_features, linear.weight.dtype, linear.weight.device)
+        q, scale = quantize_per_channel(linear.weight, bits)
+        layer.weight.data = q
+        layer.weight_scale.data = scale
+        return layer
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _QuantizedLinearPerChannelFunction.apply(hidden, self.weight, self.weight_scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8, per_channel=True"

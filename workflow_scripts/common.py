@@ -1,0 +1,145 @@
+"""Pieces every stage shares: clear errors, logging, atomic files, hashing, links."""
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LOG = logging.getLogger("workflow_scripts")
+MANIFEST_NAME = "MANIFEST.json"
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class StageError(Exception):
+    """A failure reported as one clear line without a traceback."""
+
+
+class InputError(StageError):
+    """Bad input a user can fix: the message names the model, the key or the file."""
+
+
+class CheckFailed(StageError):
+    """A verification whose figures are outside their bounds."""
+
+
+def run_cli(main, argv=None):
+    """Run a stage's ``main``; turn a :class:`StageError` into a one-line message and exit 1."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except StageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def sha256_file(path, chunk_bytes=16 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def json_text(data):
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, data):
+    atomic_write_text(path, json_text(data))
+
+
+def read_json(path, what="JSON file"):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{what} {path} is not valid JSON: {error}") from None
+
+
+@contextlib.contextmanager
+def staged_directory(final):
+    """Yield an empty staging folder beside ``final``; on success it replaces ``final`` whole.
+
+    The swap is two renames, so at every instant ``final`` is either the old
+    complete folder, absent, or the new complete folder. On error the staging
+    folder is removed and ``final`` is left absent: a failed rebuild must not
+    leave the previous result looking current.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    os.chmod(staging, 0o777 & ~_umask())
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    retired = final.parent / f".{final.name}.retired-{os.getpid()}"
+    if final.exists() or final.is_symlink():
+        os.replace(final, retired)
+    os.replace(staging, final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def link_file(source, target):
+    """Hardlink ``source`` to ``target`` (same file system), else symlink; return the method used."""
+    source = Path(source).resolve()
+    try:
+        os.link(source, target)
+        return "hardlink"
+    except OSError:
+        os.symlink(source, target)
+        return "symlink"
+
+
+def describe_files(folder, names):
+    """``{name: {size, sha256}}`` for files in ``folder``, logging progress on large sets."""
+    folder = Path(folder)
+    entries = {}
+    total = sum((folder / name).stat().st_size for name in names)
+    done, start = 0, time.monotonic()
+    for name in sorted(names):
+        path = folder / name
+        size = path.stat().st_size
+        entries[name] = {"size": size, "sha256": sha256_file(path)}
+        done += size
+        if total > 256 << 20:
+            rate = done / max(time.monotonic() - start, 1e-9)
+            LOG.info("hashed %s (%.1f of %.1f GB, %.0f MB/s, %.0f s left)", name, done / 1e9, total / 1e9,
+                     rate / 1e6, (total - done) / max(rate, 1))
+    return entries

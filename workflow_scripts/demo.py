@@ -1,0 +1,128 @@
+"""Small random-weight Mistral checkpoints, generated offline and deterministically.
+
+They have the hub layout of the real models (config.json in the hub's style,
+sharded bf16 safetensors with an index, generation config, the real
+tokenizer), so every later stage runs the code paths it runs for a 7-8B model.
+"""
+import torch
+from safetensors.torch import save_file
+
+from .common import LOG, atomic_write_json, run_cli
+from .download import assemble_checkpoint, parse_args
+from .tokenizer_files import write_tokenizer
+
+# Shapes keep the real models' ratios: GQA 4:1, MLP 3.5x (Mistral) or 3x
+# (Ministral) the hidden size, Ministral's explicit head_dim (chosen here unequal
+# to hidden/heads so that code assuming hidden/heads fails), the real
+# vocabularies and rope bases. demo-mistral's sliding window is shorter than the
+# verification prompts, so the patch that removes it changes results.
+PRESETS = {
+    "mistral": {
+        "tokenizer": "sentencepiece-v1",
+        "config": {
+            "vocab_size": 32000, "hidden_size": 128, "intermediate_size": 448,
+            "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+            "rope_theta": 1000000.0, "sliding_window": 32,
+        },
+    },
+    "ministral": {
+        "tokenizer": "tekken-240911",
+        "config": {
+            "vocab_size": 131072, "hidden_size": 128, "intermediate_size": 384,
+            "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+            "head_dim": 32, "rope_theta": 100000000.0, "sliding_window": 32768,
+        },
+    },
+}
+COMMON_CONFIG = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "attention_dropout": 0.0,
+    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "initializer_range": 0.02,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": True,
+}
+SHARDS = 2
+
+
+def demo_config(preset, overrides=None):
+    """The hub-style ``config.json`` of a preset, with optional shape overrides."""
+    return {**COMMON_CONFIG, **PRESETS[preset]["config"], **(overrides or {})}
+
+
+def tensor_shapes(config):
+    """HF tensor names and shapes of a ``MistralForCausalLM``, in file order."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_out = config["num_attention_heads"] * head_dim
+    kv_out = config["num_key_value_heads"] * head_dim
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}"
+        shapes.update({
+            f"{prefix}.input_layernorm.weight": (hidden,),
+            f"{prefix}.self_attn.q_proj.weight": (q_out, hidden),
+            f"{prefix}.self_attn.k_proj.weight": (kv_out, hidden),
+            f"{prefix}.self_attn.v_proj.weight": (kv_out, hidden),
+            f"{prefix}.self_attn.o_proj.weight": (hidden, q_out),
+            f"{prefix}.post_attention_layernorm.weight": (hidden,),
+            f"{prefix}.mlp.gate_proj.weight": (inter, hidden),
+            f"{prefix}.mlp.up_proj.weight": (inter, hidden),
+            f"{prefix}.mlp.down_proj.weight": (hidden, inter),
+        })
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    return shapes
+
+
+def random_weights(config, seed):
+    """Seeded bf16 weights: N(0, initializer_range) matrices, norms near 1."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in tensor_shapes(config).items():
+        values = torch.randn(shape, generator=generator)
+        if len(shape) == 1:
+            values = 1.0 + 0.1 * values
+        else:
+            values = config["initializer_range"] * values
+        weights[name] = values.to(torch.bfloat16)
+    return weights
+
+
+def write_demo_checkpoint(preset, folder, seed, overrides=None):
+    """Write a complete hub-layout checkpoint into ``folder``; return the file names."""
+    config = demo_config(preset, overrides)
+    weights = random_weights(config, seed)
+    names = list(weights)
+    per_shard = -(-len(names) // SHARDS)
+    weight_map, files = {}, []
+    for index in range(SHARDS):
+        shard_name = f"model-{index + 1:05d}-of-{SHARDS:05d}.safetensors"
+        shard = {name: weights[name] for name in names[index * per_shard:(index + 1) * per_shard]}
+        save_file(shard, str(folder / shard_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, shard_name))
+        files.append(shard_name)
+    total_size = sum(t.numel() * t.element_size() for t in weights.values())
+    atomic_write_json(folder / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    atomic_write_json(folder / "config.json", config)
+    atomic_write_json(folder / "generation_config.json",
+                      {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]})
+    files += ["model.safetensors.index.json", "config.json", "generation_config.json"]
+    files += write_tokenizer(PRESETS[preset]["tokenizer"], folder)
+    return sorted(files)
+
+
+def generate(model, source, staging):
+    """``assemble_checkpoint`` filler for a ``source: {demo: PRESET, seed, shape}`` entry."""
+    seed = source.get("seed", 0)
+    LOG.info("model %s: generating demo preset %s (seed %d)", model, source["demo"], seed)
+    write_demo_checkpoint(source["demo"], staging, seed, source.get("shape"))
+    return {"demo": source["demo"], "seed": seed, "shape": source.get("shape", {})}, {"generated"}
+
+
+def main(argv):
+    args = parse_args(argv, __doc__)
+    assemble_checkpoint(args.model, args.source, args.manifest.parent, generate)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,103 @@
+"""Stage 2, patch: the checkpoint that vamc loads, under ``results/{model}/patched/``.
+
+The downloaded weights and tokenizer files are linked (never copied); the VACC
+modeling, configuration and quantization files are added; ``config.json`` is
+the model's own config with ``auto_map`` merged in, and ``config_vacc.json``
+adds the keys of vamc's ``model_arch: vacc`` loader.
+
+Usage: python -m workflow_scripts.patch --model ID --source DIR --manifest PATH --settings JSON
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from .common import (MANIFEST_NAME, InputError, LOG, atomic_write_json, describe_files, link_file,
+                     read_json, run_cli, sha256_file, staged_directory)
+from .checkpoint import read_mistral_config
+
+PACKAGE_DATA = ("checkpoint_files",)
+CHECKPOINT_FILES = Path(__file__).parent / PACKAGE_DATA[0]
+VACC_FILES = ("modeling_mistral_vacc.py", "configuration_mistral_vacc.py", "quantization_vacc.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_mistral_vacc.MistralConfig",
+    "AutoModel": "modeling_mistral_vacc.MistralModel",
+    "AutoModelForCausalLM": "modeling_mistral_vacc.MistralForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_mistral_vacc.MistralForSequenceClassification",
+}
+WRITTEN_HERE = {"config.json", "config_vacc.json", MANIFEST_NAME, *VACC_FILES}
+
+
+def check_shapes(model, config, path):
+    """Refuse configs the static-graph model cannot express, naming the key."""
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+                "intermediate_size", "vocab_size", "max_position_embeddings"):
+        value = config.get(key)
+        if not isinstance(value, int) or value <= 0:
+            raise InputError(f"model {model}: {path} key {key} must be a positive integer, got {value!r}")
+    if config["num_attention_heads"] % config["num_key_value_heads"]:
+        raise InputError(f"model {model}: {path} num_attention_heads ({config['num_attention_heads']}) is not a "
+                         f"multiple of num_key_value_heads ({config['num_key_value_heads']})")
+
+
+def patched_configs(config, settings):
+    """``config.json`` and ``config_vacc.json`` contents: the model's own keys, nothing overwritten but auto_map."""
+    patched = {**config, "auto_map": {**config.get("auto_map", {}), **AUTO_MAP}}
+    vacc = {**patched, "_attn_implementation": "eager", "insert_slice": settings["insert_slice"],
+            "iter_num": settings["iter_num"]}
+    return patched, vacc
+
+
+def source_files(model, source, manifest):
+    """The downloaded files, checked against the sizes their manifest recorded."""
+    files = manifest["files"]
+    for name, entry in files.items():
+        path = source / name
+        if not path.is_file() or path.stat().st_size != entry["size"]:
+            raise InputError(f"model {model}: {path} is missing or differs from {source / MANIFEST_NAME}; "
+                             "rerun the download (delete the manifest to force it)")
+    return files
+
+
+def patch_checkpoint(model, source, folder, settings):
+    source = Path(source)
+    source_manifest = read_json(source / MANIFEST_NAME, what=f"model {model}: download manifest")
+    files = source_files(model, source, source_manifest)
+    config = read_mistral_config(source, model)
+    check_shapes(model, config, source / "config.json")
+    with staged_directory(folder) as staging:
+        methods = set()
+        linked = sorted(name for name in files if name not in WRITTEN_HERE)
+        for name in linked:
+            methods.add(link_file(source / name, staging / name))
+        for name in VACC_FILES:
+            shutil.copyfile(CHECKPOINT_FILES / name, staging / name)
+        patched, vacc = patched_configs(config, settings)
+        atomic_write_json(staging / "config.json", patched)
+        atomic_write_json(staging / "config_vacc.json", vacc)
+        written = describe_files(staging, ["config.json", "config_vacc.json", *VACC_FILES])
+        manifest = {
+            "model": model,
+            "source_manifest_sha256": sha256_file(source / MANIFEST_NAME),
+            "link": sorted(methods),
+            "settings": settings,
+            "files": {**{name: files[name] for name in linked}, **written},
+        }
+        atomic_write_json(staging / MANIFEST_NAME, manifest)
+    LOG.info("model %s: patched checkpoint in %s (%d files linked by %s)", model, folder, len(linked),
+             ", ".join(sorted(methods)) or "nothing")
+    return manifest
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--source", required=True, type=Path, help="the downloaded checkpoint folder")
+    parser.add_argument("--manifest", required=True, type=Path, help="MANIFEST.json inside the patched folder")
+    parser.add_argument("--settings", required=True, type=json.loads, help="the model's patch settings as JSON")
+    args = parser.parse_args(argv)
+    patch_checkpoint(args.model, args.source, args.manifest.parent, args.settings)
+
+
+if __name__ == "__main__":
+    run_cli(main)
