@@ -7,19 +7,19 @@ rule download:
         local=local_source_files,
     output:
         "resources/models/{model}/MANIFEST.json",
-    params:
-        stage=lambda wildcards: fetch_stage(wildcards.model),
-        source=settings("source"),
     log:
         "logs/{model}/download.log",
     benchmark:
         "benchmarks/{model}/download.tsv"
+    conda:
+        "../envs/workflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=240,
-    conda:
-        "../envs/workflow.yaml"
+    params:
+        stage=lambda wildcards: fetch_stage(wildcards.model),
+        source=settings("source"),
     shell:
         "python3 -m workflow_scripts.{params.stage} --model {wildcards.model:q}"
         " --source {params.source:q} --manifest {output:q} > {log:q} 2>&1"

@@ -7,18 +7,18 @@ rule patch:
         source="resources/models/{model}/MANIFEST.json",
     output:
         "results/{model}/patched/MANIFEST.json",
-    params:
-        settings=settings("patch"),
     log:
         "logs/{model}/patch.log",
     benchmark:
         "benchmarks/{model}/patch.tsv"
+    conda:
+        "../envs/workflow.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=30,
-    conda:
-        "../envs/workflow.yaml"
+    params:
+        settings=settings("patch"),
     shell:
         "python3 -m workflow_scripts.patch --model {wildcards.model:q} --source resources/models/{wildcards.model:q}"
         " --manifest {output:q} --settings {params.settings:q} > {log:q} 2>&1"
@@ -31,19 +31,21 @@ rule verify:
         upstream="resources/models/{model}/MANIFEST.json",
     output:
         "results/{model}/patched/verify.json",
-    params:
-        settings=settings("verify"),
     log:
         "logs/{model}/verify.log",
     benchmark:
         "benchmarks/{model}/verify.tsv"
+    conda:
+        "../envs/workflow.yaml"
     threads: 2
     resources:
         # float32 copy of the weights (twice the bf16 bytes), one model at a time
-        mem_mb=lambda wildcards, input, attempt: int(2000 + 2.2 * attempt * manifest_weight_mb(input.upstream)),
+        mem_mb=lambda wildcards, input, attempt: int(
+            2000 + 2.2 * attempt * manifest_weight_mb(input.upstream)
+        ),
         runtime=60,
-    conda:
-        "../envs/workflow.yaml"
+    params:
+        settings=settings("verify"),
     shell:
         "python3 -m workflow_scripts.verify --model {wildcards.model:q} --patched results/{wildcards.model:q}/patched"
         " --upstream resources/models/{wildcards.model:q} --output {output:q}"

@@ -9,16 +9,14 @@ import shutil
 from pathlib import Path
 
 import mistral_common
-from tokenizers import processors
+from tokenizers import normalizers, processors
 
 from .common import atomic_write_json
 
 MISTRAL_COMMON_DATA = Path(mistral_common.__file__).parent / "data"
 TOKENIZERS = {
-    "sentencepiece-v1": {"source": "tokenizer.model.v1", "native_name": "tokenizer.model",
-                         "tokenizer_class": "LlamaTokenizerFast"},
-    "tekken-240911": {"source": "tekken_240911.json", "native_name": "tekken.json",
-                      "tokenizer_class": "PreTrainedTokenizerFast"},
+    "sentencepiece-v1": {"source": "tokenizer.model.v1", "native_name": "tokenizer.model"},
+    "tekken-240911": {"source": "tekken_240911.json", "native_name": "tekken.json"},
 }
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -27,7 +25,13 @@ def _backend_tokenizer(kind, native_path):
     if kind == "sentencepiece-v1":
         from transformers import LlamaTokenizer
 
-        return LlamaTokenizer.from_pretrained(native_path.parent).backend_tokenizer
+        backend = LlamaTokenizer.from_pretrained(native_path.parent).backend_tokenizer
+        # As in the hub's own Mistral-7B tokenizer.json: SentencePiece's dummy
+        # prefix and space marking as a normalizer, which (unlike a Metaspace
+        # pre-tokenizer) also matches SentencePiece on text that starts with spaces.
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = None
+        return backend
     from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 
     return convert_tekken_tokenizer(str(native_path), chat_template="").backend_tokenizer
@@ -49,7 +53,9 @@ def write_tokenizer(kind, folder):
     )
     backend.save(str(folder / "tokenizer.json"))
     atomic_write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": spec["tokenizer_class"],
+        # The generic class loads tokenizer.json as written; transformers 5's
+        # LlamaTokenizer would rebuild the normalizer from its own defaults.
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,

@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny checkpoints, a hub-format cache, and running the stages' entry points."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from workflow_scripts.demo import write_demo_checkpoint  # noqa: E402
+from workflow_scripts.patch import patch_checkpoint  # noqa: E402
+
+# Small enough for fast tests, with the presets' ratios (GQA 4:1; explicit
+# head_dim unequal to hidden/heads for the Ministral-like one).
+TINY_SHAPES = {
+    "mistral": {"hidden_size": 64, "intermediate_size": 224, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 1, "sliding_window": 8},
+    "ministral": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32},
+}
+
+
+PATCH_SETTINGS = {"insert_slice": True, "iter_num": 0}
+
+
+def stage_env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_stage(module, *args, env=None, check=True):
+    """Run ``python -m workflow_scripts.<module>`` as the rules do; return the completed process."""
+    result = subprocess.run([sys.executable, "-m", f"workflow_scripts.{module}", *map(str, args)],
+                            capture_output=True, text=True, env=env or stage_env())
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Hub-layout checkpoints of both presets with tiny shapes: {preset: folder}."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    folders = {}
+    for preset, shape in TINY_SHAPES.items():
+        folder = root / preset
+        folder.mkdir()
+        write_demo_checkpoint(preset, folder, seed=7, overrides=shape)
+        folders[preset] = folder
+    return folders
+
+
+def add_to_hub_cache(cache, repo, files, commit, ref="main"):
+    """Lay ``files`` ({name: source path}) out as the hub cache does: blobs, a snapshot of links, a ref."""
+    storage = Path(cache) / f"models--{repo.replace('/', '--')}"
+    snapshot = storage / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (storage / "blobs").mkdir(exist_ok=True)
+    for name, source in files.items():
+        data = Path(source).read_bytes()
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture()
+def copy_checkpoint(tmp_path):
+    """Copy a checkpoint folder so a test can alter it."""
+    def copy(folder, name="altered"):
+        target = tmp_path / name
+        shutil.copytree(folder, target)
+        return target
+    return copy
+
+
+@pytest.fixture(scope="session")
+def downloaded(tiny_checkpoints, tmp_path_factory):
+    """Both tiny presets fetched through the real local-source download: {preset: folder}."""
+    root = tmp_path_factory.mktemp("resources")
+    folders = {}
+    for preset, checkpoint in tiny_checkpoints.items():
+        manifest = root / preset / "MANIFEST.json"
+        run_stage("download", "--model", preset, "--source", json.dumps({"local": str(checkpoint)}),
+                  "--manifest", manifest)
+        folders[preset] = manifest.parent
+    return folders
+
+
+@pytest.fixture(scope="session")
+def patched(downloaded, tmp_path_factory):
+    """Both tiny presets patched: {preset: folder}."""
+    root = tmp_path_factory.mktemp("results")
+    folders = {}
+    for preset, source in downloaded.items():
+        folders[preset] = root / preset / "patched"
+        patch_checkpoint(preset, source, folders[preset], PATCH_SETTINGS)
+    return folders

@@ -1,0 +1,100 @@
+"""Config validation: the schema (types, unknown keys, defaults) and the cross-key checks."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from workflow_scripts.common import InputError
+from workflow_scripts.config import check_config, rule_name
+
+from conftest import REPO
+
+SCHEMA = str(REPO / "config" / "schema.yaml")
+
+
+def shipped_config():
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def validated(config):
+    validate(config, SCHEMA)
+    check_config(config)
+    return config
+
+
+def test_shipped_config_is_valid_and_defaults_are_filled():
+    config = validated(shipped_config())
+    assert config["targets"] == ["demo-mistral", "demo-ministral"]
+    real = config["models"]["mistral-7b-instruct-v0.2"]
+    assert real["source"]["hub"] == "mistralai/Mistral-7B-Instruct-v0.2"
+    assert len(real["source"]["revision"]) == 40
+    assert real["verify"]["greedy_tokens"] == 16
+    assert real["verify"]["max_abs_logit_diff"] == pytest.approx(1e-4)
+    assert real["patch"] == {"insert_slice": True, "iter_num": 0}
+    assert "ministral-8b-instruct-2410" in config["models"]
+    assert not set(config["targets"]) & {"mistral-7b-instruct-v0.2", "ministral-8b-instruct-2410"}
+
+
+@pytest.mark.parametrize("mutate, named", [
+    (lambda c: c.update(modles={}), "modles"),
+    (lambda c: c["models"]["demo-mistral"].update(verfy={}), "verfy"),
+    (lambda c: c["models"]["demo-mistral"]["source"].update(sed=1), "sed"),
+    (lambda c: c["models"]["demo-mistral"].update(verify={"greedy_tokens": "sixteen"}),
+     "['demo-mistral']['verify']['greedy_tokens']"),
+    (lambda c: c["models"].update({"Demo_Upper": {"source": {"demo": "mistral"}}}), "Demo_Upper"),
+    (lambda c: c["models"]["demo-mistral"]["source"].update(demo="llama"), "llama"),
+    (lambda c: c.update(targets="demo-mistral"), "demo-mistral"),
+])
+def test_schema_rejects_bad_keys_and_types_naming_them(mutate, named):
+    config = shipped_config()
+    mutate(config)
+    with pytest.raises(WorkflowError) as error:
+        validate(config, SCHEMA)
+    assert named in str(error.value)
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"demo": "mistral", "hub": "a/b", "revision": "main"}, "exactly one of hub, local, demo; found hub, demo"),
+    ({"hub": "mistralai/Mistral-7B-Instruct-v0.2"}, "models.m.source.revision is required"),
+    ({"local": "/data/m", "seed": 3}, "models.m.source.seed does not apply to a local source"),
+    ({"demo": "mistral", "revision": "main"}, "models.m.source.revision does not apply to a demo source"),
+])
+def test_source_relations_are_checked(source, message):
+    config = {"targets": [], "models": {"m": {"source": source}}}
+    with pytest.raises(InputError, match=message.replace(".", r"\.")):
+        check_config(config)
+
+
+def test_unknown_target_is_named():
+    config = copy.deepcopy(shipped_config())
+    config["targets"].append("mistral-7b")
+    with pytest.raises(InputError, match=r"targets\[2\] names model 'mistral-7b'"):
+        check_config(config)
+
+
+def test_target_rule_names():
+    assert rule_name("mistral-7b-instruct-v0.2") == "mistral_7b_instruct_v0_2"
+    assert rule_name("8b.model") == "model_8b_model"
+    config = {"targets": [], "models": {"a-b": {"source": {"demo": "mistral"}},
+                                        "a.b": {"source": {"demo": "mistral"}}}}
+    with pytest.raises(InputError, match="both map to target rule 'a_b'"):
+        check_config(config)
+
+
+def test_snakemake_reports_config_errors_by_key(tmp_path):
+    """The message a user sees from `snakemake -n` names the offending key."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("targets: [x]\nmodels:\n  x:\n    source: {demo: mistral}\n    patch: {insert_slice: yes, slice: 1}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(bad), "--replace-workflow-config"],
+        capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "'slice' was unexpected" in result.stdout + result.stderr
+    assert not (Path(tmp_path) / "results").exists()

@@ -1,0 +1,143 @@
+"""Snakemake end to end on a small config: a full run, then what each kind of change reruns."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY_SHAPES
+
+pytestmark = pytest.mark.workflow
+WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow_scripts", "envs", "profiles")
+JOB = re.compile(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    wildcards: model=(\S+)$", re.MULTILINE)
+
+
+def small_config():
+    return {
+        "targets": ["tiny-a", "tiny-b"],
+        "models": {
+            "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TINY_SHAPES["mistral"]}},
+            "tiny-b": {"source": {"demo": "ministral", "seed": 2, "shape": TINY_SHAPES["ministral"]},
+                       "verify": {"greedy_tokens": 8}},
+        },
+    }
+
+
+class Workflow:
+    """A private copy of the workflow (so tests may edit its code) and a working folder."""
+
+    def __init__(self, root):
+        self.code = root / "workflow"
+        self.work = root / "work"
+        self.work.mkdir(parents=True)
+        self.code.mkdir(parents=True)
+        for part in WORKFLOW_PARTS:
+            source = REPO / part
+            if source.is_dir():
+                shutil.copytree(source, self.code / part, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(source, self.code / part)
+        self.write_config(small_config())
+
+    def write_config(self, config, name="test.yaml"):
+        path = self.work / name
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def run(self, *args, config="test.yaml", check=True):
+        command = [sys.executable, "-m", "snakemake", "-s", str(self.code / "Snakefile"),
+                   "--directory", str(self.work), "--configfile", str(self.work / config),
+                   "--replace-workflow-config", "--cores", "2", *args]
+        result = subprocess.run(command, capture_output=True, text=True)
+        output = result.stdout + result.stderr
+        if check and result.returncode != 0:
+            raise AssertionError(f"snakemake {' '.join(args)} failed:\n{output[-5000:]}")
+        return output
+
+    def planned(self, *args, **kwargs):
+        """The (rule, model) jobs a dry-run would run."""
+        return sorted(set(JOB.findall(self.run("--dry-run", *args, **kwargs))))
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory):
+    flow = Workflow(tmp_path_factory.mktemp("flow"))
+    start = time.monotonic()
+    output = flow.run()
+    print(f"full run of the test config: {time.monotonic() - start:.1f} s")
+    assert "Using workflow specific profile" in output
+    return flow
+
+
+def test_full_run_builds_verified_checkpoints(workflow):
+    for model in ("tiny-a", "tiny-b"):
+        assert (workflow.work / "results" / model / "patched" / "verify.json").exists()
+        for stage in ("download", "patch", "verify"):
+            assert (workflow.work / "logs" / model / f"{stage}.log").exists()
+            assert (workflow.work / "benchmarks" / model / f"{stage}.tsv").exists()
+
+
+def test_dry_run_after_a_full_run_schedules_nothing(workflow):
+    assert workflow.planned() == []
+
+
+def test_changing_one_models_settings_reruns_that_model_only(workflow):
+    config = small_config()
+    config["models"]["tiny-b"]["verify"]["greedy_tokens"] = 9
+    workflow.write_config(config, "changed.yaml")
+    assert workflow.planned(config="changed.yaml") == [("verify", "tiny-b")]
+    config["models"]["tiny-a"]["source"]["seed"] = 5
+    workflow.write_config(config, "changed.yaml")
+    assert workflow.planned(config="changed.yaml") == [
+        ("download", "tiny-a"), ("patch", "tiny-a"), ("verify", "tiny-a"), ("verify", "tiny-b")]
+
+
+def test_touching_sources_without_changing_them_reruns_nothing(workflow):
+    later = time.time() + 5
+    for path in (workflow.code / "workflow_scripts").rglob("*.py"):
+        os.utime(path, (later, later))
+    assert workflow.planned() == []
+
+
+def test_editing_the_patch_module_reruns_patch_jobs_and_nothing_upstream(workflow):
+    module = workflow.code / "workflow_scripts" / "patch.py"
+    original = module.read_text()
+    module.write_text(original + "\n# an edit\n")
+    try:
+        assert workflow.planned() == [("patch", "tiny-a"), ("patch", "tiny-b"),
+                                      ("verify", "tiny-a"), ("verify", "tiny-b")]
+    finally:
+        module.write_text(original)
+    assert workflow.planned() == []
+
+
+def test_editing_a_shipped_checkpoint_file_reruns_patch_jobs(workflow):
+    modeling = workflow.code / "workflow_scripts" / "checkpoint_files" / "modeling_mistral_vacc.py"
+    original = modeling.read_text()
+    modeling.write_text(original + "\n# an edit\n")
+    try:
+        assert {rule for rule, _ in workflow.planned()} == {"patch", "verify"}
+    finally:
+        modeling.write_text(original)
+
+
+def test_a_model_builds_alone_by_its_target_rule(workflow, tmp_path):
+    fresh = Workflow(tmp_path)
+    assert fresh.planned("tiny_b") == [("download", "tiny-b"), ("patch", "tiny-b"), ("verify", "tiny-b")]
+    assert fresh.planned("results/tiny-a/patched/MANIFEST.json") == [("download", "tiny-a"), ("patch", "tiny-a")]
+
+
+def test_unknown_model_in_a_file_target_fails_fast(workflow):
+    output = workflow.run("--dry-run", "results/tiny-c/patched/verify.json", check=False)
+    assert "MissingRuleException" in output or "No rule to produce" in output
+
+
+def test_lint_and_format_are_clean(workflow):
+    assert "Congratulations, your workflow is in a good condition!" in workflow.run("--lint")
+    result = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "rules"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
