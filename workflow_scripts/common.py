@@ -54,10 +54,6 @@ def sha256_file(path, chunk_bytes=16 << 20):
     return digest.hexdigest()
 
 
-def json_text(data):
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
 def atomic_write_text(path, text):
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
@@ -77,7 +73,7 @@ def atomic_write_text(path, text):
 
 
 def atomic_write_json(path, data):
-    atomic_write_text(path, json_text(data))
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path, what="JSON file"):

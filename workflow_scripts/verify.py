@@ -123,7 +123,6 @@ def main(argv):
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--settings", required=True, type=json.loads, help="the model's verify settings as JSON")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     report = verify(args.model, args.patched, args.upstream, args.settings)
     LOG.info("model %s: max |logit diff| %.3g (bound %.3g), greedy tokens identical: %s", args.model,
              report["max_abs_logit_diff"], report["max_abs_logit_diff_bound"], report["greedy_tokens_identical"])
