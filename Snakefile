@@ -24,4 +24,5 @@ rule all:
 
 include: "rules/download.smk"
 include: "rules/patch.smk"
+include: "rules/calibration.smk"
 include: "rules/targets.smk"

@@ -1,7 +1,9 @@
 # Stage 1: the checkpoint of each model under resources/models/{model}/.
+# A checkpoint: the calibration shards a model needs are keyed by its
+# tokenizer's fingerprint, which is known only once the files are here.
 
 
-rule download:
+checkpoint download:
     input:
         code=lambda wildcards: code(fetch_stage(wildcards.model)),
         local=local_source_files,

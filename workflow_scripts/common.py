@@ -54,22 +54,29 @@ def sha256_file(path, chunk_bytes=16 << 20):
     return digest.hexdigest()
 
 
-def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside ``path``; it becomes ``path`` only when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_json(path, data):
@@ -139,3 +146,12 @@ def describe_files(folder, names):
             LOG.info("hashed %s (%.1f of %.1f GB, %.0f MB/s, %.0f s left)", name, done / 1e9, total / 1e9,
                      rate / 1e6, (total - done) / max(rate, 1))
     return entries
+
+
+def write_folder_manifest(folder, header):
+    """Write ``MANIFEST.json``: ``header`` plus the size and sha256 of every file below ``folder``."""
+    folder = Path(folder)
+    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    manifest = {**header, "files": describe_files(folder, names)}
+    atomic_write_json(folder / MANIFEST_NAME, manifest)
+    return manifest

@@ -8,12 +8,15 @@ import re
 
 from .common import InputError
 
+from .calibration import MAX_TOKENS
+
 SOURCE_KINDS = ("hub", "local", "demo")
-SOURCE_KEYS_BY_KIND = {
+MODEL_SOURCE_KEYS = {
     "hub": {"hub", "revision", "allow_pickle"},
     "local": {"local", "allow_pickle"},
     "demo": {"demo", "seed", "shape"},
 }
+DATASET_SOURCE_KEYS = {"hub": {"hub", "revision"}, "local": {"local"}, "demo": {"demo", "seed"}}
 
 
 def rule_name(model):
@@ -22,26 +25,37 @@ def rule_name(model):
     return f"model_{name}" if name[0].isdigit() else name
 
 
-def source_kind(model, source):
+def source_kind(where, source, keys_by_kind=MODEL_SOURCE_KEYS):
+    """``hub``, ``local`` or ``demo``; ``where`` is the source's config path, e.g. ``models.x.source``."""
     kinds = [kind for kind in SOURCE_KINDS if kind in source]
     if len(kinds) != 1:
-        raise InputError(f"config: models.{model}.source must have exactly one of {', '.join(SOURCE_KINDS)}; "
+        raise InputError(f"config: {where} must have exactly one of {', '.join(SOURCE_KINDS)}; "
                          f"found {', '.join(kinds) or 'none'}")
     kind = kinds[0]
-    stray = set(source) - SOURCE_KEYS_BY_KIND[kind]
+    stray = set(source) - keys_by_kind[kind]
     if stray:
-        raise InputError(f"config: models.{model}.source.{sorted(stray)[0]} does not apply to a {kind} source")
+        raise InputError(f"config: {where}.{sorted(stray)[0]} does not apply to a {kind} source")
     if kind == "hub" and "revision" not in source:
-        raise InputError(f"config: models.{model}.source.revision is required for a hub source "
+        raise InputError(f"config: {where}.revision is required for a hub source "
                          "(pin a commit hash for reproducible builds)")
     return kind
+
+
+def check_sizes(where, settings):
+    if settings["nsamples"] * settings["seqlen"] > MAX_TOKENS:
+        raise InputError(f"config: {where}: nsamples x seqlen = {settings['nsamples']} x {settings['seqlen']} "
+                         f"exceeds {MAX_TOKENS} tokens")
 
 
 def check_config(config):
     """Raise :class:`InputError` on the first relation between keys that does not hold."""
     models = config["models"]
     for model, settings in models.items():
-        source_kind(model, settings["source"])
+        source_kind(f"models.{model}.source", settings["source"])
+    for dataset, settings in config["datasets"].items():
+        source_kind(f"datasets.{dataset}.source", settings["source"], DATASET_SOURCE_KEYS)
+        check_sizes(f"datasets.{dataset}", settings)
+    check_sizes("evaluation.c4", config["evaluation"]["c4"])
     for index, target in enumerate(config["targets"]):
         if target not in models:
             raise InputError(f"config: targets[{index}] names model {target!r}, which is not under models "

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from .checkpoint import (METADATA_PATTERNS, PICKLE_PATTERNS, WEIGHT_PATTERNS, read_mistral_config,
                          weight_files)
-from .common import (LOG, MANIFEST_NAME, InputError, atomic_write_json, describe_files, link_file,
-                     run_cli, staged_directory)
+from .common import (LOG, InputError, atomic_write_json, link_file, run_cli, staged_directory,
+                     write_folder_manifest)
 
 
 def fetch_patterns(allow_pickle):
@@ -88,16 +88,13 @@ def assemble_checkpoint(model, source, folder, fill):
             convert_pickled_weights(model, staging)
         config = read_mistral_config(staging, model)
         weight_files(staging, model)
-        names = [p.name for p in staging.iterdir() if p.is_file()]
-        manifest = {
+        manifest = write_folder_manifest(staging, {
             "model": model,
             "origin": origin,
             "link": sorted(methods),
             "architecture": config["architectures"][0],
-            "files": describe_files(staging, names),
-        }
-        atomic_write_json(staging / MANIFEST_NAME, manifest)
-    LOG.info("model %s: %d files in %s", model, len(names), folder)
+        })
+    LOG.info("model %s: %d files in %s", model, len(manifest["files"]), folder)
     return manifest
 
 

@@ -1,0 +1,105 @@
+# Stage 3: calibration datasets, fetched once, tokenized once per distinct tokenizer.
+
+
+rule fetch_dataset:
+    input:
+        code=lambda wildcards: code(dataset_fetch_stage(wildcards.dataset)),
+    output:
+        "resources/datasets/{dataset}/MANIFEST.json",
+    log:
+        "logs/datasets/{dataset}/fetch.log",
+    benchmark:
+        "benchmarks/datasets/{dataset}/fetch.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=60,
+    params:
+        stage=lambda wildcards: dataset_fetch_stage(wildcards.dataset),
+        source=lambda wildcards: json.dumps(
+            DATASETS[wildcards.dataset]["source"], sort_keys=True
+        ),
+    shell:
+        "python3 -m workflow_scripts.{params.stage} --dataset {wildcards.dataset}"
+        " --source {params.source:q} --manifest {output:q} > {log:q} 2>&1"
+
+
+rule calibration_shard:
+    input:
+        code=code("calibration"),
+        dataset="resources/datasets/{dataset}/MANIFEST.json",
+        tokenizer=tokenizer_checkpoint,
+    output:
+        shard="results/calibration/{tokenizer}/{dataset}.safetensors",
+        record="results/calibration/{tokenizer}/{dataset}.json",
+    log:
+        "logs/calibration/{tokenizer}/{dataset}.log",
+    benchmark:
+        "benchmarks/calibration/{tokenizer}/{dataset}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=3000,
+        runtime=60,
+    params:
+        settings=dataset_settings,
+    shell:
+        "python3 -m workflow_scripts.calibration --dataset {wildcards.dataset}"
+        " --files resources/datasets/{wildcards.dataset} --tokenizer $(dirname {input.tokenizer:q})"
+        " --fingerprint {wildcards.tokenizer} --settings {params.settings:q}"
+        " --shard {output.shard:q} --record {output.record:q} > {log:q} 2>&1"
+
+
+rule c4_evaluation_windows:
+    input:
+        code=code("evaluation_sets"),
+        dataset="resources/datasets/c4/MANIFEST.json",
+        tokenizer=tokenizer_checkpoint,
+    output:
+        windows="results/evaluation-sets/{tokenizer}/c4-validation.safetensors",
+        record="results/evaluation-sets/{tokenizer}/c4-validation.json",
+    log:
+        "logs/evaluation-sets/{tokenizer}/c4-validation.log",
+    benchmark:
+        "benchmarks/evaluation-sets/{tokenizer}/c4-validation.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        settings=json.dumps(config["evaluation"]["c4"], sort_keys=True),
+    shell:
+        "python3 -m workflow_scripts.evaluation_sets c4-windows --files resources/datasets/c4"
+        " --tokenizer $(dirname {input.tokenizer:q}) --fingerprint {wildcards.tokenizer}"
+        " --settings {params.settings:q} --output {output.windows:q} --record {output.record:q}"
+        " > {log:q} 2>&1"
+
+
+rule ceval_evaluation_set:
+    input:
+        code=code("evaluation_sets"),
+        dataset="resources/datasets/ceval/MANIFEST.json",
+        tokenizer=tokenizer_checkpoint,
+    output:
+        "results/evaluation-sets/{tokenizer}/ceval.json",
+    log:
+        "logs/evaluation-sets/{tokenizer}/ceval.log",
+    benchmark:
+        "benchmarks/evaluation-sets/{tokenizer}/ceval.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        settings=json.dumps(config["evaluation"]["ceval"], sort_keys=True),
+    shell:
+        "python3 -m workflow_scripts.evaluation_sets ceval --files resources/datasets/ceval"
+        " --tokenizer $(dirname {input.tokenizer:q}) --fingerprint {wildcards.tokenizer}"
+        " --settings {params.settings:q} --output {output:q} > {log:q} 2>&1"

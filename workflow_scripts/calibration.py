@@ -1,0 +1,250 @@
+"""Calibration data, tokenize and sample: shards of token ids per tokenizer and dataset.
+
+Output ``{dataset}.safetensors`` holds ``input_ids`` (int32) and
+``attention_mask`` (int8), both ``[nsamples, seqlen]``; ``{dataset}.json``
+records where every sample came from. Shards are keyed by the tokenizer's
+fingerprint (the sha256 of its ``tokenizer.json``, 16 hex digits), so models
+that share a tokenizer share shards.
+
+* c4: the GPTQ recipe, windows of exactly ``seqlen`` tokens at a random offset
+  of random training documents longer than ``seqlen`` tokens. The train shard
+  is streamed and tokenized in batches; only the current batch and the
+  ``nsamples`` documents chosen so far are held.
+* alpaca, ceval: one sample per randomly chosen record (Alpaca prompt; ceval
+  question, options and answer), truncated or right-padded to ``seqlen``.
+
+Random choices come from a keyed hash of ``(seed, record id)``: a document is
+chosen when its key is among the ``nsamples`` smallest of the eligible ones, so
+the choice is uniform, independent of batch sizes, and byte-identical for the
+same inputs and seed.
+
+Usage: python -m workflow_scripts.calibration --dataset NAME --files DIR --tokenizer DIR
+           --fingerprint HEX --settings JSON --shard PATH --record PATH
+"""
+import argparse
+import hashlib
+import heapq
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import LOG, InputError, atomic_path, atomic_write_json, read_json, run_cli, sha256_file
+from .dataset_fetch import dataset_file
+from .dataset_readers import alpaca_prompt, ceval_text, iter_c4, read_alpaca, read_ceval
+
+TOKENIZER_FILE = "tokenizer.json"
+BATCH_SIZE = 256
+MAX_TOKENS = 1 << 28  # nsamples x seqlen beyond this (1 GiB of int32) is a config mistake
+
+
+def tokenizer_fingerprint(manifest, owner):
+    """Fingerprint of the tokenizer listed in a checkpoint's download manifest."""
+    entry = manifest["files"].get(TOKENIZER_FILE)
+    if entry is None:
+        raise InputError(f"{owner}: the checkpoint has no {TOKENIZER_FILE} (a fast tokenizer is required)")
+    return entry["sha256"][:16]
+
+
+def load_tokenizer(folder, fingerprint):
+    """The fast tokenizer of ``folder``, refused unless its file has ``fingerprint``."""
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / TOKENIZER_FILE
+    if not path.is_file():
+        raise InputError(f"{path} does not exist (a fast tokenizer is required)")
+    actual = sha256_file(path)[:16]
+    if actual != fingerprint:
+        raise InputError(f"{path} has fingerprint {actual}, not the requested {fingerprint}")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def sample_key(seed, record, purpose="choice"):
+    digest = hashlib.blake2b(f"{seed}:{record}:{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def encode(tokenizer, texts):
+    return [encoding.ids for encoding in tokenizer.encode_batch_fast(texts)]
+
+
+def check_size(dataset, nsamples, seqlen):
+    if nsamples < 1 or seqlen < 1:
+        raise InputError(f"dataset {dataset}: nsamples ({nsamples}) and seqlen ({seqlen}) must be positive")
+    if nsamples * seqlen > MAX_TOKENS:
+        raise InputError(f"dataset {dataset}: nsamples x seqlen = {nsamples} x {seqlen} exceeds {MAX_TOKENS} tokens")
+
+
+class Progress:
+    """Logs records and tokens done with a rate, at most every ``every`` seconds."""
+
+    def __init__(self, label, total=None, every=10.0):
+        self.label, self.total, self.every = label, total, every
+        self.start = self.last = time.monotonic()
+        self.records = self.tokens = 0
+
+    def add(self, records, tokens):
+        self.records += records
+        self.tokens += tokens
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = self.tokens / (now - self.start)
+            left = f", {(self.total - self.records) * (now - self.start) / self.records:.0f} s left" \
+                if self.total else ""
+            LOG.info("%s: %d records, %d tokens, %.0f tokens/s%s", self.label, self.records, self.tokens, rate, left)
+
+
+def c4_windows(path, tokenizer, nsamples, seqlen, seed):
+    """Rows of ``seqlen`` tokens from random documents longer than ``seqlen``, and their provenance."""
+    chosen = []  # max-heap by key of the nsamples smallest-key eligible documents: (-key, line, ids)
+    documents = eligible = 0
+    progress = Progress(f"c4 {path.name}")
+    stream = iter_c4(path)
+    while batch := list(itertools.islice(stream, BATCH_SIZE)):
+        encoded = encode(tokenizer, [text for _, text in batch])
+        for (line, _), ids in zip(batch, encoded):
+            documents += 1
+            if len(ids) <= seqlen:
+                continue
+            eligible += 1
+            entry = (-sample_key(seed, line), line, ids)
+            if len(chosen) < nsamples:
+                heapq.heappush(chosen, entry)
+            elif entry > chosen[0]:
+                heapq.heapreplace(chosen, entry)
+        progress.add(len(batch), sum(map(len, encoded)))
+    if eligible < nsamples:
+        raise InputError(f"{path}: only {eligible} of {documents} documents are longer than seqlen={seqlen} "
+                         f"tokens, fewer than nsamples={nsamples}")
+    rows, samples = [], []
+    for _, line, ids in sorted(chosen, reverse=True):
+        offset = sample_key(seed, line, "offset") % (len(ids) - seqlen)
+        rows.append(ids[offset:offset + seqlen])
+        samples.append({"record": line, "offset": offset, "tokens": len(ids)})
+    stats = {"records_total": documents, "records_eligible": eligible, "tokens_tokenized": progress.tokens}
+    return rows, samples, stats
+
+
+def record_samples(texts, tokenizer, nsamples, seed, source):
+    """One sample per chosen record; ``texts`` maps a record id to its formatted text."""
+    if len(texts) < nsamples:
+        raise InputError(f"{source}: has {len(texts)} records, fewer than nsamples={nsamples}")
+    ids = sorted(texts, key=lambda record: sample_key(seed, record))[:nsamples]
+    encoded = encode(tokenizer, [texts[record] for record in ids])
+    samples = [{"record": record, "offset": 0, "tokens": len(tokens)} for record, tokens in zip(ids, encoded)]
+    stats = {"records_total": len(texts), "records_eligible": len(texts),
+             "tokens_tokenized": sum(map(len, encoded))}
+    return encoded, samples, stats
+
+
+def alpaca_texts(files, settings):
+    path = dataset_file(files, "alpaca", "train")
+    return {index: alpaca_prompt(record) for index, record in enumerate(read_alpaca(path))}, path
+
+
+def ceval_texts(files, settings):
+    path = dataset_file(files, "ceval", "archive")
+    subjects = read_ceval(path, settings["split"])
+    return {f"{subject}/{row['id']}": ceval_text(row) for subject, rows in subjects.items() for row in rows}, path
+
+
+RECORD_TEXTS = {"alpaca": alpaca_texts, "ceval": ceval_texts}
+FORMATS = {"c4": "raw text window", "alpaca": "Alpaca prompt with response",
+           "ceval": "question, options A-D and answer"}
+
+
+def pad_rows(rows, seqlen, pad_id):
+    """int32 ids and int8 mask ``[len(rows), seqlen]``: truncated, or right-padded with ``pad_id``."""
+    input_ids = np.full((len(rows), seqlen), pad_id, dtype=np.int32)
+    attention_mask = np.zeros((len(rows), seqlen), dtype=np.int8)
+    for index, row in enumerate(rows):
+        row = row[:seqlen]
+        input_ids[index, :len(row)] = row
+        attention_mask[index, :len(row)] = 1
+    return input_ids, attention_mask
+
+
+def pad_token_id(tokenizer):
+    """The tokenizer's pad token, else its unknown token, else 0: padded positions are masked anyway."""
+    for token in ("<pad>", "<unk>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def build_shard(dataset, files, tokenizer_folder, fingerprint, settings):
+    """Tokenize and sample one dataset; return ``(tensors, record)``."""
+    nsamples, seqlen, seed = settings["nsamples"], settings["seqlen"], settings["seed"]
+    check_size(dataset, nsamples, seqlen)
+    tokenizer = load_tokenizer(tokenizer_folder, fingerprint)
+    if dataset == "c4":
+        if settings["split"] != "train":
+            raise InputError(f"dataset c4: calibration windows come from the train file, not {settings['split']!r}")
+        rows, samples, stats = c4_windows(dataset_file(files, "c4", "train"), tokenizer, nsamples, seqlen, seed)
+    else:
+        texts, path = RECORD_TEXTS[dataset](files, settings)
+        rows, samples, stats = record_samples(texts, tokenizer, nsamples, seed, path)
+    pad_id = pad_token_id(tokenizer)
+    input_ids, attention_mask = pad_rows(rows, seqlen, pad_id)
+    lengths = [sample["tokens"] for sample in samples]
+    manifest = read_json(Path(files) / "MANIFEST.json", what=f"dataset {dataset}: manifest")
+    record = {
+        "dataset": dataset,
+        "format": FORMATS[dataset],
+        "split": settings.get("split", "train"),
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "tokenizer_fingerprint": fingerprint,
+        "source_files": manifest["files"],
+        "source_origin": manifest["origin"],
+        "samples": samples,
+        "stats": {
+            **stats,
+            "sample_tokens_min": min(lengths),
+            "sample_tokens_mean": sum(lengths) / len(lengths),
+            "sample_tokens_max": max(lengths),
+            "longer_than_seqlen": sum(length > seqlen for length in lengths),
+            "shorter_than_seqlen": sum(length < seqlen for length in lengths),
+            "pad_token_id": pad_id,
+            "attended_tokens": int(attention_mask.sum()),
+        },
+    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, record
+
+
+def write_shard(tensors, record, shard, record_path):
+    from safetensors.numpy import save_file
+
+    with atomic_path(shard) as tmp:
+        save_file(tensors, str(tmp), metadata={"dataset": record["dataset"],
+                                               "tokenizer_fingerprint": record["tokenizer_fingerprint"]})
+    atomic_write_json(record_path, record)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=["c4", "alpaca", "ceval"])
+    parser.add_argument("--files", required=True, type=Path, help="the fetched dataset folder")
+    parser.add_argument("--tokenizer", required=True, type=Path, help="a checkpoint folder with tokenizer.json")
+    parser.add_argument("--fingerprint", required=True)
+    parser.add_argument("--settings", required=True, type=json.loads, help="the dataset's settings as JSON")
+    parser.add_argument("--shard", required=True, type=Path)
+    parser.add_argument("--record", required=True, type=Path)
+    args = parser.parse_args(argv)
+    tensors, record = build_shard(args.dataset, args.files, args.tokenizer, args.fingerprint, args.settings)
+    write_shard(tensors, record, args.shard, args.record)
+    stats = record["stats"]
+    LOG.info("dataset %s: %d x %d tokens (%d records read, %d tokens tokenized)", args.dataset,
+             record["nsamples"], record["seqlen"], stats["records_total"], stats["tokens_tokenized"])
+
+
+if __name__ == "__main__":
+    run_cli(main)
