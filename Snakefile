@@ -19,7 +19,8 @@ include: "rules/common.smk"
 rule all:
     default_target: True
     input:
-        target_outputs(config["targets"]),
+        model_outputs(config["targets"]),
+        shared_outputs(config["targets"]),
 
 
 include: "rules/download.smk"

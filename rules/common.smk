@@ -134,13 +134,20 @@ def tokenizer_outputs(fingerprint):
     ]
 
 
-def target_outputs(models):
-    """Input function: the final files of each model (requested by `all` and the per-model rules)."""
+def model_outputs(models):
+    """The final per-model files of each model."""
+    return [f"results/{model}/patched/verify.json" for model in models]
+
+
+def shared_outputs(models):
+    """Input function: the calibration and evaluation files of each of these models' tokenizers."""
 
     def outputs(wildcards):
-        files = [f"results/{model}/patched/verify.json" for model in models]
-        for fingerprint in sorted({model_tokenizer(model) for model in models}):
-            files += tokenizer_outputs(fingerprint)
-        return files
+        fingerprints = sorted({model_tokenizer(model) for model in models})
+        return [
+            path
+            for fingerprint in fingerprints
+            for path in tokenizer_outputs(fingerprint)
+        ]
 
     return outputs

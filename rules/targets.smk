@@ -7,4 +7,5 @@ for model_id in MODELS:
         name:
             rule_name(model_id)
         input:
-            target_outputs([model_id]),
+            model_outputs([model_id]),
+            shared_outputs([model_id]),

@@ -57,9 +57,9 @@ def tiny_checkpoints(tmp_path_factory):
     return folders
 
 
-def add_to_hub_cache(cache, repo, files, commit, ref="main"):
+def add_to_hub_cache(cache, repo, files, commit, ref="main", kind="models"):
     """Lay ``files`` ({name: source path}) out as the hub cache does: blobs, a snapshot of links, a ref."""
-    storage = Path(cache) / f"models--{repo.replace('/', '--')}"
+    storage = Path(cache) / f"{kind}--{repo.replace('/', '--')}"
     snapshot = storage / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (storage / "blobs").mkdir(exist_ok=True)
@@ -67,7 +67,8 @@ def add_to_hub_cache(cache, repo, files, commit, ref="main"):
         data = Path(source).read_bytes()
         blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(os.path.relpath(blob, (snapshot / name).parent))
     (storage / "refs").mkdir(exist_ok=True)
     (storage / "refs" / ref).write_text(commit)
     return snapshot

@@ -65,14 +65,14 @@ def test_schema_rejects_bad_keys_and_types_naming_them(mutate, named):
 def test_source_relations_are_checked(source, message):
     config = {"targets": [], "models": {"m": {"source": source}}}
     with pytest.raises(InputError, match=message.replace(".", r"\.")):
-        check_config(config)
+        validated(config)
 
 
 def test_unknown_target_is_named():
     config = copy.deepcopy(shipped_config())
     config["targets"].append("mistral-7b")
     with pytest.raises(InputError, match=r"targets\[2\] names model 'mistral-7b'"):
-        check_config(config)
+        validated(config)
 
 
 def test_target_rule_names():
@@ -81,7 +81,7 @@ def test_target_rule_names():
     config = {"targets": [], "models": {"a-b": {"source": {"demo": "mistral"}},
                                         "a.b": {"source": {"demo": "mistral"}}}}
     with pytest.raises(InputError, match="both map to target rule 'a_b'"):
-        check_config(config)
+        validated(config)
 
 
 def test_snakemake_reports_config_errors_by_key(tmp_path):
@@ -98,3 +98,45 @@ def test_snakemake_reports_config_errors_by_key(tmp_path):
     assert result.returncode != 0
     assert "'slice' was unexpected" in result.stdout + result.stderr
     assert not (Path(tmp_path) / "results").exists()
+
+
+def test_dataset_defaults_follow_the_vamc_template():
+    config = validated(shipped_config())
+    datasets = config["datasets"]
+    assert {name: (d["nsamples"], d["seqlen"]) for name, d in datasets.items()} == {
+        "c4": (128, 1024), "alpaca": (128, 512), "ceval": (128, 128)}
+    assert all(d["source"] == {"demo": True} and d["seed"] == 0 for d in datasets.values())
+    assert datasets["ceval"]["split"] == "dev"
+    assert config["evaluation"] == {"c4": {"nsamples": 64, "seqlen": 1024}, "ceval": {"split": "val", "shots": 5}}
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"nsamples": 0}, "['datasets']['c4']['nsamples']"),
+    ({"seqlen": -16}, "['datasets']['c4']['seqlen']"),
+    ({"seqlen": 10_000_000}, "['datasets']['c4']['seqlen']"),
+    ({"source": {"demo": False}}, "['datasets']['c4']['source']['demo']"),
+    ({"split": "validation"}, "['datasets']['c4']['split']"),
+])
+def test_dataset_sizes_and_keys_are_bounded(settings, named):
+    config = shipped_config()
+    config["datasets"] = {"c4": settings}
+    with pytest.raises(WorkflowError) as error:
+        validate(config, SCHEMA)
+    assert named in str(error.value)
+
+
+def test_absurd_calibration_size_is_refused_with_both_numbers():
+    config = shipped_config()
+    config["datasets"] = {"c4": {"nsamples": 65536, "seqlen": 131072}}
+    with pytest.raises(InputError, match="datasets.c4: nsamples x seqlen = 65536 x 131072 exceeds"):
+        validated(config)
+
+
+def test_dataset_source_relations_are_checked():
+    config = shipped_config()
+    config["datasets"] = {"ceval": {"source": {"hub": "ceval/ceval-exam"}}}
+    with pytest.raises(InputError, match=r"datasets\.ceval\.source\.revision is required"):
+        validated(config)
+    config["datasets"] = {"alpaca": {"source": {"local": "/data", "seed": 1}}}
+    with pytest.raises(InputError, match=r"datasets\.alpaca\.source\.seed does not apply to a local source"):
+        validated(config)

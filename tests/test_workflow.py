@@ -13,18 +13,29 @@ from conftest import REPO, TINY_SHAPES
 
 pytestmark = pytest.mark.workflow
 WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow_scripts", "envs", "profiles")
-JOB = re.compile(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    wildcards: model=(\S+)$", re.MULTILINE)
+JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    wildcards: (.+)$", re.MULTILINE)
 
 
 def small_config():
+    """Three tiny models, two of which (a, c) share a tokenizer; small calibration sizes."""
     return {
-        "targets": ["tiny-a", "tiny-b"],
+        "targets": ["tiny-a", "tiny-b", "tiny-c"],
         "models": {
             "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TINY_SHAPES["mistral"]}},
             "tiny-b": {"source": {"demo": "ministral", "seed": 2, "shape": TINY_SHAPES["ministral"]},
                        "verify": {"greedy_tokens": 8}},
+            "tiny-c": {"source": {"demo": "mistral", "seed": 3, "shape": TINY_SHAPES["mistral"]},
+                       "verify": {"greedy_tokens": 4}},
         },
+        "datasets": {"c4": {"nsamples": 8, "seqlen": 256}, "alpaca": {"nsamples": 8, "seqlen": 128},
+                     "ceval": {"nsamples": 8, "seqlen": 64}},
+        "evaluation": {"c4": {"nsamples": 4, "seqlen": 256}},
     }
+
+
+def model_jobs(jobs):
+    """The per-model jobs of a plan as (rule, model)."""
+    return [(rule, wildcards.removeprefix("model=")) for rule, wildcards in jobs if wildcards.startswith("model=")]
 
 
 class Workflow:
@@ -59,8 +70,11 @@ class Workflow:
         return output
 
     def planned(self, *args, **kwargs):
-        """The (rule, model) jobs a dry-run would run."""
+        """The (rule, wildcards) jobs a dry-run would run."""
         return sorted(set(JOB.findall(self.run("--dry-run", *args, **kwargs))))
+
+    def tokenizers(self):
+        return sorted(p.name for p in (self.work / "results" / "calibration").iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +88,7 @@ def workflow(tmp_path_factory):
 
 
 def test_full_run_builds_verified_checkpoints(workflow):
-    for model in ("tiny-a", "tiny-b"):
+    for model in ("tiny-a", "tiny-b", "tiny-c"):
         assert (workflow.work / "results" / model / "patched" / "verify.json").exists()
         for stage in ("download", "patch", "verify"):
             assert (workflow.work / "logs" / model / f"{stage}.log").exists()
@@ -89,10 +103,10 @@ def test_changing_one_models_settings_reruns_that_model_only(workflow):
     config = small_config()
     config["models"]["tiny-b"]["verify"]["greedy_tokens"] = 9
     workflow.write_config(config, "changed.yaml")
-    assert workflow.planned(config="changed.yaml") == [("verify", "tiny-b")]
+    assert workflow.planned(config="changed.yaml") == [("verify", "model=tiny-b")]
     config["models"]["tiny-a"]["source"]["seed"] = 5
     workflow.write_config(config, "changed.yaml")
-    assert workflow.planned(config="changed.yaml") == [
+    assert model_jobs(workflow.planned(config="changed.yaml")) == [
         ("download", "tiny-a"), ("patch", "tiny-a"), ("verify", "tiny-a"), ("verify", "tiny-b")]
 
 
@@ -108,8 +122,8 @@ def test_editing_the_patch_module_reruns_patch_jobs_and_nothing_upstream(workflo
     original = module.read_text()
     module.write_text(original + "\n# an edit\n")
     try:
-        assert workflow.planned() == [("patch", "tiny-a"), ("patch", "tiny-b"),
-                                      ("verify", "tiny-a"), ("verify", "tiny-b")]
+        assert workflow.planned() == [(rule, f"model={model}") for rule in ("patch", "verify")
+                                      for model in ("tiny-a", "tiny-b", "tiny-c")]
     finally:
         module.write_text(original)
     assert workflow.planned() == []
@@ -127,12 +141,17 @@ def test_editing_a_shipped_checkpoint_file_reruns_patch_jobs(workflow):
 
 def test_a_model_builds_alone_by_its_target_rule(workflow, tmp_path):
     fresh = Workflow(tmp_path)
-    assert fresh.planned("tiny_b") == [("download", "tiny-b"), ("patch", "tiny-b"), ("verify", "tiny-b")]
-    assert fresh.planned("results/tiny-a/patched/MANIFEST.json") == [("download", "tiny-a"), ("patch", "tiny-a")]
+    # Calibration jobs appear once the download checkpoint tells the tokenizer.
+    assert model_jobs(fresh.planned("tiny_b")) == [("download", "tiny-b"), ("patch", "tiny-b"), ("verify", "tiny-b")]
+    assert fresh.planned("results/tiny-a/patched/MANIFEST.json") == [("download", "model=tiny-a"),
+                                                                     ("patch", "model=tiny-a")]
+    fresh.run("tiny_b")
+    assert fresh.tokenizers() == [fingerprint(fresh, "tiny-b")]
+    assert not (fresh.work / "results" / "tiny-a").exists()
 
 
 def test_unknown_model_in_a_file_target_fails_fast(workflow):
-    output = workflow.run("--dry-run", "results/tiny-c/patched/verify.json", check=False)
+    output = workflow.run("--dry-run", "results/tiny-z/patched/verify.json", check=False)
     assert "MissingRuleException" in output or "No rule to produce" in output
 
 
@@ -141,3 +160,29 @@ def test_lint_and_format_are_clean(workflow):
     result = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "rules"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def fingerprint(flow, model):
+    import json
+
+    manifest = json.loads((flow.work / "resources" / "models" / model / "MANIFEST.json").read_text())
+    return manifest["files"]["tokenizer.json"]["sha256"][:16]
+
+
+def test_models_with_one_tokenizer_share_one_set_of_shards(workflow):
+    assert fingerprint(workflow, "tiny-a") == fingerprint(workflow, "tiny-c") != fingerprint(workflow, "tiny-b")
+    assert workflow.tokenizers() == sorted({fingerprint(workflow, "tiny-a"), fingerprint(workflow, "tiny-b")})
+    for tokenizer in workflow.tokenizers():
+        names = sorted(p.name for p in (workflow.work / "results" / "calibration" / tokenizer).iterdir())
+        assert names == [f"{d}.{ext}" for d in ("alpaca", "c4", "ceval") for ext in ("json", "safetensors")]
+        evaluation = workflow.work / "results" / "evaluation-sets" / tokenizer
+        assert sorted(p.name for p in evaluation.iterdir()) == ["c4-validation.json",
+                                                                "c4-validation.safetensors", "ceval.json"]
+
+
+def test_a_new_calibration_seed_rebuilds_only_those_shards(workflow):
+    config = small_config()
+    config["datasets"]["c4"]["seed"] = 7
+    workflow.write_config(config, "seed.yaml")
+    assert workflow.planned(config="seed.yaml") == [
+        ("calibration_shard", f"tokenizer={tokenizer}, dataset=c4") for tokenizer in workflow.tokenizers()]

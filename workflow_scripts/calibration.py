@@ -224,8 +224,9 @@ def write_shard(tensors, record, shard, record_path):
     from safetensors.numpy import save_file
 
     with atomic_path(shard) as tmp:
-        save_file(tensors, str(tmp), metadata={"dataset": record["dataset"],
-                                               "tokenizer_fingerprint": record["tokenizer_fingerprint"]})
+        # One metadata key: safetensors writes several in hash-map order, which varies between runs.
+        provenance = {"dataset": record["dataset"], "tokenizer_fingerprint": record["tokenizer_fingerprint"]}
+        save_file(tensors, str(tmp), metadata={"provenance": json.dumps(provenance, sort_keys=True)})
     atomic_write_json(record_path, record)
 
 
