@@ -13,7 +13,7 @@ from workflow_scripts import dataset_demo
 from workflow_scripts.calibration import build_shard, load_tokenizer, write_shard
 from workflow_scripts.common import InputError, sha256_file
 from workflow_scripts.dataset_fetch import DATASET_FILES, assemble_dataset
-from workflow_scripts.dataset_readers import iter_c4, read_alpaca, read_ceval
+from workflow_scripts.dataset_readers import C4Lines, read_alpaca, read_ceval
 
 from conftest import add_to_hub_cache, run_stage, stage_env
 
@@ -51,7 +51,7 @@ def test_c4_windows_follow_the_gptq_recipe(demo_datasets, tokenizers, preset):
     assert ids.shape == mask.shape == (16, 256) and ids.dtype == np.int32 and mask.dtype == np.int8
     assert mask.all()
     tokenizer = Tokenizer.from_file(str(tokenizers[preset][0] / "tokenizer.json"))
-    documents = dict(iter_c4(demo_datasets / "c4" / DATASET_FILES["c4"][1]["train"]))
+    documents = dict(C4Lines(demo_datasets / "c4" / DATASET_FILES["c4"][1]["train"]))
     for row, sample in zip(ids, record["samples"]):
         full = tokenizer.encode(documents[sample["record"]]).ids
         assert len(full) == sample["tokens"] > 256
@@ -111,7 +111,7 @@ def test_evaluation_sets(demo_datasets, tokenizers, tmp_path):
               "--output", windows, "--record", record)
     ids = load_file(windows)["input_ids"]
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    documents = [text for _, text in iter_c4(demo_datasets / "c4" / DATASET_FILES["c4"][1]["validation"])]
+    documents = [text for _, text in C4Lines(demo_datasets / "c4" / DATASET_FILES["c4"][1]["validation"])]
     stream = [token for text in documents[:json.loads(record.read_text())["documents_used"]]
               for token in tokenizer.encode(text).ids]
     assert ids.shape == (8, 512) and ids.reshape(-1).tolist() == stream[:8 * 512]
@@ -169,7 +169,7 @@ def c4_error(tmp_path, data):
     path = tmp_path / "c4.json.gz"
     path.write_bytes(data)
     with pytest.raises(InputError) as error:
-        list(iter_c4(path))
+        list(C4Lines(path))
     return str(error.value)
 
 

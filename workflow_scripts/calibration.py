@@ -33,7 +33,7 @@ import numpy as np
 
 from .common import LOG, InputError, atomic_path, atomic_write_json, read_json, run_cli, sha256_file
 from .dataset_fetch import dataset_file
-from .dataset_readers import alpaca_prompt, ceval_text, iter_c4, read_alpaca, read_ceval
+from .dataset_readers import C4Lines, alpaca_prompt, ceval_text, read_alpaca, read_ceval
 
 TOKENIZER_FILE = "tokenizer.json"
 BATCH_SIZE = 256
@@ -81,23 +81,23 @@ def check_size(dataset, nsamples, seqlen):
 
 
 class Progress:
-    """Logs records and tokens done with a rate, at most every ``every`` seconds."""
+    """Logs records and tokens done, with a rate and the time left, at most every ``every`` seconds."""
 
-    def __init__(self, label, total=None, every=10.0):
-        self.label, self.total, self.every = label, total, every
+    def __init__(self, label, every=10.0):
+        self.label, self.every = label, every
         self.start = self.last = time.monotonic()
         self.records = self.tokens = 0
 
-    def add(self, records, tokens):
+    def add(self, records, tokens, fraction_done):
         self.records += records
         self.tokens += tokens
         now = time.monotonic()
-        if now - self.last >= self.every:
+        if now - self.last >= self.every and fraction_done > 0:
             self.last = now
-            rate = self.tokens / (now - self.start)
-            left = f", {(self.total - self.records) * (now - self.start) / self.records:.0f} s left" \
-                if self.total else ""
-            LOG.info("%s: %d records, %d tokens, %.0f tokens/s%s", self.label, self.records, self.tokens, rate, left)
+            elapsed = now - self.start
+            LOG.info("%s: %.0f%%, %d records, %d tokens, %.0f tokens/s, about %.0f s left", self.label,
+                     100 * fraction_done, self.records, self.tokens, self.tokens / elapsed,
+                     elapsed * (1 - fraction_done) / fraction_done)
 
 
 def c4_windows(path, tokenizer, nsamples, seqlen, seed):
@@ -105,7 +105,8 @@ def c4_windows(path, tokenizer, nsamples, seqlen, seed):
     chosen = []  # max-heap by key of the nsamples smallest-key eligible documents: (-key, line, ids)
     documents = eligible = 0
     progress = Progress(f"c4 {path.name}")
-    stream = iter_c4(path)
+    lines = C4Lines(path)
+    stream = iter(lines)
     while batch := list(itertools.islice(stream, BATCH_SIZE)):
         encoded = encode(tokenizer, [text for _, text in batch])
         for (line, _), ids in zip(batch, encoded):
@@ -118,7 +119,7 @@ def c4_windows(path, tokenizer, nsamples, seqlen, seed):
                 heapq.heappush(chosen, entry)
             elif entry > chosen[0]:
                 heapq.heapreplace(chosen, entry)
-        progress.add(len(batch), sum(map(len, encoded)))
+        progress.add(len(batch), sum(map(len, encoded)), lines.fraction_read)
     if eligible < nsamples:
         raise InputError(f"{path}: only {eligible} of {documents} documents are longer than seqlen={seqlen} "
                          f"tokens, fewer than nsamples={nsamples}")

@@ -13,7 +13,7 @@ import io
 import json
 import zipfile
 import zlib
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from .common import InputError
 
@@ -22,27 +22,42 @@ CEVAL_SPLITS = ("dev", "val", "test")
 LETTERS = ("A", "B", "C", "D")
 
 
-def iter_c4(path):
-    """Yield ``(line_number, text)`` from a gzip JSON-lines file, one line in memory at a time."""
-    count = 0
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise InputError(f"{path}: line {number} is not a JSON object with a 'text' field "
-                                     f"({error.__class__.__name__}: {error})") from None
-                if not isinstance(text, str) or not text.strip():
-                    raise InputError(f"{path}: line {number} has an empty 'text'")
-                count += 1
-                yield number, text
-    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise InputError(f"{path}: not a complete gzip file ({error}); delete it and fetch it again") from None
-    if count == 0:
-        raise InputError(f"{path}: contains no records")
+class C4Lines:
+    """Iterate ``(line_number, text)`` over a gzip JSON-lines file, one line in memory at a time.
+
+    ``fraction_read`` tells how far through the compressed file the iteration is.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.size = max(self.path.stat().st_size, 1)
+        self.position = 0
+
+    @property
+    def fraction_read(self):
+        return self.position / self.size
+
+    def __iter__(self):
+        path, count = self.path, 0
+        try:
+            with open(path, "rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    self.position = raw.tell()
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as error:
+                        raise InputError(f"{path}: line {number} is not a JSON object with a 'text' field "
+                                         f"({error.__class__.__name__}: {error})") from None
+                    if not isinstance(text, str) or not text.strip():
+                        raise InputError(f"{path}: line {number} has an empty 'text'")
+                    count += 1
+                    yield number, text
+        except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+            raise InputError(f"{path}: not a complete gzip file ({error}); delete it and fetch it again") from None
+        if count == 0:
+            raise InputError(f"{path}: contains no records")
 
 
 def alpaca_prompt(record):

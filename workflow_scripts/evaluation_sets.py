@@ -17,10 +17,10 @@ import itertools
 import json
 from pathlib import Path
 
-from .calibration import BATCH_SIZE, Progress, check_size, encode, load_tokenizer, pad_rows, pad_token_id
+from .calibration import BATCH_SIZE, check_size, encode, load_tokenizer, pad_rows, pad_token_id
 from .common import LOG, InputError, atomic_path, atomic_write_json, read_json, run_cli
 from .dataset_fetch import dataset_file
-from .dataset_readers import LETTERS, ceval_header, ceval_question, iter_c4, read_ceval
+from .dataset_readers import LETTERS, C4Lines, ceval_header, ceval_question, read_ceval
 
 
 def c4_windows(files, tokenizer, settings):
@@ -29,14 +29,12 @@ def c4_windows(files, tokenizer, settings):
     path = dataset_file(files, "c4", "validation")
     needed = nsamples * seqlen
     tokens, documents = [], 0
-    progress = Progress(f"c4 {path.name}")
-    stream = iter_c4(path)
+    stream = iter(C4Lines(path))
     while len(tokens) < needed and (batch := list(itertools.islice(stream, BATCH_SIZE))):
         for ids in encode(tokenizer, [text for _, text in batch]):
             if len(tokens) < needed:
                 tokens.extend(ids)
                 documents += 1
-        progress.add(len(batch), len(tokens))
     if len(tokens) < needed:
         raise InputError(f"{path}: has {len(tokens)} tokens, fewer than nsamples x seqlen = {nsamples} x {seqlen}")
     rows = [tokens[index * seqlen:(index + 1) * seqlen] for index in range(nsamples)]

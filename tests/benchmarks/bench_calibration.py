@@ -7,8 +7,8 @@ one run:
 
 * the stage: ``python -m workflow_scripts.calibration --dataset c4`` as the
   workflow runs it, timed as a whole process, with its peak RSS;
-* the baseline: the same texts, already in memory, through one raw batched
-  call of the same fast tokenizer (``Tokenizer.encode_batch_fast``).
+* the baseline: the same texts, already in memory, through raw batched calls
+  of the same fast tokenizer (``Tokenizer.encode_batch_fast``, 4096 texts a call).
 
 Both report tokens per second; the figure to watch is their ratio (target >= 0.8).
 
@@ -88,12 +88,14 @@ def main():
 
     from tokenizers import Tokenizer
 
-    from workflow_scripts.dataset_readers import iter_c4
+    from workflow_scripts.dataset_readers import C4Lines
 
-    texts = [text for _, text in iter_c4(train)]
+    texts = [text for _, text in C4Lines(train)]
     tokenizer = Tokenizer.from_file(str(tokenizer_folder / "tokenizer.json"))
     start = time.monotonic()
-    raw_tokens = sum(len(encoding.ids) for encoding in tokenizer.encode_batch_fast(texts))
+    # Chunks of 4096 texts: one call over all 356k texts keeps every Encoding alive (about 10 GB).
+    raw_tokens = sum(len(encoding.ids) for first in range(0, len(texts), 4096)
+                     for encoding in tokenizer.encode_batch_fast(texts[first:first + 4096]))
     raw_seconds = time.monotonic() - start
     assert raw_tokens == tokens, (raw_tokens, tokens)
 
