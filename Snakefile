@@ -26,4 +26,5 @@ rule all:
 include: "rules/download.smk"
 include: "rules/patch.smk"
 include: "rules/calibration.smk"
+include: "rules/quantize.smk"
 include: "rules/targets.smk"

@@ -39,6 +39,7 @@ wildcard_constraints:
     model="|".join(re.escape(model) for model in MODELS),
     dataset="|".join(DATASETS),
     tokenizer="[0-9a-f]{16}",
+    scheme="rtn-int8",
 
 
 def settings(section):
@@ -136,7 +137,15 @@ def tokenizer_outputs(fingerprint):
 
 def model_outputs(models):
     """The final per-model files of each model."""
-    return [f"results/{model}/patched/verify.json" for model in models]
+    return [
+        path
+        for model in models
+        for path in [f"results/{model}/patched/verify.json"]
+        + [
+            f"results/{model}/quantized/{scheme}/MANIFEST.json"
+            for scheme in MODELS[model]["quantize"]["schemes"]
+        ]
+    ]
 
 
 def shared_outputs(models):

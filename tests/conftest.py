@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO))
 
 from workflow_scripts.demo import write_demo_checkpoint  # noqa: E402
 from workflow_scripts.patch import patch_checkpoint  # noqa: E402
+from workflow_scripts.quantize import quantize_checkpoint  # noqa: E402
 
 # Small enough for fast tests, with the presets' ratios (GQA 4:1; explicit
 # head_dim unequal to hidden/heads for the Ministral-like one).
@@ -26,6 +27,7 @@ TINY_SHAPES = {
 
 
 PATCH_SETTINGS = {"insert_slice": True, "iter_num": 0}
+QUANTIZE_SETTINGS = {"bits": 8, "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 def stage_env(**extra):
@@ -105,4 +107,15 @@ def patched(downloaded, tmp_path_factory):
     for preset, source in downloaded.items():
         folders[preset] = root / preset / "patched"
         patch_checkpoint(preset, source, folders[preset], PATCH_SETTINGS)
+    return folders
+
+
+@pytest.fixture(scope="session")
+def quantized(patched, tmp_path_factory):
+    """Both tiny presets quantized with rtn-int8: {preset: folder}."""
+    root = tmp_path_factory.mktemp("quantized")
+    folders = {}
+    for preset, folder in patched.items():
+        folders[preset] = root / preset
+        quantize_checkpoint(preset, "rtn-int8", folder, folders[preset], QUANTIZE_SETTINGS)
     return folders

@@ -6,7 +6,8 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from workflow_scripts.demo import PRESETS, demo_config, tensor_shapes, write_demo_checkpoint
+from workflow_scripts.mistral_layout import tensor_shapes
+from workflow_scripts.demo import PRESETS, demo_config, write_demo_checkpoint
 from workflow_scripts.tokenizer_files import MISTRAL_COMMON_DATA, TOKENIZERS
 
 from conftest import TINY_SHAPES

@@ -24,10 +24,11 @@ import json, sys, torch, transformers
 from transformers import AutoModelForCausalLM
 folder, ids = sys.argv[1], torch.tensor([json.loads(sys.argv[2])])
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, torch_dtype=torch.float32).eval()
+int8 = model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
 with torch.no_grad():
     logits = model(ids).logits[0, -1]
-    quantized = model.quantize(8)(ids).logits[0, -1]
-print(json.dumps({"version": transformers.__version__, "class": type(model).__module__,
+    quantized = logits if int8 else model.quantize(8)(ids).logits[0, -1]
+print(json.dumps({"version": transformers.__version__, "class": type(model).__module__, "int8": int8,
                   "logits": logits.tolist(), "quantized": quantized.tolist()}))
 """
 IDS = [1, 415, 5565, 302, 4843, 349, 5465, 28723, 661, 349, 264, 1628, 2990, 28723]
@@ -73,3 +74,18 @@ def test_patched_checkpoint_under_transformers_445(python445, patched, preset):
         quantized = model.quantize(8)(torch.tensor([IDS])).logits[0, -1]
     assert (torch.tensor(old["logits"]) - current).abs().max() < 1e-5
     assert (torch.tensor(old["quantized"]) - quantized).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("preset", ["mistral", "ministral"])
+def test_int8_checkpoint_loads_as_int8_under_transformers_445(python445, quantized, preset):
+    result = subprocess.run([python445, "-c", PROBE, str(quantized[preset]), json.dumps(IDS)],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    old = json.loads(result.stdout.strip().splitlines()[-1])
+    assert old["int8"] and old["version"] == "4.45.0"
+    model = AutoModelForCausalLM.from_pretrained(quantized[preset], trust_remote_code=True,
+                                                 dtype=torch.float32).eval()
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+    with torch.no_grad():
+        current = model(torch.tensor([IDS])).logits[0, -1]
+    assert (torch.tensor(old["logits"]) - current).abs().max() < 1e-5

@@ -57,3 +57,14 @@ def module_sources(module):
         files.update(data)
         pending.extend(imported - seen)
     return sorted(str(p) for p in files)
+
+
+def sources_digest(module):
+    """sha256 over the contents of ``module_sources(module)``: the code version of a stage."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in module_sources(module):
+        digest.update(Path(path).relative_to(ROOT).as_posix().encode() + b"\0")
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()

@@ -13,7 +13,8 @@ class MistralConfig(PretrainedConfig):
     ``insert_slice`` cuts the prefill output to the last position before
     ``lm_head``; ``iter_num`` is 0 for the prefill graph and 1 for decode.
     ``sliding_window`` is kept so the file round-trips, but the VACC model never
-    reads it: attention is always full causal.
+    reads it: attention is always full causal. ``vacc_quantization`` (scheme,
+    bits, granularity, modules) marks a checkpoint whose projections are int8.
     """
 
     model_type = "mistral"
@@ -43,6 +44,7 @@ class MistralConfig(PretrainedConfig):
         attention_dropout=0.0,
         insert_slice=False,
         iter_num=0,
+        vacc_quantization=None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -65,6 +67,7 @@ class MistralConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.insert_slice = bool(insert_slice)
         self.iter_num = int(iter_num)
+        self.vacc_quantization = vacc_quantization
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

@@ -12,7 +12,9 @@ made so the traced graph has no data-dependent shapes:
   tensors ``[batch, kv_heads, seq, head_dim]``, stored before the GQA repeat and
   grown by concatenation;
 * ``MistralForCausalLM.quantize(8)`` swaps the seven projections of every decoder
-  layer for per-channel int8 layers.
+  layer for per-channel int8 layers; a checkpoint whose config carries
+  ``vacc_quantization`` (written by the workflow's quantize stage) is built with
+  those int8 layers and loads its int8 weights directly.
 """
 import torch
 import torch.nn.functional as F
@@ -161,6 +163,21 @@ def causal_attention_bias(attention_mask, q_len, past_len, dtype):
     return bias.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
+def swap_projections(layers, modules, make):
+    """Replace the named projections of every decoder layer by ``make(linear)``."""
+    for layer in layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in modules:
+                linear = getattr(parent, name, None)
+                if isinstance(linear, nn.Linear):
+                    setattr(parent, name, make(linear))
+
+
+def empty_int8(linear):
+    return QuantizedLinearPerChannel(linear.in_features, linear.out_features, linear.weight.dtype,
+                                     linear.weight.device)
+
+
 class MistralPreTrainedModel(PreTrainedModel):
     config_class = MistralConfig
     base_model_prefix = "model"
@@ -188,6 +205,9 @@ class MistralModel(MistralPreTrainedModel):
         self.layers = nn.ModuleList([MistralDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = MistralStaticRotary(config)
+        quantization = getattr(config, "vacc_quantization", None)
+        if quantization:
+            swap_projections(self.layers, quantization["modules"], empty_int8)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -257,14 +277,10 @@ class MistralForCausalLM(MistralPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def quantize(self, weight_bit_width=8):
+    def quantize(self, weight_bit_width=8, modules=QUANTIZED_PROJECTIONS):
         """Swap q/k/v/o/gate/up/down of every decoder layer for per-channel int8 layers."""
-        for layer in self.model.layers:
-            for parent in (layer.self_attn, layer.mlp):
-                for name in QUANTIZED_PROJECTIONS:
-                    linear = getattr(parent, name, None)
-                    if isinstance(linear, nn.Linear):
-                        setattr(parent, name, QuantizedLinearPerChannel.from_linear(linear, weight_bit_width))
+        swap_projections(self.model.layers, modules,
+                         lambda linear: QuantizedLinearPerChannel.from_linear(linear, weight_bit_width))
         return self
 
     def forward(

@@ -1,0 +1,26 @@
+"""The tensors of a Hugging Face ``MistralForCausalLM`` checkpoint, derived from its config."""
+
+
+def tensor_shapes(config):
+    """HF tensor names and shapes of a ``MistralForCausalLM``, in file order."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_out = config["num_attention_heads"] * head_dim
+    kv_out = config["num_key_value_heads"] * head_dim
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}"
+        shapes.update({
+            f"{prefix}.input_layernorm.weight": (hidden,),
+            f"{prefix}.self_attn.q_proj.weight": (q_out, hidden),
+            f"{prefix}.self_attn.k_proj.weight": (kv_out, hidden),
+            f"{prefix}.self_attn.v_proj.weight": (kv_out, hidden),
+            f"{prefix}.self_attn.o_proj.weight": (hidden, q_out),
+            f"{prefix}.post_attention_layernorm.weight": (hidden,),
+            f"{prefix}.mlp.gate_proj.weight": (inter, hidden),
+            f"{prefix}.mlp.up_proj.weight": (inter, hidden),
+            f"{prefix}.mlp.down_proj.weight": (hidden, inter),
+        })
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    return shapes
