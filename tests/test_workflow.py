@@ -35,7 +35,8 @@ def small_config():
 
 def model_jobs(jobs):
     """The per-model jobs of a plan as (rule, model)."""
-    return [(rule, wildcards.removeprefix("model=")) for rule, wildcards in jobs if wildcards.startswith("model=")]
+    return [(rule, wildcards.split(", ")[0].removeprefix("model=")) for rule, wildcards in jobs
+            if wildcards.startswith("model=")]
 
 
 class Workflow:
@@ -90,7 +91,8 @@ def workflow(tmp_path_factory):
 def test_full_run_builds_verified_checkpoints(workflow):
     for model in ("tiny-a", "tiny-b", "tiny-c"):
         assert (workflow.work / "results" / model / "patched" / "verify.json").exists()
-        for stage in ("download", "patch", "verify"):
+        assert (workflow.work / "results" / model / "quantized" / "rtn-int8" / "MANIFEST.json").exists()
+        for stage in ("download", "patch", "verify", "quantize-rtn-int8"):
             assert (workflow.work / "logs" / model / f"{stage}.log").exists()
             assert (workflow.work / "benchmarks" / model / f"{stage}.tsv").exists()
 
@@ -107,7 +109,14 @@ def test_changing_one_models_settings_reruns_that_model_only(workflow):
     config["models"]["tiny-a"]["source"]["seed"] = 5
     workflow.write_config(config, "changed.yaml")
     assert model_jobs(workflow.planned(config="changed.yaml")) == [
-        ("download", "tiny-a"), ("patch", "tiny-a"), ("verify", "tiny-a"), ("verify", "tiny-b")]
+        ("download", "tiny-a"), ("patch", "tiny-a"), ("quantize", "tiny-a"), ("verify", "tiny-a"), ("verify", "tiny-b")]
+
+
+def test_changing_one_models_scheme_settings_reruns_its_quantize_only(workflow):
+    config = small_config()
+    config["models"]["tiny-c"]["quantize"] = {"rtn-int8": {"modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
+    workflow.write_config(config, "scheme.yaml")
+    assert workflow.planned(config="scheme.yaml") == [("quantize", "model=tiny-c, scheme=rtn-int8")]
 
 
 def test_touching_sources_without_changing_them_reruns_nothing(workflow):
@@ -122,8 +131,8 @@ def test_editing_the_patch_module_reruns_patch_jobs_and_nothing_upstream(workflo
     original = module.read_text()
     module.write_text(original + "\n# an edit\n")
     try:
-        assert workflow.planned() == [(rule, f"model={model}") for rule in ("patch", "verify")
-                                      for model in ("tiny-a", "tiny-b", "tiny-c")]
+        assert model_jobs(workflow.planned()) == [(rule, model) for rule in ("patch", "quantize", "verify")
+                                                  for model in ("tiny-a", "tiny-b", "tiny-c")]
     finally:
         module.write_text(original)
     assert workflow.planned() == []
@@ -134,7 +143,7 @@ def test_editing_a_shipped_checkpoint_file_reruns_patch_jobs(workflow):
     original = modeling.read_text()
     modeling.write_text(original + "\n# an edit\n")
     try:
-        assert {rule for rule, _ in workflow.planned()} == {"patch", "verify"}
+        assert {rule for rule, _ in workflow.planned()} == {"patch", "quantize", "verify"}
     finally:
         modeling.write_text(original)
 
@@ -142,7 +151,8 @@ def test_editing_a_shipped_checkpoint_file_reruns_patch_jobs(workflow):
 def test_a_model_builds_alone_by_its_target_rule(workflow, tmp_path):
     fresh = Workflow(tmp_path)
     # Calibration jobs appear once the download checkpoint tells the tokenizer.
-    assert model_jobs(fresh.planned("tiny_b")) == [("download", "tiny-b"), ("patch", "tiny-b"), ("verify", "tiny-b")]
+    assert model_jobs(fresh.planned("tiny_b")) == [("download", "tiny-b"), ("patch", "tiny-b"),
+                                                   ("quantize", "tiny-b"), ("verify", "tiny-b")]
     assert fresh.planned("results/tiny-a/patched/MANIFEST.json") == [("download", "model=tiny-a"),
                                                                      ("patch", "model=tiny-a")]
     fresh.run("tiny_b")

@@ -141,7 +141,7 @@ def describe_files(folder, names):
         size = path.stat().st_size
         entries[name] = {"size": size, "sha256": sha256_file(path)}
         done += size
-        if total > 256 << 20:
+        if size > 64 << 20:
             rate = done / max(time.monotonic() - start, 1e-9)
             LOG.info("hashed %s (%.1f of %.1f GB, %.0f MB/s, %.0f s left)", name, done / 1e9, total / 1e9,
                      rate / 1e6, (total - done) / max(rate, 1))

@@ -10,7 +10,9 @@ written first and the data streamed after it.
 import json
 import mmap
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -89,6 +91,13 @@ class SafetensorsFile:
         if stop > start:
             self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
+    def prefetch(self, name):
+        """Ask the kernel to start reading a tensor's pages now, so disk reads overlap compute."""
+        begin, end = self.entries[name]["data_offsets"]
+        start = (self.data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > begin:
+            self._map.madvise(mmap.MADV_WILLNEED, start, self.data_start + end - start)
+
     def release(self, name, first_element, end_element):
         """``release_bytes`` in elements of the tensor's dtype."""
         size = torch.tensor([], dtype=self.dtype(name)).element_size()
@@ -156,3 +165,46 @@ class SafetensorsWriter:
         self.handle.close()
         if self.written != self.total:
             raise RuntimeError(f"{self.path}: wrote {self.written} of {self.total} declared bytes")
+
+
+class BackgroundWriter:
+    """A :class:`SafetensorsWriter` fed through a bounded queue and drained by a thread.
+
+    Writing to disk releases the GIL, so while one chunk is written the next is
+    computed; ``depth`` bounds the chunks in flight (and so the memory). An
+    item may carry a callback run once its bytes are written (to release the
+    source pages it was copied from).
+    """
+
+    def __init__(self, writer, depth=4):
+        self.writer = writer
+        self.queue = queue.Queue(maxsize=depth)
+        self.error = None
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self):
+        while (item := self.queue.get()) is not None:
+            data, written = item
+            if self.error is None:
+                try:
+                    if isinstance(data, torch.Tensor):
+                        self.writer.write(data)
+                    else:
+                        self.writer.write_bytes(data)
+                    if written:
+                        written()
+                except BaseException as error:  # reported by close()
+                    self.error = error
+
+    def write(self, data, written=None):
+        if self.error is not None:
+            raise self.error
+        self.queue.put((data, written))
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        self.writer.close()
