@@ -6,6 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import add_to_hub_cache, run_stage, stage_env
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
@@ -14,8 +15,6 @@ from workflow_scripts.calibration import build_shard, load_tokenizer, write_shar
 from workflow_scripts.common import InputError, sha256_file
 from workflow_scripts.dataset_fetch import DATASET_FILES, assemble_dataset
 from workflow_scripts.dataset_readers import C4Lines, read_alpaca, read_ceval
-
-from conftest import add_to_hub_cache, run_stage, stage_env
 
 SMALL = {"c4": {"split": "train", "nsamples": 16, "seqlen": 256, "seed": 0},
          "alpaca": {"split": "train", "nsamples": 16, "seqlen": 128, "seed": 0},

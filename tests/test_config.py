@@ -4,13 +4,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from workflow_scripts.common import InputError
 from workflow_scripts.config import check_config, rule_name
-
-from conftest import REPO
 
 SCHEMA = str(REPO / "config" / "schema.yaml")
 

@@ -2,15 +2,14 @@
 import json
 
 import pytest
+from conftest import TINY_SHAPES
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from workflow_scripts.mistral_layout import tensor_shapes
 from workflow_scripts.demo import PRESETS, demo_config, write_demo_checkpoint
+from workflow_scripts.mistral_layout import tensor_shapes
 from workflow_scripts.tokenizer_files import MISTRAL_COMMON_DATA, TOKENIZERS
-
-from conftest import TINY_SHAPES
 
 TEXTS = ["Hello world, bonjour le monde!", "  leading spaces\nand\ttabs", "数学考试 ceval 123456789",
          "def f(x):\n\treturn x ** 2 # émoji 🚀"]

@@ -5,9 +5,8 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import add_to_hub_cache, run_stage, stage_env
+from safetensors.torch import load_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO_ID = "test-org/Tiny-Mistral"

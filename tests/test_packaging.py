@@ -2,10 +2,9 @@
 import re
 
 import yaml
+from conftest import REPO
 
 from workflow_scripts.sources import module_sources
-
-from conftest import REPO
 
 
 def requirement_lines(name):

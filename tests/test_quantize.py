@@ -4,13 +4,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import QUANTIZE_SETTINGS as SETTINGS
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from workflow_scripts.common import InputError
 from workflow_scripts.quantize import PROJECTIONS, quantize_checkpoint
-
-from conftest import QUANTIZE_SETTINGS as SETTINGS
 
 IDS = torch.tensor([[1, 415, 5565, 302, 4843, 349, 5465, 28723, 661, 349, 264, 1628, 2990, 28723, 13, 13]])
 

@@ -14,9 +14,8 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import REPO
+from transformers import AutoModelForCausalLM
 
 VENV = REPO / ".cache" / "venv-transformers-4.45"
 PROBE = r"""

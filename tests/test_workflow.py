@@ -8,7 +8,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import REPO, TINY_SHAPES
 
 pytestmark = pytest.mark.workflow

@@ -31,7 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import LOG, InputError, atomic_path, atomic_write_json, read_json, run_cli, sha256_file
+from .common import (
+    LOG,
+    InputError,
+    atomic_path,
+    atomic_write_json,
+    read_json,
+    run_cli,
+    sha256_file,
+)
 from .dataset_fetch import dataset_file
 from .dataset_readers import C4Lines, alpaca_prompt, ceval_text, read_alpaca, read_ceval
 

@@ -46,6 +46,17 @@ def run_cli(main, argv=None):
         sys.exit(1)
 
 
+def fetch_arguments(argv, doc, subject, choices=None):
+    """Arguments of the fetch entry points: ``--<subject> NAME --source JSON --manifest PATH``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(f"--{subject}", required=True, choices=choices)
+    parser.add_argument("--source", required=True, type=json.loads, help=f"the {subject}'s source settings as JSON")
+    parser.add_argument("--manifest", required=True, type=Path, help=f"MANIFEST.json inside the {subject} folder")
+    return parser.parse_args(argv)
+
+
 def sha256_file(path, chunk_bytes=16 << 20):
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -6,9 +6,8 @@ message that names the model and the key.
 """
 import re
 
-from .common import InputError
-
 from .calibration import MAX_TOKENS
+from .common import InputError
 
 SOURCE_KINDS = ("hub", "local", "demo")
 MODEL_SOURCE_KEYS = {

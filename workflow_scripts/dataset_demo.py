@@ -16,8 +16,8 @@ import json
 import random
 import zipfile
 
-from .common import LOG, run_cli
-from .dataset_fetch import DATASET_FILES, assemble_dataset, parse_args
+from .common import LOG, fetch_arguments, run_cli
+from .dataset_fetch import DATASET_FILES, assemble_dataset
 
 SUBJECTS = ("workflow", "compiler", "tokenizer", "quantization", "accelerator", "memory")
 NOUNS = ("model", "layer", "tensor", "compiler", "cluster", "weight", "token", "graph", "kernel", "cache",
@@ -138,7 +138,7 @@ def generate(dataset, source, staging):
 
 
 def main(argv):
-    args = parse_args(argv, __doc__)
+    args = fetch_arguments(argv, __doc__, "dataset", choices=sorted(DATASET_FILES))
     assemble_dataset(args.dataset, args.source, args.manifest.parent, generate)
 
 

@@ -7,9 +7,9 @@ tokenizer), so every later stage runs the code paths it runs for a 7-8B model.
 import torch
 from safetensors.torch import save_file
 
+from .common import LOG, atomic_write_json, fetch_arguments, run_cli
+from .download import assemble_checkpoint
 from .mistral_layout import tensor_shapes
-from .common import LOG, atomic_write_json, run_cli
-from .download import assemble_checkpoint, parse_args
 from .tokenizer_files import write_tokenizer
 
 # Shapes keep the real models' ratios: GQA 4:1, MLP 3.5x (Mistral) or 3x
@@ -96,7 +96,7 @@ def generate(model, source, staging):
 
 
 def main(argv):
-    args = parse_args(argv, __doc__)
+    args = fetch_arguments(argv, __doc__, "model")
     assemble_checkpoint(args.model, args.source, args.manifest.parent, generate)
 
 

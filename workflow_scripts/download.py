@@ -10,15 +10,26 @@ size and sha256) written last.
 
 Usage: python -m workflow_scripts.download --model ID --source JSON --manifest PATH
 """
-import argparse
-import json
 import os
 from pathlib import Path
 
-from .checkpoint import (METADATA_PATTERNS, PICKLE_PATTERNS, WEIGHT_PATTERNS, read_mistral_config,
-                         weight_files)
-from .common import (LOG, InputError, atomic_write_json, link_file, run_cli, staged_directory,
-                     write_folder_manifest)
+from .checkpoint import (
+    METADATA_PATTERNS,
+    PICKLE_PATTERNS,
+    WEIGHT_PATTERNS,
+    read_mistral_config,
+    weight_files,
+)
+from .common import (
+    LOG,
+    InputError,
+    atomic_write_json,
+    fetch_arguments,
+    link_file,
+    run_cli,
+    staged_directory,
+    write_folder_manifest,
+)
 
 
 def fetch_patterns(allow_pickle):
@@ -98,16 +109,8 @@ def assemble_checkpoint(model, source, folder, fill):
     return manifest
 
 
-def parse_args(argv, doc):
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--source", required=True, type=json.loads, help="the model's source settings as JSON")
-    parser.add_argument("--manifest", required=True, type=Path, help="MANIFEST.json inside the model folder")
-    return parser.parse_args(argv)
-
-
 def main(argv):
-    args = parse_args(argv, __doc__)
+    args = fetch_arguments(argv, __doc__, "model")
     fill = fetch_hub if "hub" in args.source else fetch_local
     assemble_checkpoint(args.model, args.source, args.manifest.parent, fill)
 

@@ -17,7 +17,14 @@ import itertools
 import json
 from pathlib import Path
 
-from .calibration import BATCH_SIZE, check_size, encode, load_tokenizer, pad_rows, pad_token_id
+from .calibration import (
+    BATCH_SIZE,
+    check_size,
+    encode,
+    load_tokenizer,
+    pad_rows,
+    pad_token_id,
+)
 from .common import LOG, InputError, atomic_path, atomic_write_json, read_json, run_cli
 from .dataset_fetch import dataset_file
 from .dataset_readers import LETTERS, C4Lines, ceval_header, ceval_question, read_ceval

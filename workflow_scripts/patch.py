@@ -12,9 +12,19 @@ import json
 import shutil
 from pathlib import Path
 
-from .common import (MANIFEST_NAME, InputError, LOG, atomic_write_json, describe_files, link_file,
-                     read_json, run_cli, sha256_file, staged_directory)
 from .checkpoint import read_mistral_config
+from .common import (
+    LOG,
+    MANIFEST_NAME,
+    InputError,
+    atomic_write_json,
+    describe_files,
+    link_file,
+    read_json,
+    run_cli,
+    sha256_file,
+    staged_directory,
+)
 
 PACKAGE_DATA = ("checkpoint_files",)
 CHECKPOINT_FILES = Path(__file__).parent / PACKAGE_DATA[0]

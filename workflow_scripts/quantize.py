@@ -29,10 +29,20 @@ from pathlib import Path
 
 import torch
 
-from .mistral_layout import tensor_shapes
 from .checkpoint_files.quantization_vacc import quantize_per_channel
-from .common import (LOG, MANIFEST_NAME, InputError, atomic_write_json, link_file, read_json, run_cli,
-                     sha256_file, staged_directory, write_folder_manifest)
+from .common import (
+    LOG,
+    MANIFEST_NAME,
+    InputError,
+    atomic_write_json,
+    link_file,
+    read_json,
+    run_cli,
+    sha256_file,
+    staged_directory,
+    write_folder_manifest,
+)
+from .mistral_layout import tensor_shapes
 from .patch import VACC_FILES
 from .safetensors_stream import BackgroundWriter, SafetensorsFile, SafetensorsWriter
 from .sources import sources_digest
