@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
@@ -39,7 +40,7 @@ wildcard_constraints:
     model="|".join(re.escape(model) for model in MODELS),
     dataset="|".join(DATASETS),
     tokenizer="[0-9a-f]{16}",
-    scheme="rtn-int8",
+    scheme="rtn-int8|gptq-int8",
 
 
 def settings(section):
@@ -160,3 +161,38 @@ def shared_outputs(models):
         ]
 
     return outputs
+
+
+def gptq_calibration(wildcards):
+    """The calibration shards GPTQ runs through a model, for its tokenizer."""
+    fingerprint = model_tokenizer(wildcards.model)
+    datasets = MODELS[wildcards.model]["quantize"]["gptq-int8"]["datasets"]
+    return [
+        f"results/calibration/{fingerprint}/{dataset}.safetensors"
+        for dataset in datasets
+    ]
+
+
+def gptq_uses_gpu(model):
+    """device: cuda, or auto on a machine with an NVIDIA driver."""
+    device = MODELS[model]["quantize"]["gptq-int8"]["device"]
+    return device == "cuda" or (
+        device == "auto" and shutil.which("nvidia-smi") is not None
+    )
+
+
+def gptq_memory_mb(wildcards, input, attempt):
+    """Peak memory of GPTQ: the activations twice, plus one layer in float32 and its Hessians (README)."""
+    settings = MODELS[wildcards.model]["quantize"]["gptq-int8"]
+    try:
+        config = read_json(os.path.join(os.path.dirname(input.patched), "config.json"))
+    except StageError:
+        return 4000
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    seqlen = max(DATASETS[d]["seqlen"] for d in settings["datasets"])
+    samples = settings["nsamples"] * len(settings["datasets"])
+    activations = 2 * samples * seqlen * hidden * 4
+    layer = (4 * hidden * hidden + 3 * hidden * inter) * 4 + (
+        3 * hidden**2 + inter**2
+    ) * 8
+    return int(attempt * (1500 + (activations + layer) / 1e6))

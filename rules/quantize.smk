@@ -11,6 +11,8 @@ rule quantize:
         "logs/{model}/quantize-{scheme}.log",
     benchmark:
         "benchmarks/{model}/quantize-{scheme}.tsv"
+    wildcard_constraints:
+        scheme="rtn-int8",
     conda:
         "../envs/workflow.yaml"
     threads: 2
@@ -26,3 +28,31 @@ rule quantize:
         "python3 -m workflow_scripts.quantize --model {wildcards.model:q} --scheme {wildcards.scheme}"
         " --patched results/{wildcards.model:q}/patched --manifest {output:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"
+
+
+rule quantize_gptq:
+    input:
+        code=code("quantize_gptq"),
+        patched="results/{model}/patched/MANIFEST.json",
+        calibration=gptq_calibration,
+    output:
+        "results/{model}/quantized/gptq-int8/MANIFEST.json",
+    log:
+        "logs/{model}/quantize-gptq-int8.log",
+    benchmark:
+        "benchmarks/{model}/quantize-gptq-int8.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=gptq_memory_mb,
+        gpu=lambda wildcards: int(gptq_uses_gpu(wildcards.model)),
+        runtime=lambda wildcards: 60 if gptq_uses_gpu(wildcards.model) else 600,
+    params:
+        settings=lambda wildcards: json.dumps(
+            MODELS[wildcards.model]["quantize"]["gptq-int8"], sort_keys=True
+        ),
+    shell:
+        "python3 -m workflow_scripts.quantize_gptq --model {wildcards.model:q}"
+        " --patched results/{wildcards.model:q}/patched --calibration {input.calibration:q}"
+        " --manifest {output:q} --settings {params.settings:q} > {log:q} 2>&1"

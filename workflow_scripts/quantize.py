@@ -155,8 +155,9 @@ def output_layout(shard, names, modules):
     return layout
 
 
-def quantize_shard(shard, names, target, modules, bits, progress):
-    """Write one output shard; return ``{matrix: figures}``."""
+def quantize_shard(shard, names, target, modules, matrix_writer, progress):
+    """Write one output shard; ``matrix_writer(shard, name, writer)`` writes each projection and returns
+    its figures. Return ``{matrix: figures}``."""
     names = sorted(names, key=lambda name: shard.entries[name]["data_offsets"][0])
     writer = BackgroundWriter(SafetensorsWriter(target, output_layout(shard, names, modules),
                                                 metadata={"format": "pt"}))
@@ -165,7 +166,7 @@ def quantize_shard(shard, names, target, modules, bits, progress):
         if index + 1 < len(names):
             shard.prefetch(names[index + 1])
         if projection_of(name, modules):
-            figures[name] = quantize_matrix(shard, name, writer, bits)
+            figures[name] = matrix_writer(shard, name, writer)
         else:
             copy_tensor(shard, name, writer)
         progress(shard.raw(name).nbytes)
@@ -193,17 +194,33 @@ def progress_logger(total_bytes):
 
 
 def quantize_checkpoint(model, scheme, patched, folder, settings):
+    """The ``rtn-int8`` checkpoint of a patched one."""
     if scheme != "rtn-int8":
         raise InputError(f"model {model}: unknown quantization scheme {scheme!r}")
-    patched, modules = Path(patched), tuple(settings["modules"])
+    record = quantization_record(scheme, settings)
+
+    def rounded(shard, name, writer):
+        return quantize_matrix(shard, name, writer, settings["bits"])
+
+    write_quantized_checkpoint(model, record, patched, folder, rounded, "workflow_scripts.quantize")
+
+
+def open_checkpoint(patched, model, modules):
+    """``(config, {tensor: shard name}, {shard name: SafetensorsFile})`` of a checked patched checkpoint."""
     config = read_json(patched / "config.json", what=f"model {model}: config")
     mapping = weight_map(patched)
-    shard_names = sorted(set(mapping.values()))
-    shards = {name: SafetensorsFile(patched / name) for name in shard_names}
+    shards = {name: SafetensorsFile(patched / name) for name in sorted(set(mapping.values()))}
     check_tensors(patched, mapping, shards, config, modules)
-    record = quantization_record(scheme, settings)
+    return config, mapping, shards
+
+
+def write_quantized_checkpoint(model, record, patched, folder, matrix_writer, code_module, extra=None):
+    """Stream a quantized copy of ``patched`` into ``folder``; ``matrix_writer`` supplies each projection."""
+    patched, modules = Path(patched), tuple(record["modules"])
+    config, mapping, shards = open_checkpoint(patched, model, modules)
+    shard_names = sorted(shards)
     fingerprint = {"patched_manifest_sha256": sha256_file(patched / MANIFEST_NAME), "settings": record,
-                   "code": sources_digest("workflow_scripts.quantize")}
+                   "code": sources_digest(code_module), **(extra or {}).get("fingerprint", {})}
     total = sum(sum(shards[s].raw_size(n) for n in shards[s].entries) for s in shard_names)
     report = progress_logger(total)
     figures = {}
@@ -211,7 +228,7 @@ def quantize_checkpoint(model, scheme, patched, folder, settings):
         for shard_name in shard_names:
             names = [name for name, shard in mapping.items() if shard == shard_name]
             with shards[shard_name] as shard:
-                figures.update(quantize_shard(shard, names, staging / shard_name, modules, settings["bits"], report))
+                figures.update(quantize_shard(shard, names, staging / shard_name, modules, matrix_writer, report))
         new_map = {}
         for name, shard in mapping.items():
             new_map[name] = shard
@@ -230,11 +247,12 @@ def quantize_checkpoint(model, scheme, patched, folder, settings):
             if name not in written and "/" not in name and name != "verify.json":
                 link_file(patched / name, staging / name)
         worst = max(figures.values(), key=lambda f: f["relative_frobenius_error"])
-        write_folder_manifest(staging, {"model": model, "scheme": scheme, "fingerprint": fingerprint,
+        write_folder_manifest(staging, {"model": model, "scheme": record["scheme"], "fingerprint": fingerprint,
                                         "quantization": record, "matrices": figures,
-                                        "worst_relative_frobenius_error": worst["relative_frobenius_error"]})
-    LOG.info("model %s: %s checkpoint in %s (%d matrices; worst relative error %.4g)", model, scheme, folder,
-             len(figures), worst["relative_frobenius_error"])
+                                        "worst_relative_frobenius_error": worst["relative_frobenius_error"],
+                                        **{k: v for k, v in (extra or {}).items() if k != "fingerprint"}})
+    LOG.info("model %s: %s checkpoint in %s (%d matrices; worst relative error %.4g)", model, record["scheme"],
+             folder, len(figures), worst["relative_frobenius_error"])
 
 
 def keep_freed_chunks():
