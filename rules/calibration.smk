@@ -26,11 +26,31 @@ rule fetch_dataset:
         " --source {params.source:q} --manifest {output:q} > {log:q} 2>&1"
 
 
+rule tokenizer_store:
+    input:
+        code=code("tokenizer_store"),
+    output:
+        "resources/tokenizers/{tokenizer}/tokenizer.json",
+    log:
+        "logs/tokenizers/{tokenizer}.log",
+    benchmark:
+        "benchmarks/tokenizers/{tokenizer}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=10,
+    shell:
+        "python3 -m workflow_scripts.tokenizer_store --fingerprint {wildcards.tokenizer}"
+        " --models resources/models --output {output:q} > {log:q} 2>&1"
+
+
 rule calibration_shard:
     input:
         code=code("calibration"),
         dataset="resources/datasets/{dataset}/MANIFEST.json",
-        tokenizer=tokenizer_checkpoint,
+        tokenizer="resources/tokenizers/{tokenizer}/tokenizer.json",
     output:
         shard="results/calibration/{tokenizer}/{dataset}.safetensors",
         record="results/calibration/{tokenizer}/{dataset}.json",
@@ -57,7 +77,7 @@ rule c4_evaluation_windows:
     input:
         code=code("evaluation_sets"),
         dataset="resources/datasets/c4/MANIFEST.json",
-        tokenizer=tokenizer_checkpoint,
+        tokenizer="resources/tokenizers/{tokenizer}/tokenizer.json",
     output:
         windows="results/evaluation-sets/{tokenizer}/c4-validation.safetensors",
         record="results/evaluation-sets/{tokenizer}/c4-validation.json",
@@ -84,7 +104,7 @@ rule ceval_evaluation_set:
     input:
         code=code("evaluation_sets"),
         dataset="resources/datasets/ceval/MANIFEST.json",
-        tokenizer=tokenizer_checkpoint,
+        tokenizer="resources/tokenizers/{tokenizer}/tokenizer.json",
     output:
         "results/evaluation-sets/{tokenizer}/ceval.json",
     log:

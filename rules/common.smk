@@ -80,21 +80,6 @@ def model_tokenizer(model):
     return tokenizer_fingerprint(read_json(manifest), f"model {model}")
 
 
-def tokenizer_checkpoint(wildcards):
-    """The download manifest of a model with this tokenizer: the first such model id, for stability."""
-    for model in sorted(MODELS):
-        manifest = f"resources/models/{model}/MANIFEST.json"
-        if os.path.exists(manifest):
-            if (
-                tokenizer_fingerprint(read_json(manifest), f"model {model}")
-                == wildcards.tokenizer
-            ):
-                return manifest
-    raise ValueError(
-        f"no downloaded model has tokenizer {wildcards.tokenizer}; build one of the models first"
-    )
-
-
 def local_source_files(wildcards):
     """For a local source, its config and weights, so that editing them reruns the download."""
     source = MODELS[wildcards.model]["source"]

@@ -15,16 +15,20 @@ WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow_scripts", "envs", "p
 JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    wildcards: (.+)$", re.MULTILINE)
 
 
+def small_gptq():
+    return {"quantize": {"gptq-int8": {"nsamples": 8, "device": "cpu"}}}
+
+
 def small_config():
     """Three tiny models, two of which (a, c) share a tokenizer; small calibration sizes."""
     return {
         "targets": ["tiny-a", "tiny-b", "tiny-c"],
         "models": {
-            "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TINY_SHAPES["mistral"]}},
+            "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TINY_SHAPES["mistral"]}, **small_gptq()},
             "tiny-b": {"source": {"demo": "ministral", "seed": 2, "shape": TINY_SHAPES["ministral"]},
-                       "verify": {"greedy_tokens": 8}},
+                       "verify": {"greedy_tokens": 8}, **small_gptq()},
             "tiny-c": {"source": {"demo": "mistral", "seed": 3, "shape": TINY_SHAPES["mistral"]},
-                       "verify": {"greedy_tokens": 4}},
+                       "verify": {"greedy_tokens": 4}, **small_gptq()},
         },
         "datasets": {"c4": {"nsamples": 8, "seqlen": 256}, "alpaca": {"nsamples": 8, "seqlen": 128},
                      "ceval": {"nsamples": 8, "seqlen": 64}},
@@ -90,8 +94,9 @@ def workflow(tmp_path_factory):
 def test_full_run_builds_verified_checkpoints(workflow):
     for model in ("tiny-a", "tiny-b", "tiny-c"):
         assert (workflow.work / "results" / model / "patched" / "verify.json").exists()
-        assert (workflow.work / "results" / model / "quantized" / "rtn-int8" / "MANIFEST.json").exists()
-        for stage in ("download", "patch", "verify", "quantize-rtn-int8"):
+        for scheme in ("rtn-int8", "gptq-int8"):
+            assert (workflow.work / "results" / model / "quantized" / scheme / "MANIFEST.json").exists()
+        for stage in ("download", "patch", "verify", "quantize-rtn-int8", "quantize-gptq-int8"):
             assert (workflow.work / "logs" / model / f"{stage}.log").exists()
             assert (workflow.work / "benchmarks" / model / f"{stage}.tsv").exists()
 
@@ -108,14 +113,19 @@ def test_changing_one_models_settings_reruns_that_model_only(workflow):
     config["models"]["tiny-a"]["source"]["seed"] = 5
     workflow.write_config(config, "changed.yaml")
     assert model_jobs(workflow.planned(config="changed.yaml")) == [
-        ("download", "tiny-a"), ("patch", "tiny-a"), ("quantize", "tiny-a"), ("verify", "tiny-a"), ("verify", "tiny-b")]
+        ("download", "tiny-a"), ("patch", "tiny-a"), ("quantize", "tiny-a"), ("quantize_gptq", "tiny-a"),
+        ("verify", "tiny-a"), ("verify", "tiny-b")]
 
 
 def test_changing_one_models_scheme_settings_reruns_its_quantize_only(workflow):
     config = small_config()
-    config["models"]["tiny-c"]["quantize"] = {"rtn-int8": {"modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
+    config["models"]["tiny-c"]["quantize"]["rtn-int8"] = {"modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     workflow.write_config(config, "scheme.yaml")
     assert workflow.planned(config="scheme.yaml") == [("quantize", "model=tiny-c, scheme=rtn-int8")]
+    config["models"]["tiny-c"]["quantize"]["gptq-int8"]["damp"] = 0.02
+    workflow.write_config(config, "scheme.yaml")
+    assert workflow.planned(config="scheme.yaml") == [("quantize", "model=tiny-c, scheme=rtn-int8"),
+                                                      ("quantize_gptq", "model=tiny-c")]
 
 
 def test_touching_sources_without_changing_them_reruns_nothing(workflow):
@@ -130,7 +140,8 @@ def test_editing_the_patch_module_reruns_patch_jobs_and_nothing_upstream(workflo
     original = module.read_text()
     module.write_text(original + "\n# an edit\n")
     try:
-        assert model_jobs(workflow.planned()) == [(rule, model) for rule in ("patch", "quantize", "verify")
+        assert model_jobs(workflow.planned()) == [(rule, model) for rule in ("patch", "quantize", "quantize_gptq",
+                                                                             "verify")
                                                   for model in ("tiny-a", "tiny-b", "tiny-c")]
     finally:
         module.write_text(original)
@@ -142,7 +153,7 @@ def test_editing_a_shipped_checkpoint_file_reruns_patch_jobs(workflow):
     original = modeling.read_text()
     modeling.write_text(original + "\n# an edit\n")
     try:
-        assert {rule for rule, _ in workflow.planned()} == {"patch", "quantize", "verify"}
+        assert {rule for rule, _ in workflow.planned()} == {"patch", "quantize", "quantize_gptq", "verify"}
     finally:
         modeling.write_text(original)
 
@@ -151,7 +162,8 @@ def test_a_model_builds_alone_by_its_target_rule(workflow, tmp_path):
     fresh = Workflow(tmp_path)
     # Calibration jobs appear once the download checkpoint tells the tokenizer.
     assert model_jobs(fresh.planned("tiny_b")) == [("download", "tiny-b"), ("patch", "tiny-b"),
-                                                   ("quantize", "tiny-b"), ("verify", "tiny-b")]
+                                                   ("quantize", "tiny-b"), ("quantize_gptq", "tiny-b"),
+                                                   ("verify", "tiny-b")]
     assert fresh.planned("results/tiny-a/patched/MANIFEST.json") == [("download", "model=tiny-a"),
                                                                      ("patch", "model=tiny-a")]
     fresh.run("tiny_b")
@@ -193,5 +205,6 @@ def test_a_new_calibration_seed_rebuilds_only_those_shards(workflow):
     config = small_config()
     config["datasets"]["c4"]["seed"] = 7
     workflow.write_config(config, "seed.yaml")
-    assert workflow.planned(config="seed.yaml") == [
-        ("calibration_shard", f"tokenizer={tokenizer}, dataset=c4") for tokenizer in workflow.tokenizers()]
+    assert workflow.planned(config="seed.yaml") == sorted(
+        [("calibration_shard", f"tokenizer={tokenizer}, dataset=c4") for tokenizer in workflow.tokenizers()]
+        + [("quantize_gptq", f"model={model}") for model in ("tiny-a", "tiny-b", "tiny-c")])

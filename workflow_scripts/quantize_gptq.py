@@ -55,6 +55,9 @@ def load_calibration(paths, nsamples):
     ids, masks = [], []
     for path in paths:
         tensors = load_file(str(path))
+        if tensors["input_ids"].shape[0] < nsamples:
+            raise InputError(f"{path}: has {tensors['input_ids'].shape[0]} samples, fewer than "
+                             f"quantize.gptq-int8.nsamples={nsamples}")
         ids.append(tensors["input_ids"][:nsamples].long())
         masks.append(tensors["attention_mask"][:nsamples].long())
     return torch.cat(ids), torch.cat(masks)

@@ -1,0 +1,116 @@
+"""The gptq-int8 stage: a loadable int8 checkpoint, better than RTN under its Hessians, resumable after a kill."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import QUANTIZE_SETTINGS, TINY_SHAPES, run_stage, stage_env
+from workflow_scripts import dataset_demo
+from workflow_scripts.calibration import build_shard, write_shard
+from workflow_scripts.common import sha256_file
+from workflow_scripts.dataset_fetch import assemble_dataset
+from workflow_scripts.demo import write_demo_checkpoint
+from workflow_scripts.patch import patch_checkpoint
+
+SETTINGS = {**QUANTIZE_SETTINGS, "datasets": ["c4"], "nsamples": 48, "block_size": 32, "damp": 0.01,
+            "act_order": False, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory):
+    """A tiny Mistral with six layers (so that a run can be killed between layers) and its c4 shard."""
+    root = tmp_path_factory.mktemp("gptq")
+    source = root / "source"
+    source.mkdir()
+    write_demo_checkpoint("mistral", source, seed=11, overrides={**TINY_SHAPES["mistral"], "num_hidden_layers": 6})
+    run_stage("download", "--model", "deep", "--source", json.dumps({"local": str(source)}),
+              "--manifest", root / "resources" / "MANIFEST.json")
+    patch_checkpoint("deep", root / "resources", root / "patched", {"insert_slice": True, "iter_num": 0})
+    assemble_dataset("c4", {"demo": True}, root / "c4", dataset_demo.generate)
+    fingerprint = sha256_file(root / "patched" / "tokenizer.json")[:16]
+    tensors, record = build_shard("c4", root / "c4", root / "patched", fingerprint,
+                                  {"split": "train", "nsamples": 48, "seqlen": 256, "seed": 0})
+    write_shard(tensors, record, root / "c4.safetensors", root / "c4.json")
+    return root
+
+
+def command(root, output, settings=SETTINGS):
+    return [sys.executable, "-m", "workflow_scripts.quantize_gptq", "--model", "deep", "--patched",
+            str(root / "patched"), "--calibration", str(root / "c4.safetensors"), "--manifest",
+            str(output / "MANIFEST.json"), "--settings", json.dumps(settings)]
+
+
+def run(root, output, settings=SETTINGS):
+    result = subprocess.run(command(root, output, settings), capture_output=True, text=True, env=stage_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(deep_model):
+    output = deep_model / "uninterrupted" / "gptq-int8"
+    run(deep_model, output)
+    return output
+
+
+def test_checkpoint_loads_as_int8_and_beats_rtn_under_the_hessians(deep_model, uninterrupted):
+    manifest = json.loads((uninterrupted / "MANIFEST.json").read_text())
+    assert manifest["quantization"]["scheme"] == "gptq-int8" and manifest["device"] == "cpu"
+    assert manifest["fingerprint"]["calibration_sha256"] == {"c4.safetensors": sha256_file(deep_model / "c4.safetensors")}
+    layers = manifest["layers"]
+    assert sorted(layers) == [str(i) for i in range(6)]
+    rtn = sum(f["output_error_rtn"] for layer in layers.values() for f in layer.values())
+    gptq = sum(f["output_error_gptq"] for layer in layers.values() for f in layer.values())
+    assert gptq < 0.8 * rtn
+    assert all(f["hessian_trace"] > 0 for layer in layers.values() for f in layer.values())
+    model = AutoModelForCausalLM.from_pretrained(uninterrupted, trust_remote_code=True, dtype=torch.float32)
+    assert model.model.layers[5].mlp.up_proj.weight.dtype == torch.int8
+    float_model = AutoModelForCausalLM.from_pretrained(deep_model / "patched", trust_remote_code=True,
+                                                       dtype=torch.float32)
+    ids = torch.tensor([[1, 415, 5565, 302, 4843, 349, 5465, 28723, 661, 349]])
+    with torch.no_grad():
+        a, b = float_model(ids).logits[0, -1], model(ids).logits[0, -1]
+    assert ((a - b).norm() / a.norm()) < 0.03
+    assert not (uninterrupted.parent / ".gptq-int8.partial").exists()
+
+
+def test_a_killed_run_resumes_and_gives_the_same_bytes(deep_model, uninterrupted):
+    output = deep_model / "killed" / "gptq-int8"
+    partial = output.parent / ".gptq-int8.partial"
+    process = subprocess.Popen(command(deep_model, output), env=stage_env(), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (partial / "layer-000.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output / "MANIFEST.json").exists()
+    finished = sorted(p.name for p in partial.glob("layer-*.safetensors"))
+    assert 1 <= len(finished) < 6
+    log = run(deep_model, output)
+    assert f"layer {len(finished) - 1}: taken from" in log and f"layer {len(finished) + 1}/6 done" in log
+    assert contents(output) == contents(uninterrupted)
+
+
+def test_a_partial_with_another_fingerprint_is_never_used(deep_model):
+    output = deep_model / "stale" / "gptq-int8"
+    other = {**SETTINGS, "damp": 0.05}
+    process = subprocess.Popen(command(deep_model, output, other), env=stage_env(), stderr=subprocess.DEVNULL)
+    partial = output.parent / ".gptq-int8.partial"
+    while not (partial / "layer-000.safetensors").exists():
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    log = run(deep_model, output)
+    assert "layer 0: " in log and "has another fingerprint; recomputing" in log
+    fresh = deep_model / "fresh" / "gptq-int8"
+    run(deep_model, fresh)
+    assert contents(output) == contents(fresh)
