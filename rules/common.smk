@@ -167,7 +167,8 @@ def gptq_uses_gpu(model):
 
 
 def gptq_memory_mb(wildcards, input, attempt):
-    """Peak memory of GPTQ: the activations twice, plus one layer in float32 and its Hessians (README)."""
+    """Peak memory of GPTQ, the README's formula: runtime, activations twice, a batch's attention,
+    one layer in float32 and its float64 Hessians."""
     settings = MODELS[wildcards.model]["quantize"]["gptq-int8"]
     try:
         config = read_json(os.path.join(os.path.dirname(input.patched), "config.json"))
@@ -177,7 +178,10 @@ def gptq_memory_mb(wildcards, input, attempt):
     seqlen = max(DATASETS[d]["seqlen"] for d in settings["datasets"])
     samples = settings["nsamples"] * len(settings["datasets"])
     activations = 2 * samples * seqlen * hidden * 4
+    attention = 3 * 8 * config["num_attention_heads"] * seqlen**2 * 4
     layer = (4 * hidden * hidden + 3 * hidden * inter) * 4 + (
         3 * hidden**2 + inter**2
     ) * 8
-    return int(attempt * (1500 + (activations + layer) / 1e6))
+    return int(
+        attempt * 1.15 * (500 + (activations + attention + layer) / 1e6)
+    )  # 15% headroom
