@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
+from conftest import QUANTIZE_SETTINGS, TINY_SHAPES, run_stage, stage_env
 from transformers import AutoModelForCausalLM
 
-from conftest import QUANTIZE_SETTINGS, TINY_SHAPES, run_stage, stage_env
 from workflow_scripts import dataset_demo
 from workflow_scripts.calibration import build_shard, write_shard
 from workflow_scripts.common import sha256_file
@@ -114,3 +114,28 @@ def test_a_partial_with_another_fingerprint_is_never_used(deep_model):
     fresh = deep_model / "fresh" / "gptq-int8"
     run(deep_model, fresh)
     assert contents(output) == contents(fresh)
+
+
+def test_shards_from_another_tokenizer_are_refused(deep_model, tiny_checkpoints, tmp_path):
+    other = tiny_checkpoints["ministral"]
+    fingerprint = sha256_file(other / "tokenizer.json")[:16]
+    tensors, record = build_shard("c4", deep_model / "c4", other, fingerprint,
+                                  {"split": "train", "nsamples": 48, "seqlen": 256, "seed": 0})
+    write_shard(tensors, record, tmp_path / "c4.safetensors", tmp_path / "c4.json")
+    cmd = command(deep_model, tmp_path / "out")
+    cmd[cmd.index("--calibration") + 1] = str(tmp_path / "c4.safetensors")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=stage_env())
+    assert result.returncode == 1
+    assert f"made with tokenizer {fingerprint}, but the model's tokenizer is" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_few_samples_and_missing_cuda_are_clear_errors(deep_model, tmp_path):
+    for settings, message in (({**SETTINGS, "nsamples": 64}, "has 48 samples, fewer than quantize.gptq-int8.nsamples=64"),
+                              ({**SETTINGS, "device": "cuda"}, "device is cuda, but torch sees no CUDA device")):
+        if settings["device"] == "cuda" and torch.cuda.is_available():
+            continue
+        result = subprocess.run(command(deep_model, tmp_path / "out", settings), capture_output=True, text=True,
+                                env=stage_env())
+        assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+        assert not (tmp_path / "out").exists()

@@ -27,12 +27,27 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint_files.configuration_mistral_vacc import MistralConfig
-from .checkpoint_files.modeling_mistral_vacc import (MistralDecoderLayer, MistralStaticRotary,
-                                                     causal_attention_bias)
+from .checkpoint_files.modeling_mistral_vacc import (
+    MistralDecoderLayer,
+    MistralStaticRotary,
+    causal_attention_bias,
+)
 from .checkpoint_files.quantization_vacc import quantize_per_channel
-from .common import LOG, MANIFEST_NAME, InputError, atomic_path, read_json, run_cli, sha256_file
+from .common import (
+    LOG,
+    MANIFEST_NAME,
+    InputError,
+    atomic_path,
+    run_cli,
+    sha256_file,
+)
 from .gptq import Hessian, gptq_quantize, output_error
-from .quantize import keep_freed_chunks, open_checkpoint, quantization_record, write_quantized_checkpoint
+from .quantize import (
+    keep_freed_chunks,
+    open_checkpoint,
+    quantization_record,
+    write_quantized_checkpoint,
+)
 from .sources import sources_digest
 
 # Projections that read the same input share one Hessian.
@@ -51,9 +66,16 @@ def resolve_device(setting):
     return setting
 
 
-def load_calibration(paths, nsamples):
+def load_calibration(paths, nsamples, fingerprint):
+    """Token ids and masks of the first ``nsamples`` of each shard, refused unless made with this tokenizer."""
+    from safetensors import safe_open
+
     ids, masks = [], []
     for path in paths:
+        with safe_open(str(path), "pt") as handle:
+            made_with = json.loads(handle.metadata()["provenance"])["tokenizer_fingerprint"]
+        if made_with != fingerprint:
+            raise InputError(f"{path}: made with tokenizer {made_with}, but the model's tokenizer is {fingerprint}")
         tensors = load_file(str(path))
         if tensors["input_ids"].shape[0] < nsamples:
             raise InputError(f"{path}: has {tensors['input_ids'].shape[0]} samples, fewer than "
@@ -116,8 +138,12 @@ def quantize_layer(layer, index, hidden, cos, sin, masks, settings, device, dtyp
             # the checkpoint's own dtype, so that scales are stored as rtn-int8 stores them
             weight = layer.get_submodule(module).weight.detach().to(dtype)
             rtn_q, rtn_scale = quantize_per_channel(weight.cpu(), settings["bits"])
-            q, scale = gptq_quantize(weight, h, settings["bits"], settings["block_size"], settings["damp"],
-                                     settings["act_order"])
+            try:
+                q, scale = gptq_quantize(weight, h, settings["bits"], settings["block_size"], settings["damp"],
+                                         settings["act_order"])
+            except torch.linalg.LinAlgError:
+                raise InputError(f"layer {index} {module}: the Hessian stays singular after dampening "
+                                 f"(damp={settings['damp']}); raise damp or use more calibration samples") from None
             entries[key], entries[f"{key}_scale"] = q.cpu(), scale.cpu()
             figures[key] = {"hessian_trace": float(h.diagonal().sum()),
                             "output_error_rtn": output_error(weight.cpu(), rtn_q, rtn_scale, h.cpu()),
@@ -131,7 +157,7 @@ def gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
     config_dict, mapping, shards = open_checkpoint(patched, model, modules)
     config = MistralConfig(**config_dict)
     device = resolve_device(settings["device"])
-    ids, masks = load_calibration(calibration, settings["nsamples"])
+    ids, masks = load_calibration(calibration, settings["nsamples"], sha256_file(patched / "tokenizer.json")[:16])
     for shard in shards.values():
         shard.__enter__()
     try:
@@ -169,6 +195,9 @@ def gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
             figures[index] = record["figures"]
             set_dequantized(layer, saved, index, [m for g in HESSIAN_GROUPS.values() for m in g])
             run_layer(layer, hidden, cos, sin, masks, device)
+            if not torch.isfinite(hidden).all():
+                raise InputError(f"layer {index}: its outputs on the calibration samples are not finite "
+                                 f"(check the weights of model.layers.{index} in {patched})")
             elapsed = time.monotonic() - start
             LOG.info("layer %d/%d done (%.1f s, about %.0f s left)", index + 1, config.num_hidden_layers, elapsed,
                      elapsed / (index + 1) * (config.num_hidden_layers - index - 1))
