@@ -43,11 +43,19 @@ wildcard_constraints:
     scheme="rtn-int8|gptq-int8",
 
 
-def settings(section):
-    """Params function: one model's config section as JSON, so a change reruns that model only."""
-    return lambda wildcards: json.dumps(
-        MODELS[wildcards.model][section], sort_keys=True
-    )
+def settings(*keys):
+    """Params function: one model's config section as JSON, so a change reruns that model only.
+
+    ``keys`` lead into the model's settings; each is formatted with the wildcards (``"{scheme}"``).
+    """
+
+    def section(wildcards):
+        value = MODELS[wildcards.model]
+        for key in keys:
+            value = value[key.format(**wildcards)]
+        return json.dumps(value, sort_keys=True)
+
+    return section
 
 
 def dataset_settings(wildcards):

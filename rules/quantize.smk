@@ -21,9 +21,7 @@ rule quantize:
         mem_mb=2500,
         runtime=60,
     params:
-        settings=lambda wildcards: json.dumps(
-            MODELS[wildcards.model]["quantize"][wildcards.scheme], sort_keys=True
-        ),
+        settings=settings("quantize", "{scheme}"),
     shell:
         "python3 -m workflow_scripts.quantize --model {wildcards.model:q} --scheme {wildcards.scheme}"
         " --patched results/{wildcards.model:q}/patched --manifest {output:q}"
@@ -49,9 +47,7 @@ rule quantize_gptq:
         gpu=lambda wildcards: int(gptq_uses_gpu(wildcards.model)),
         runtime=lambda wildcards: 60 if gptq_uses_gpu(wildcards.model) else 600,
     params:
-        settings=lambda wildcards: json.dumps(
-            MODELS[wildcards.model]["quantize"]["gptq-int8"], sort_keys=True
-        ),
+        settings=settings("quantize", "gptq-int8"),
     shell:
         "python3 -m workflow_scripts.quantize_gptq --model {wildcards.model:q}"
         " --patched results/{wildcards.model:q}/patched --calibration {input.calibration:q}"

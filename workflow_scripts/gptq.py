@@ -8,7 +8,7 @@ and GPTQ gives exactly the ``rtn-int8`` weights.
 """
 import torch
 
-from .checkpoint_files.quantization_vacc import QMAX
+from .checkpoint_files.quantization_vacc import QMAX, per_channel_scale
 
 
 class Hessian:
@@ -30,8 +30,7 @@ def gptq_quantize(weight, hessian, bits=8, block_size=128, damp=0.01, act_order=
     """``(int8 weight, scale)`` of ``weight`` ``[out, in]`` rounded by GPTQ under ``hessian`` ``[in, in]``."""
     qmax = QMAX[bits]
     w = weight.detach().to(torch.float32, copy=True)
-    scale = (torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_()) / qmax).to(weight.dtype)
-    divisor = scale.float().masked_fill(scale == 0, 1.0).unsqueeze(1)
+    scale, divisor = per_channel_scale(w, weight.dtype, bits)
     h = hessian.detach().to(torch.float64, copy=True)
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0

@@ -214,13 +214,14 @@ def open_checkpoint(patched, model, modules):
     return config, mapping, shards
 
 
-def write_quantized_checkpoint(model, record, patched, folder, matrix_writer, code_module, extra=None):
+def write_quantized_checkpoint(model, record, patched, folder, matrix_writer, code_module,
+                               extra_fingerprint=None, extra_manifest=None):
     """Stream a quantized copy of ``patched`` into ``folder``; ``matrix_writer`` supplies each projection."""
     patched, modules = Path(patched), tuple(record["modules"])
     config, mapping, shards = open_checkpoint(patched, model, modules)
     shard_names = sorted(shards)
     fingerprint = {"patched_manifest_sha256": sha256_file(patched / MANIFEST_NAME), "settings": record,
-                   "code": sources_digest(code_module), **(extra or {}).get("fingerprint", {})}
+                   "code": sources_digest(code_module), **(extra_fingerprint or {})}
     total = sum(sum(shards[s].raw_size(n) for n in shards[s].entries) for s in shard_names)
     report = progress_logger(total)
     figures = {}
@@ -250,7 +251,7 @@ def write_quantized_checkpoint(model, record, patched, folder, matrix_writer, co
         write_folder_manifest(staging, {"model": model, "scheme": record["scheme"], "fingerprint": fingerprint,
                                         "quantization": record, "matrices": figures,
                                         "worst_relative_frobenius_error": worst["relative_frobenius_error"],
-                                        **{k: v for k, v in (extra or {}).items() if k != "fingerprint"}})
+                                        **(extra_manifest or {})})
     LOG.info("model %s: %s checkpoint in %s (%d matrices; worst relative error %.4g)", model, record["scheme"],
              folder, len(figures), worst["relative_frobenius_error"])
 

@@ -18,12 +18,15 @@ Usage: python -m workflow_scripts.quantize_gptq --model ID --patched DIR --calib
            --manifest PATH --settings JSON
 """
 import argparse
+import contextlib
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .checkpoint_files.configuration_mistral_vacc import MistralConfig
@@ -43,6 +46,7 @@ from .common import (
 )
 from .gptq import Hessian, gptq_quantize, output_error
 from .quantize import (
+    MatrixError,
     keep_freed_chunks,
     open_checkpoint,
     quantization_record,
@@ -55,6 +59,7 @@ HESSIAN_GROUPS = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "
                   "self_attn.o_proj": ("self_attn.o_proj",),
                   "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
                   "mlp.down_proj": ("mlp.down_proj",)}
+ALL_PROJECTIONS = [module for group in HESSIAN_GROUPS.values() for module in group]
 BATCH = 8
 
 
@@ -118,7 +123,7 @@ def run_layer(layer, hidden, cos, sin, masks, device):
 
 def quantize_layer(layer, index, hidden, cos, sin, masks, settings, device, dtype):
     """Hessians from the calibration inputs, then GPTQ for each projection; ``(entries, figures)``."""
-    modules = [m for group in HESSIAN_GROUPS.values() for m in group if m.split(".")[1] in settings["modules"]]
+    modules = [m for m in ALL_PROJECTIONS if m.split(".")[1] in settings["modules"]]
     hessians, hooks = {}, []
     for owner in HESSIAN_GROUPS:
         linear = layer.get_submodule(owner)
@@ -151,49 +156,50 @@ def quantize_layer(layer, index, hidden, cos, sin, masks, settings, device, dtyp
     return entries, figures
 
 
+def valid_partial(partial, fingerprint, index):
+    """``(entries, record)`` of a layer's partial file when its fingerprint matches, else None."""
+    if not partial.exists():
+        return None
+    with safe_open(str(partial), "pt") as handle:
+        record = json.loads(handle.metadata()["record"])
+    if record["fingerprint"] != fingerprint:
+        LOG.info("layer %d: %s has another fingerprint; recomputing", index, partial)
+        return None
+    LOG.info("layer %d: taken from %s", index, partial)
+    return load_file(str(partial)), record
+
+
 def gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint):
-    """Quantize every layer (or take its valid partial); return ``(entries, per-layer figures)``."""
-    modules = tuple(settings["modules"])
-    config_dict, mapping, shards = open_checkpoint(patched, model, modules)
+    """Quantize every layer (or take its valid partial); return ``(entries, per-layer figures, device)``."""
+    config_dict, mapping, shards = open_checkpoint(patched, model, tuple(settings["modules"]))
     config = MistralConfig(**config_dict)
     device = resolve_device(settings["device"])
     ids, masks = load_calibration(calibration, settings["nsamples"], sha256_file(patched / "tokenizer.json")[:16])
-    for shard in shards.values():
-        shard.__enter__()
-    try:
+    entries, figures = {}, {}
+    with contextlib.ExitStack() as stack:
+        for shard in shards.values():
+            stack.enter_context(shard)
         hidden = shards[mapping["model.embed_tokens.weight"]].tensor("model.embed_tokens.weight")[ids].float()
-        positions = (masks.cumsum(-1) - 1).clamp(min=0)
-        cos, sin = MistralStaticRotary(config)(positions, torch.float32)
-        entries, figures = {}, {}
+        cos, sin = MistralStaticRotary(config)((masks.cumsum(-1) - 1).clamp(min=0), torch.float32)
         start = time.monotonic()
         for index in range(config.num_hidden_layers):
             layer_print = hashlib.sha256(json.dumps({**fingerprint, "layer": index}, sort_keys=True).encode())
             partial = partial_dir / f"layer-{index:03d}.safetensors"
             layer = layer_from_checkpoint(config, shards, mapping, index, device)
-            saved = None
-            if partial.exists():
-                from safetensors import safe_open
-
-                with safe_open(str(partial), "pt") as handle:
-                    record = json.loads(handle.metadata()["record"])
-                if record["fingerprint"] == layer_print.hexdigest():
-                    saved = load_file(str(partial))
-                    LOG.info("layer %d: taken from %s", index, partial)
-                else:
-                    LOG.info("layer %d: %s has another fingerprint; recomputing", index, partial)
-            if saved is None:
-                dtype = shards[mapping[f"model.layers.{index}.mlp.down_proj.weight"]].dtype(
-                    f"model.layers.{index}.mlp.down_proj.weight")
+            found = valid_partial(partial, layer_print.hexdigest(), index)
+            if found is None:
+                down = f"model.layers.{index}.mlp.down_proj.weight"
                 layer_entries, layer_figures = quantize_layer(layer, index, hidden, cos, sin, masks, settings,
-                                                              device, dtype)
+                                                              device, shards[mapping[down]].dtype(down))
                 record = {"fingerprint": layer_print.hexdigest(), "figures": layer_figures}
                 partial_dir.mkdir(parents=True, exist_ok=True)
                 with atomic_path(partial) as tmp:
                     save_file(layer_entries, str(tmp), metadata={"record": json.dumps(record, sort_keys=True)})
-                saved = layer_entries
+                found = layer_entries, record
+            saved, record = found
             entries.update(saved)
             figures[index] = record["figures"]
-            set_dequantized(layer, saved, index, [m for g in HESSIAN_GROUPS.values() for m in g])
+            set_dequantized(layer, saved, index, ALL_PROJECTIONS)
             run_layer(layer, hidden, cos, sin, masks, device)
             if not torch.isfinite(hidden).all():
                 raise InputError(f"layer {index}: its outputs on the calibration samples are not finite "
@@ -201,9 +207,6 @@ def gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
             elapsed = time.monotonic() - start
             LOG.info("layer %d/%d done (%.1f s, about %.0f s left)", index + 1, config.num_hidden_layers, elapsed,
                      elapsed / (index + 1) * (config.num_hidden_layers - index - 1))
-    finally:
-        for shard in shards.values():
-            shard.__exit__(None, None, None)
     return entries, figures, device
 
 
@@ -220,20 +223,16 @@ def quantize_gptq(model, patched, calibration, folder, settings):
     entries, figures, device = gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
 
     def from_partials(shard, name, writer):
-        writer.write(entries[name])
-        writer.write(entries[f"{name}_scale"])
-        weight = shard.tensor(name).float()
-        scale = entries[f"{name}_scale"].float().unsqueeze(1)
-        error = weight - entries[name].float() * scale
-        units = (error / scale.masked_fill(scale == 0, 1.0)).abs().max()
-        return {"relative_frobenius_error": float(error.norm() / weight.norm()) if weight.norm() else 0.0,
-                "max_error_in_scale_units": float(units)}
+        q, scale = entries[name], entries[f"{name}_scale"]
+        writer.write(q)
+        writer.write(scale)
+        error = MatrixError()
+        error.add(shard.tensor(name), q, scale)
+        return error.figures()
 
     write_quantized_checkpoint(model, record, patched, folder, from_partials, "workflow_scripts.quantize_gptq",
-                               {"fingerprint": {"calibration_sha256": fingerprint["calibration_sha256"]},
-                                "layers": figures, "device": device})
-    import shutil
-
+                               extra_fingerprint={"calibration_sha256": fingerprint["calibration_sha256"]},
+                               extra_manifest={"layers": figures, "device": device})
     shutil.rmtree(partial_dir, ignore_errors=True)
 
 
@@ -246,7 +245,6 @@ def main(argv):
     parser.add_argument("--settings", required=True, type=json.loads)
     args = parser.parse_args(argv)
     keep_freed_chunks()
-    torch.manual_seed(0)
     quantize_gptq(args.model, args.patched, args.calibration, args.manifest.parent, args.settings)
 
 

@@ -11,21 +11,26 @@ from torch import nn
 QMAX = {8: 127}
 
 
+def per_channel_scale(w: torch.Tensor, dtype: torch.dtype, bits: int = 8):
+    """``(scale, divisor)`` of a float32 weight: ``max|W| / qmax`` per output row rounded to ``dtype``,
+    and the float32 ``[rows, 1]`` divisor that rounding uses (1 where a row is all zeros, so no NaN)."""
+    if bits not in QMAX:
+        raise ValueError(f"weight_bit_width={bits} is not supported; VACC per-channel weights are int8 (8)")
+    # max |W| per row as max(max, -min): two plain reductions beat abs().amax() and aminmax here
+    scale = (torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_()) / QMAX[bits]).to(dtype)
+    return scale, scale.float().masked_fill(scale == 0, 1.0).unsqueeze(1)
+
+
 def quantize_per_channel(weight: torch.Tensor, bits: int = 8):
     """Return ``(int8 weight, scale)`` with ``scale = max|W| / qmax`` per output row.
 
     The scale is rounded to the weight's dtype first and the rounding uses that
     stored scale, so dequantizing the file reproduces exactly what was rounded.
     """
-    if bits not in QMAX:
-        raise ValueError(f"weight_bit_width={bits} is not supported; VACC per-channel weights are int8 (8)")
-    qmax = QMAX[bits]
     w = weight.detach().to(torch.float32, copy=True)
-    # max |W| per row as max(max, -min): two plain reductions beat abs().amax() and aminmax here
-    scale = (torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_()) / qmax).to(weight.dtype)
-    divisor = scale.float().masked_fill(scale == 0, 1.0).unsqueeze(1)
-    q = w.div_(divisor).round_().clamp_(-qmax, qmax).to(torch.int8)
-    return q, scale
+    scale, divisor = per_channel_scale(w, weight.dtype, bits)
+    qmax = QMAX[bits]
+    return w.div_(divisor).round_().clamp_(-qmax, qmax).to(torch.int8), scale
 
 
 class _QuantizedLinearPerChannelFunction(torch.autograd.Function):
