@@ -11,6 +11,7 @@ from snakemake.utils import validate
 from workflow_scripts.calibration import tokenizer_fingerprint
 from workflow_scripts.common import StageError, read_json
 from workflow_scripts.config import DATASET_SOURCE_KEYS, check_config, source_kind
+from workflow_scripts.job_resources import gptq_memory_bytes
 from workflow_scripts.sources import module_sources
 
 validate(config, "../config/schema.yaml")
@@ -175,21 +176,15 @@ def gptq_uses_gpu(model):
 
 
 def gptq_memory_mb(wildcards, input, attempt):
-    """Peak memory of GPTQ, the README's formula: runtime, activations twice, a batch's attention,
-    one layer in float32 and its float64 Hessians."""
+    """Host memory at GPTQ's peak, the README's formula (workflow_scripts.job_resources)
+    plus 15%, more on each retry."""
     settings = MODELS[wildcards.model]["quantize"]["gptq-int8"]
     try:
         config = read_json(os.path.join(os.path.dirname(input.patched), "config.json"))
     except StageError:
         return 4000
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
     seqlen = max(DATASETS[d]["seqlen"] for d in settings["datasets"])
-    samples = settings["nsamples"] * len(settings["datasets"])
-    activations = 2 * samples * seqlen * hidden * 4
-    attention = 3 * 8 * config["num_attention_heads"] * seqlen**2 * 4
-    layer = (4 * hidden * hidden + 3 * hidden * inter) * 4 + (
-        3 * hidden**2 + inter**2
-    ) * 8
-    return int(
-        attempt * 1.15 * (500 + (activations + attention + layer) / 1e6)
-    )  # 15% headroom
+    samples = (settings["nsamples"] + settings["holdout"]) * len(settings["datasets"])
+    device = "cuda" if gptq_uses_gpu(wildcards.model) else "cpu"
+    peak = gptq_memory_bytes(config, samples, seqlen, device)["host"]
+    return int(attempt * 1.15 * peak / 1e6)

@@ -102,8 +102,11 @@ def test_snakemake_reports_config_errors_by_key(tmp_path):
 def test_dataset_defaults_follow_the_vamc_template():
     config = validated(shipped_config())
     datasets = config["datasets"]
+    # c4 feeds GPTQ: the template's 128 samples for the Hessians plus 16 held out
     assert {name: (d["nsamples"], d["seqlen"]) for name, d in datasets.items()} == {
-        "c4": (128, 1024), "alpaca": (128, 512), "ceval": (128, 128)}
+        "c4": (144, 1024), "alpaca": (128, 512), "ceval": (128, 128)}
+    gptq = config["models"]["demo-mistral"]["quantize"]["gptq-int8"]
+    assert (gptq["nsamples"], gptq["holdout"]) == (128, 16)
     assert all(d["source"] == {"demo": True} and d["seed"] == 0 for d in datasets.values())
     assert datasets["ceval"]["split"] == "dev"
     assert config["evaluation"] == {"c4": {"nsamples": 64, "seqlen": 1024}, "ceval": {"split": "val", "shots": 5}}
@@ -139,3 +142,13 @@ def test_dataset_source_relations_are_checked():
     config["datasets"] = {"alpaca": {"source": {"local": "/data", "seed": 1}}}
     with pytest.raises(InputError, match=r"datasets\.alpaca\.source\.seed does not apply to a local source"):
         validated(config)
+
+
+def test_gptq_needs_nsamples_plus_holdout_in_each_shard():
+    config = shipped_config()
+    config["models"]["demo-mistral"]["quantize"] = {"gptq-int8": {"datasets": ["c4", "alpaca"]}}
+    with pytest.raises(InputError, match=r"models\.demo-mistral\.quantize\.gptq-int8 takes nsamples \+ holdout = "
+                                         r"128 \+ 16 samples, but datasets\.alpaca\.nsamples is 128"):
+        validated(config)
+    config["models"]["demo-mistral"]["quantize"]["schemes"] = ["rtn-int8"]
+    validated(config)

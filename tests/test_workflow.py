@@ -16,7 +16,7 @@ JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    wild
 
 
 def small_gptq():
-    return {"quantize": {"gptq-int8": {"nsamples": 8, "device": "cpu"}}}
+    return {"quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}}}
 
 
 def small_config():
@@ -30,7 +30,7 @@ def small_config():
             "tiny-c": {"source": {"demo": "mistral", "seed": 3, "shape": TINY_SHAPES["mistral"]},
                        "verify": {"greedy_tokens": 4}, **small_gptq()},
         },
-        "datasets": {"c4": {"nsamples": 8, "seqlen": 256}, "alpaca": {"nsamples": 8, "seqlen": 128},
+        "datasets": {"c4": {"nsamples": 12, "seqlen": 256}, "alpaca": {"nsamples": 8, "seqlen": 128},
                      "ceval": {"nsamples": 8, "seqlen": 64}},
         "evaluation": {"c4": {"nsamples": 4, "seqlen": 256}},
     }

@@ -46,6 +46,18 @@ def check_sizes(where, settings):
                          f"exceeds {MAX_TOKENS} tokens")
 
 
+def check_gptq_samples(model, quantize, datasets):
+    if "gptq-int8" not in quantize["schemes"]:
+        return
+    gptq = quantize["gptq-int8"]
+    needed = gptq["nsamples"] + gptq["holdout"]
+    for dataset in gptq["datasets"]:
+        if datasets[dataset]["nsamples"] < needed:
+            raise InputError(f"config: models.{model}.quantize.gptq-int8 takes nsamples + holdout = "
+                             f"{gptq['nsamples']} + {gptq['holdout']} samples, but datasets.{dataset}.nsamples "
+                             f"is {datasets[dataset]['nsamples']}; raise it or lower those")
+
+
 def check_config(config):
     """Raise :class:`InputError` on the first relation between keys that does not hold."""
     models = config["models"]
@@ -55,6 +67,8 @@ def check_config(config):
         source_kind(f"datasets.{dataset}.source", settings["source"], DATASET_SOURCE_KEYS)
         check_sizes(f"datasets.{dataset}", settings)
     check_sizes("evaluation.c4", config["evaluation"]["c4"])
+    for model, settings in models.items():
+        check_gptq_samples(model, settings["quantize"], config["datasets"])
     for index, target in enumerate(config["targets"]):
         if target not in models:
             raise InputError(f"config: targets[{index}] names model {target!r}, which is not under models "

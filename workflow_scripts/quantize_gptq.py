@@ -5,7 +5,12 @@ For each decoder layer in order, the calibration samples run through the layer
 ``2 X X^T / n`` of each projection's input is accumulated (q/k/v share one,
 gate/up share one), and every projection is rounded by GPTQ
 (:mod:`workflow_scripts.gptq`). Only the current layer's weights, the
-calibration activations and the layer's Hessians are resident.
+calibration activations and the layer's Hessians are resident. On a GPU the
+layers run in the checkpoint's half precision, on the CPU in float32.
+
+A further ``holdout`` samples per shard never enter a Hessian: they follow the
+same path through the quantized layers, and each layer's output error on them
+with RTN and with GPTQ weights goes into the manifest.
 
 Each finished layer is written as ``.partial/layer-NNN.safetensors`` carrying
 the fingerprint of everything that produced it (patched checkpoint,
@@ -45,6 +50,7 @@ from .common import (
     sha256_file,
 )
 from .gptq import Hessian, gptq_quantize, output_error
+from .job_resources import GPTQ_BATCH as BATCH
 from .quantize import (
     MatrixError,
     keep_freed_chunks,
@@ -60,7 +66,6 @@ HESSIAN_GROUPS = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "
                   "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
                   "mlp.down_proj": ("mlp.down_proj",)}
 ALL_PROJECTIONS = [module for group in HESSIAN_GROUPS.values() for module in group]
-BATCH = 8
 
 
 def resolve_device(setting):
@@ -71,89 +76,174 @@ def resolve_device(setting):
     return setting
 
 
-def load_calibration(paths, nsamples, fingerprint):
-    """Token ids and masks of the first ``nsamples`` of each shard, refused unless made with this tokenizer."""
-    from safetensors import safe_open
+def compute_dtype(device, checkpoint_dtype):
+    """float32 on the CPU; the checkpoint's own (half) precision on a GPU, where float32 is ten times slower."""
+    return torch.float32 if device == "cpu" else checkpoint_dtype
 
-    ids, masks = [], []
+
+def load_calibration(paths, settings, fingerprint):
+    """``((ids, masks) for the Hessians, (ids, masks) held out)``: per shard the first ``nsamples``,
+    then the next ``holdout``; refused unless the shards were made with this tokenizer."""
+    nsamples, holdout = settings["nsamples"], settings["holdout"]
+    used, held = [], []
     for path in paths:
         with safe_open(str(path), "pt") as handle:
             made_with = json.loads(handle.metadata()["provenance"])["tokenizer_fingerprint"]
         if made_with != fingerprint:
             raise InputError(f"{path}: made with tokenizer {made_with}, but the model's tokenizer is {fingerprint}")
         tensors = load_file(str(path))
-        if tensors["input_ids"].shape[0] < nsamples:
-            raise InputError(f"{path}: has {tensors['input_ids'].shape[0]} samples, fewer than "
-                             f"quantize.gptq-int8.nsamples={nsamples}")
-        ids.append(tensors["input_ids"][:nsamples].long())
-        masks.append(tensors["attention_mask"][:nsamples].long())
-    return torch.cat(ids), torch.cat(masks)
+        ids, masks = tensors["input_ids"].long(), tensors["attention_mask"].long()
+        if ids.shape[0] < nsamples + holdout:
+            raise InputError(f"{path}: has {ids.shape[0]} samples, fewer than quantize.gptq-int8.nsamples + "
+                             f"holdout = {nsamples} + {holdout}")
+        used.append((ids[:nsamples], masks[:nsamples]))
+        held.append((ids[nsamples:nsamples + holdout], masks[nsamples:nsamples + holdout]))
+    return [tuple(torch.cat(part) for part in zip(*parts)) for parts in (used, held)]
 
 
-def layer_from_checkpoint(config, shards, mapping, index, device):
-    layer = MistralDecoderLayer(config)
+class Samples:
+    """The hidden states of a set of token sequences entering the current layer, on the compute device."""
+
+    def __init__(self, embeddings, ids, masks, rotary, device, dtype):
+        self.hidden = embeddings[ids].to(device, dtype)
+        self.masks = masks.to(device)
+        positions = (masks.cumsum(-1) - 1).clamp(min=0).to(device)
+        self.cos, self.sin = rotary.to(device)(positions, dtype)
+
+    def through(self, layer):
+        """The layer's outputs for every sample, in batches of ``BATCH``."""
+        outputs = torch.empty_like(self.hidden)
+        with torch.no_grad():
+            for first in range(0, self.hidden.shape[0], BATCH):
+                rows = slice(first, first + BATCH)
+                bias = causal_attention_bias(self.masks[rows], self.hidden.shape[1], 0, self.hidden.dtype)
+                outputs[rows], _ = layer(self.hidden[rows], self.cos[rows], self.sin[rows], bias)
+        return outputs
+
+    def advance(self, layer):
+        self.hidden = self.through(layer)
+
+    def relative_change(self, outputs, reference):
+        """``||outputs - reference|| / ||reference - inputs||`` over the real tokens: an error measured
+        against what the layer adds to its input, not against the residual stream it carries along."""
+        real = self.masks.bool()
+        error = (outputs[real].double() - reference[real].double()).norm()
+        return float(error / (reference[real].double() - self.hidden[real].double()).norm())
+
+
+def embedded_samples(config, shards, mapping, id_sets, device, dtype):
+    """A :class:`Samples` per ``(ids, masks)`` set, from the checkpoint's embedding table."""
+    embeddings = shards[mapping["model.embed_tokens.weight"]].tensor("model.embed_tokens.weight")
+    rotary = MistralStaticRotary(config)
+    return [Samples(embeddings, ids, masks, rotary, device, dtype) for ids, masks in id_sets]
+
+
+def layer_from_checkpoint(config, shards, mapping, index, device, dtype):
+    """Decoder layer ``index`` on ``device``, built without initialising weights it then overwrites. Its
+    pages are released once copied and the next layer's are asked for, so disk reads overlap this layer's work."""
+    with torch.device("meta"):
+        layer = MistralDecoderLayer(config)
     state = {}
     for name in layer.state_dict():
-        full = f"model.layers.{index}.{name}"
-        state[name] = shards[mapping[full]].tensor(full).float()
-    layer.load_state_dict(state)
-    return layer.to(device).eval()
+        full, following = f"model.layers.{index}.{name}", f"model.layers.{index + 1}.{name}"
+        shard = shards[mapping[full]]
+        state[name] = shard.tensor(full).to(device=device, dtype=dtype, copy=True)
+        shard.release(full, 0, state[name].numel())
+        if following in mapping:
+            shards[mapping[following]].prefetch(following)
+    layer.load_state_dict(state, assign=True)
+    return layer.eval()
 
 
-def set_dequantized(layer, entries, index, modules):
+def set_dequantized(layer, entries, index):
     """Give ``layer`` the weights its int8 entries stand for (the weights later layers see)."""
     with torch.no_grad():
-        for module in modules:
+        for module in ALL_PROJECTIONS:
             key = f"model.layers.{index}.{module}.weight"
             if key in entries:
                 linear = layer.get_submodule(module)
-                weight = entries[key].float() * entries[f"{key}_scale"].float().unsqueeze(1)
-                linear.weight.copy_(weight.to(linear.weight.device))
+                device = linear.weight.device
+                # to the device first: int8 crosses the bus, not a float32 copy four times its size
+                weight = entries[key].to(device).float() * entries[f"{key}_scale"].to(device).float().unsqueeze(1)
+                linear.weight.copy_(weight)
 
 
-def run_layer(layer, hidden, cos, sin, masks, device):
-    """Forward every sample batch through ``layer`` in place."""
-    with torch.no_grad():
-        for first in range(0, hidden.shape[0], BATCH):
-            rows = slice(first, first + BATCH)
-            bias = causal_attention_bias(masks[rows].to(device), hidden.shape[1], 0, torch.float32)
-            output, _ = layer(hidden[rows].to(device), cos[rows].to(device), sin[rows].to(device), bias)
-            hidden[rows] = output.to(hidden.device)
-
-
-def quantize_layer(layer, index, hidden, cos, sin, masks, settings, device, dtype):
-    """Hessians from the calibration inputs, then GPTQ for each projection; ``(entries, figures)``."""
-    modules = [m for m in ALL_PROJECTIONS if m.split(".")[1] in settings["modules"]]
+def collect_hessians(layer, samples):
+    """The Hessian of each input shared by a group of projections, over the calibration samples."""
     hessians, hooks = {}, []
     for owner in HESSIAN_GROUPS:
         linear = layer.get_submodule(owner)
-        hessians[owner] = Hessian(linear.in_features, device)
+        hessians[owner] = Hessian(linear.in_features, linear.weight.device)
         hooks.append(linear.register_forward_hook(
             lambda module, inputs, output, owner=owner: hessians[owner].add(inputs[0])))
-    run_layer(layer, hidden.clone(), cos, sin, masks, device)
-    for hook in hooks:
-        hook.remove()
-    entries, figures = {}, {}
+    try:
+        samples.through(layer)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {owner: hessian.matrix for owner, hessian in hessians.items()}
+
+
+def quantize_group(layer, index, members, hessian, settings, dtype):
+    """GPTQ and RTN entries of the projections sharing ``hessian``, rounded as one stacked matrix."""
+    weights = [layer.get_submodule(module).weight.detach().to(dtype) for module in members]
+    stacked = torch.cat(weights)
+    try:
+        gptq = gptq_quantize(stacked, hessian, settings["bits"], settings["block_size"], settings["damp"],
+                             settings["act_order"])
+    except torch.linalg.LinAlgError:
+        raise InputError(f"layer {index} {'/'.join(members)}: the Hessian stays singular after dampening "
+                         f"(damp={settings['damp']}); raise damp or use more calibration samples") from None
+    rtn = quantize_per_channel(stacked, settings["bits"])
+    rows = [weight.shape[0] for weight in weights]
+    gptq_entries, rtn_entries, figures = {}, {}, {}
+    trace = float(hessian.diagonal().sum())
+    for module, weight, q, scale, rtn_q, rtn_scale in zip(members, weights, *(t.split(rows) for t in (*gptq, *rtn))):
+        key = f"model.layers.{index}.{module}.weight"
+        gptq_entries[key], gptq_entries[f"{key}_scale"] = q, scale
+        rtn_entries[key], rtn_entries[f"{key}_scale"] = rtn_q, rtn_scale
+        figures[key] = {"hessian_trace": trace,
+                        "output_error_rtn": output_error(weight, rtn_q, rtn_scale, hessian),
+                        "output_error_gptq": output_error(weight, q, scale, hessian)}
+    return gptq_entries, rtn_entries, figures
+
+
+def quantize_layer(layer, index, calibration, holdout, settings, dtype):
+    """GPTQ for each projection of ``layer``; ``(entries, figures)``, figures in-sample (under the
+    calibration Hessians) and on the held-out samples (the layer's output error with RTN and GPTQ weights)."""
+    hessians = collect_hessians(layer, calibration)
+    reference = holdout.through(layer)
+    entries, rtn_entries, matrices = {}, {}, {}
     for owner, members in HESSIAN_GROUPS.items():
-        h = hessians[owner].matrix
-        for module in members:
-            if module not in modules:
-                continue
-            key = f"model.layers.{index}.{module}.weight"
-            # the checkpoint's own dtype, so that scales are stored as rtn-int8 stores them
-            weight = layer.get_submodule(module).weight.detach().to(dtype)
-            rtn_q, rtn_scale = quantize_per_channel(weight.cpu(), settings["bits"])
-            try:
-                q, scale = gptq_quantize(weight, h, settings["bits"], settings["block_size"], settings["damp"],
-                                         settings["act_order"])
-            except torch.linalg.LinAlgError:
-                raise InputError(f"layer {index} {module}: the Hessian stays singular after dampening "
-                                 f"(damp={settings['damp']}); raise damp or use more calibration samples") from None
-            entries[key], entries[f"{key}_scale"] = q.cpu(), scale.cpu()
-            figures[key] = {"hessian_trace": float(h.diagonal().sum()),
-                            "output_error_rtn": output_error(weight.cpu(), rtn_q, rtn_scale, h.cpu()),
-                            "output_error_gptq": output_error(weight, q, scale, h)}
-    return entries, figures
+        chosen = [module for module in members if module.split(".")[1] in settings["modules"]]
+        if chosen:
+            group = quantize_group(layer, index, chosen, hessians[owner], settings, dtype)
+            for gathered, part in zip((entries, rtn_entries, matrices), group):
+                gathered.update(part)
+    heldout = {}
+    for scheme, scheme_entries in (("rtn", rtn_entries), ("gptq", entries)):
+        set_dequantized(layer, scheme_entries, index)
+        heldout[scheme] = holdout.relative_change(holdout.through(layer), reference)
+    return entries, {"matrices": matrices, "heldout_output_error": heldout}
+
+
+def process_layer(layer, index, calibration, holdout, settings, dtype, partial, layer_print):
+    """Quantize one layer into its partial file (or take a valid one), then move both sample sets past it;
+    the layer's figures."""
+    found = valid_partial(partial, layer_print, index)
+    if found is None:
+        layer_entries, layer_figures = quantize_layer(layer, index, calibration, holdout, settings, dtype)
+        record = {"fingerprint": layer_print, "figures": layer_figures}
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(partial) as tmp:
+            save_file({name: tensor.cpu() for name, tensor in layer_entries.items()}, str(tmp),
+                      metadata={"record": json.dumps(record, sort_keys=True)})
+        found = layer_entries, record
+    entries, record = found
+    set_dequantized(layer, entries, index)
+    for samples in (calibration, holdout):
+        samples.advance(layer)
+    return record["figures"]
 
 
 def valid_partial(partial, fingerprint, index):
@@ -170,60 +260,54 @@ def valid_partial(partial, fingerprint, index):
 
 
 def gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint):
-    """Quantize every layer (or take its valid partial); return ``(entries, per-layer figures, device)``."""
+    """Quantize every layer into its partial file (or take a valid one); return ``(per-layer figures, device)``."""
     config_dict, mapping, shards = open_checkpoint(patched, model, tuple(settings["modules"]))
     config = MistralConfig(**config_dict)
     device = resolve_device(settings["device"])
-    ids, masks = load_calibration(calibration, settings["nsamples"], sha256_file(patched / "tokenizer.json")[:16])
-    entries, figures = {}, {}
+    used, held = load_calibration(calibration, settings, sha256_file(patched / "tokenizer.json")[:16])
+    figures = {}
     with contextlib.ExitStack() as stack:
         for shard in shards.values():
             stack.enter_context(shard)
-        hidden = shards[mapping["model.embed_tokens.weight"]].tensor("model.embed_tokens.weight")[ids].float()
-        cos, sin = MistralStaticRotary(config)((masks.cumsum(-1) - 1).clamp(min=0), torch.float32)
+        first_weight = "model.layers.0.mlp.down_proj.weight"
+        checkpoint_dtype = shards[mapping[first_weight]].dtype(first_weight)
+        dtype = compute_dtype(device, checkpoint_dtype)
+        samples = embedded_samples(config, shards, mapping, (used, held), device, dtype)
         start = time.monotonic()
         for index in range(config.num_hidden_layers):
-            layer_print = hashlib.sha256(json.dumps({**fingerprint, "layer": index}, sort_keys=True).encode())
-            partial = partial_dir / f"layer-{index:03d}.safetensors"
-            layer = layer_from_checkpoint(config, shards, mapping, index, device)
-            found = valid_partial(partial, layer_print.hexdigest(), index)
-            if found is None:
-                down = f"model.layers.{index}.mlp.down_proj.weight"
-                layer_entries, layer_figures = quantize_layer(layer, index, hidden, cos, sin, masks, settings,
-                                                              device, shards[mapping[down]].dtype(down))
-                record = {"fingerprint": layer_print.hexdigest(), "figures": layer_figures}
-                partial_dir.mkdir(parents=True, exist_ok=True)
-                with atomic_path(partial) as tmp:
-                    save_file(layer_entries, str(tmp), metadata={"record": json.dumps(record, sort_keys=True)})
-                found = layer_entries, record
-            saved, record = found
-            entries.update(saved)
-            figures[index] = record["figures"]
-            set_dequantized(layer, saved, index, ALL_PROJECTIONS)
-            run_layer(layer, hidden, cos, sin, masks, device)
-            if not torch.isfinite(hidden).all():
+            layer_print = hashlib.sha256(json.dumps({**fingerprint, "device": device, "layer": index},
+                                                    sort_keys=True).encode()).hexdigest()
+            layer = layer_from_checkpoint(config, shards, mapping, index, device, dtype)
+            figures[index] = process_layer(layer, index, *samples, settings, checkpoint_dtype,
+                                           partial_path(partial_dir, index), layer_print)
+            if not torch.isfinite(samples[0].hidden).all():
                 raise InputError(f"layer {index}: its outputs on the calibration samples are not finite "
                                  f"(check the weights of model.layers.{index} in {patched})")
             elapsed = time.monotonic() - start
             LOG.info("layer %d/%d done (%.1f s, about %.0f s left)", index + 1, config.num_hidden_layers, elapsed,
                      elapsed / (index + 1) * (config.num_hidden_layers - index - 1))
-    return entries, figures, device
+    return figures, device
+
+
+def partial_path(partial_dir, index):
+    return partial_dir / f"layer-{index:03d}.safetensors"
 
 
 def quantize_gptq(model, patched, calibration, folder, settings):
     patched, folder = Path(patched), Path(folder)
     calibration = [Path(path) for path in calibration]
     record = {**quantization_record("gptq-int8", settings),
-              "gptq": {key: settings[key] for key in ("block_size", "damp", "act_order", "nsamples")},
+              "gptq": {key: settings[key] for key in ("block_size", "damp", "act_order", "nsamples", "holdout")},
               "calibration": [path.stem for path in calibration]}
     fingerprint = {"patched_manifest_sha256": sha256_file(patched / MANIFEST_NAME), "settings": record,
                    "calibration_sha256": {path.name: sha256_file(path) for path in calibration},
                    "code": sources_digest("workflow_scripts.quantize_gptq")}
     partial_dir = folder.parent / f".{folder.name}.partial"
-    entries, figures, device = gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
+    figures, device = gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
 
     def from_partials(shard, name, writer):
-        q, scale = entries[name], entries[f"{name}_scale"]
+        with safe_open(str(partial_path(partial_dir, int(name.split(".")[2]))), "pt") as layer:
+            q, scale = layer.get_tensor(name), layer.get_tensor(f"{name}_scale")
         writer.write(q)
         writer.write(scale)
         error = MatrixError()
