@@ -5,6 +5,7 @@ import re
 import shlex
 import shutil
 
+from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
@@ -22,6 +23,15 @@ except StageError as error:
 
 MODELS = config["models"]
 DATASETS = config["datasets"]
+VAMC_DTYPES = ("fp16", "int8")
+VAMC_FOUND = shutil.which("vamc")
+VACC_COMPILE = config["compile"]["vacc"] == "on" or (
+    config["compile"]["vacc"] == "auto" and VAMC_FOUND is not None
+)
+logger.info(
+    f"VACC compile: {'on' if VACC_COMPILE else 'off'} (compile.vacc: {config['compile']['vacc']}; "
+    + (f"vamc at {VAMC_FOUND})" if VAMC_FOUND else "vamc not on PATH)")
+)
 
 # Jobs run `python3 -m workflow_scripts.<stage>` from this checkout
 # (PYTHONPATH) with the interpreter that runs Snakemake, or under --use-conda
@@ -42,6 +52,8 @@ wildcard_constraints:
     dataset="|".join(DATASETS),
     tokenizer="[0-9a-f]{16}",
     scheme="rtn-int8|gptq-int8",
+    dtype="fp16|int8",
+    variant="float|rtn-int8|gptq-int8",
 
 
 def settings(*keys):
@@ -140,7 +152,76 @@ def model_outputs(models):
             f"results/{model}/quantized/{scheme}/MANIFEST.json"
             for scheme in MODELS[model]["quantize"]["schemes"]
         ]
+        + [f"results/{model}/vamc/{dtype}.yaml" for dtype in VAMC_DTYPES]
+        + [
+            f"results/{model}/aoti/{variant}/MANIFEST.json"
+            for variant in MODELS[model]["aoti"]["variants"]
+        ]
+        + (
+            [f"results/{model}/vacc/{dtype}/MANIFEST.json" for dtype in VAMC_DTYPES]
+            if VACC_COMPILE
+            else []
+        )
     ]
+
+
+def vamc_settings(wildcards):
+    """Params function: the model's vamc section with the model name filled in."""
+    section = dict(MODELS[wildcards.model]["vamc"])
+    source = MODELS[wildcards.model]["source"]
+    # a hub repo id is owner/name
+    section.setdefault(
+        "name", os.path.basename(source["hub"]) if "hub" in source else wildcards.model
+    )
+    return json.dumps(section, sort_keys=True)
+
+
+def vamc_dataset_manifest(wildcards):
+    """int8 builds calibrate on the raw files of the model's vamc dataset."""
+    if wildcards.dtype != "int8":
+        return []
+    return (
+        f"resources/datasets/{MODELS[wildcards.model]['vamc']['dataset']}/MANIFEST.json"
+    )
+
+
+def vamc_calibration_arguments(wildcards):
+    """Params function: the int8 build's dataset arguments (none for fp16)."""
+    if wildcards.dtype != "int8":
+        return ""
+    dataset = MODELS[wildcards.model]["vamc"]["dataset"]
+    calibration = {
+        "name": dataset,
+        "nsamples": MODELS[wildcards.model]["quantize"]["gptq-int8"]["nsamples"],
+        "seqlen": DATASETS[dataset]["seqlen"],
+    }
+    return (
+        f"--dataset-dir resources/datasets/{dataset}"
+        f" --calibration {shlex.quote(json.dumps(calibration, sort_keys=True))}"
+    )
+
+
+def aoti_settings(wildcards):
+    """Params function: the model's aoti section without the variant list, so adding a variant reruns nothing."""
+    section = {
+        k: v for k, v in MODELS[wildcards.model]["aoti"].items() if k != "variants"
+    }
+    return json.dumps(section, sort_keys=True)
+
+
+def aoti_verify_settings(wildcards):
+    """Params function: the prompts and greedy steps the compiled packages are checked on."""
+    verify = MODELS[wildcards.model]["verify"]
+    return json.dumps(
+        {key: verify[key] for key in ("prompts", "greedy_tokens")}, sort_keys=True
+    )
+
+
+def aoti_checkpoint_manifest(wildcards):
+    """The float variant compiles the patched checkpoint, an int8 one its quantized checkpoint."""
+    if wildcards.variant == "float":
+        return f"results/{wildcards.model}/patched/MANIFEST.json"
+    return f"results/{wildcards.model}/quantized/{wildcards.variant}/MANIFEST.json"
 
 
 def shared_outputs(models):

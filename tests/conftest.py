@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,57 @@ def quantized(patched, tmp_path_factory):
         folders[preset] = root / preset
         quantize_checkpoint(preset, "rtn-int8", folder, folders[preset], QUANTIZE_SETTINGS)
     return folders
+
+
+# What a fake vamc accepts: the documented keys (VAMC_KEYS mirrors vacc-reference.md) and their rules.
+FAKE_VAMC = r'''#!{python}
+import json, os, sys
+import yaml
+
+KEYS = json.loads({keys!r})
+
+
+def check(document, known, where):
+    for key, value in document.items():
+        assert key in known, f"unknown key {{where}}{{key}}"
+        if known[key] is not None:
+            check(value, known[key], f"{{where}}{{key}}.")
+
+
+assert sys.argv[1:2] == ["compile"] and len(sys.argv) == 3, sys.argv
+document = yaml.safe_load(open(sys.argv[2]))
+check(document, KEYS, "")
+assert {{"name", "frontend", "backend", "workspace"}} <= set(document)
+assert document["frontend"]["type"] == "huggingface" and os.path.isdir(document["frontend"]["checkpoint"])
+assert document["backend"]["type"] == "tvm_vacc" and document["backend"]["dtype"] in ("fp16", "int8")
+seq_in, seq_total = (lengths[0] for lengths in document["frontend"]["shape"]["input_ids"])
+assert seq_in % 16 == 0 and seq_total % 16 == 0
+if document["backend"]["dtype"] == "int8":
+    assert document["frontend"]["quantize"]["type"] == "w8a16_gptq" and os.path.isdir(document["dataset"]["path"])
+with open(os.environ["FAKE_VAMC_CALLS"], "a") as calls:
+    calls.write(json.dumps({{"argv": sys.argv[1:], "stack": os.environ.get("VACC_STACK_SIZE")}}) + "\n")
+print("fake vamc: compiling", document["name"])
+if os.environ.get("FAKE_VAMC_FAIL"):
+    os.makedirs(os.path.join(document["workspace"]["path"], document["name"]), exist_ok=True)
+    sys.exit(3)
+for rank in range(document["frontend"]["model_kwargs"]["tp"]):
+    for stage in (f"prefill_{{seq_in}}", f"decode_{{seq_total}}"):
+        folder = os.path.join(document["workspace"]["path"], document["name"], f"{{stage}}_rank{{rank}}")
+        os.makedirs(folder)
+        open(os.path.join(folder, "mod.so"), "wb").write(b"fake")
+'''
+
+
+@pytest.fixture()
+def fake_vamc(tmp_path):
+    """``(environment, calls file)``: a `vamc` on PATH that validates its build config against the documented
+    keys and writes an artifact tree; each call is recorded."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    vamc = bin_dir / "vamc"
+    from workflow_scripts.vamc_config import VAMC_KEYS
+
+    vamc.write_text(FAKE_VAMC.format(python=sys.executable, keys=json.dumps(VAMC_KEYS)))
+    vamc.chmod(vamc.stat().st_mode | stat.S_IXUSR)
+    calls = tmp_path / "calls.jsonl"
+    return stage_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_VAMC_CALLS=str(calls)), calls

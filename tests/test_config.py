@@ -151,4 +151,21 @@ def test_gptq_needs_nsamples_plus_holdout_in_each_shard():
                                          r"128 \+ 16 samples, but datasets\.alpaca\.nsamples is 128"):
         validated(config)
     config["models"]["demo-mistral"]["quantize"]["schemes"] = ["rtn-int8"]
+    config["models"]["demo-mistral"]["aoti"] = {"variants": ["float", "rtn-int8"]}
     validated(config)
+
+
+@pytest.mark.parametrize("model_settings, message", [
+    ({"vamc": {"seq_in": 1000}}, r"models\.demo-mistral\.vamc\.seq_in = 1000 is not a multiple of 16"),
+    ({"vamc": {"seq_in": 4096}}, r"models\.demo-mistral\.vamc\.seq_in = 4096 exceeds seq_total = 2048"),
+    ({"vamc": {"overrides": {"frontend": {"model_kwargs": {"tensor_parallel": 2}}}}},
+     r"models\.demo-mistral\.vamc\.overrides\.frontend\.model_kwargs\.tensor_parallel is not a vamc build-config key"),
+    ({"vamc": {"overrides": {"backend": "fast"}}}, r"models\.demo-mistral\.vamc\.overrides\.backend must be a mapping"),
+    ({"quantize": {"schemes": ["rtn-int8"]}}, r"models\.demo-mistral\.aoti\.variants\[2\] = gptq-int8 is not among"),
+    ({"aoti": {"seq_in": 120}}, r"models\.demo-mistral\.aoti\.seq_total = 128 leaves no room for verify\.greedy_tokens"),
+])
+def test_compile_settings_are_checked_at_start_naming_the_key(model_settings, message):
+    config = shipped_config()
+    config["models"]["demo-mistral"].update(model_settings)
+    with pytest.raises(InputError, match=message):
+        validated(config)

@@ -1,4 +1,5 @@
 """Snakemake end to end on a small config: a full run, then what each kind of change reruns."""
+import json
 import os
 import re
 import shutil
@@ -15,8 +16,10 @@ WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow_scripts", "envs", "p
 JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    wildcards: (.+)$", re.MULTILINE)
 
 
-def small_gptq():
-    return {"quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}}}
+def small_gptq(*aoti_variants):
+    """Small GPTQ settings; AOTInductor compiles only the named variants (each takes about 30 s here)."""
+    return {"quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}},
+            "aoti": {"variants": list(aoti_variants), "seq_in": 64, "seq_total": 80}}
 
 
 def small_config():
@@ -24,7 +27,8 @@ def small_config():
     return {
         "targets": ["tiny-a", "tiny-b", "tiny-c"],
         "models": {
-            "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TINY_SHAPES["mistral"]}, **small_gptq()},
+            "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TINY_SHAPES["mistral"]},
+                       **small_gptq("rtn-int8")},
             "tiny-b": {"source": {"demo": "ministral", "seed": 2, "shape": TINY_SHAPES["ministral"]},
                        "verify": {"greedy_tokens": 8}, **small_gptq()},
             "tiny-c": {"source": {"demo": "mistral", "seed": 3, "shape": TINY_SHAPES["mistral"]},
@@ -63,11 +67,11 @@ class Workflow:
         path.write_text(yaml.safe_dump(config))
         return path
 
-    def run(self, *args, config="test.yaml", check=True):
+    def run(self, *args, config="test.yaml", check=True, env=None):
         command = [sys.executable, "-m", "snakemake", "-s", str(self.code / "Snakefile"),
                    "--directory", str(self.work), "--configfile", str(self.work / config),
                    "--replace-workflow-config", "--cores", "2", *args]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
         output = result.stdout + result.stderr
         if check and result.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{output[-5000:]}")
@@ -96,9 +100,15 @@ def test_full_run_builds_verified_checkpoints(workflow):
         assert (workflow.work / "results" / model / "patched" / "verify.json").exists()
         for scheme in ("rtn-int8", "gptq-int8"):
             assert (workflow.work / "results" / model / "quantized" / scheme / "MANIFEST.json").exists()
-        for stage in ("download", "patch", "verify", "quantize-rtn-int8", "quantize-gptq-int8"):
+        for dtype in ("fp16", "int8"):
+            assert (workflow.work / "results" / model / "vamc" / f"{dtype}.yaml").exists()
+        for stage in ("download", "patch", "verify", "quantize-rtn-int8", "quantize-gptq-int8", "vamc-config-fp16",
+                      "vamc-config-int8"):
             assert (workflow.work / "logs" / model / f"{stage}.log").exists()
             assert (workflow.work / "benchmarks" / model / f"{stage}.tsv").exists()
+    assert (workflow.work / "results" / "tiny-a" / "aoti" / "rtn-int8" / "decode.pt2").exists()
+    assert not (workflow.work / "results" / "tiny-b" / "aoti").exists()
+    assert not (workflow.work / "results" / "tiny-a" / "vacc").exists()  # no vamc here
 
 
 def test_dry_run_after_a_full_run_schedules_nothing(workflow):
@@ -113,8 +123,9 @@ def test_changing_one_models_settings_reruns_that_model_only(workflow):
     config["models"]["tiny-a"]["source"]["seed"] = 5
     workflow.write_config(config, "changed.yaml")
     assert model_jobs(workflow.planned(config="changed.yaml")) == [
-        ("download", "tiny-a"), ("patch", "tiny-a"), ("quantize", "tiny-a"), ("quantize_gptq", "tiny-a"),
-        ("verify", "tiny-a"), ("verify", "tiny-b")]
+        ("aoti_compile", "tiny-a"), ("download", "tiny-a"), ("patch", "tiny-a"), ("quantize", "tiny-a"),
+        ("quantize_gptq", "tiny-a"), ("vamc_config", "tiny-a"), ("vamc_config", "tiny-a"), ("verify", "tiny-a"),
+        ("verify", "tiny-b")]
 
 
 def test_changing_one_models_scheme_settings_reruns_its_quantize_only(workflow):
@@ -140,9 +151,11 @@ def test_editing_the_patch_module_reruns_patch_jobs_and_nothing_upstream(workflo
     original = module.read_text()
     module.write_text(original + "\n# an edit\n")
     try:
-        assert model_jobs(workflow.planned()) == [(rule, model) for rule in ("patch", "quantize", "quantize_gptq",
-                                                                             "verify")
-                                                  for model in ("tiny-a", "tiny-b", "tiny-c")]
+        jobs = model_jobs(workflow.planned())
+        assert sorted(set(jobs)) == [("aoti_compile", "tiny-a")] + [
+            (rule, model) for rule in ("patch", "quantize", "quantize_gptq", "vamc_config", "verify")
+            for model in ("tiny-a", "tiny-b", "tiny-c")]
+        assert ("download", "tiny-a") not in jobs
     finally:
         module.write_text(original)
     assert workflow.planned() == []
@@ -153,7 +166,8 @@ def test_editing_a_shipped_checkpoint_file_reruns_patch_jobs(workflow):
     original = modeling.read_text()
     modeling.write_text(original + "\n# an edit\n")
     try:
-        assert {rule for rule, _ in workflow.planned()} == {"patch", "quantize", "quantize_gptq", "verify"}
+        assert {rule for rule, _ in workflow.planned()} == {"patch", "quantize", "quantize_gptq", "verify",
+                                                            "vamc_config", "aoti_compile"}
     finally:
         modeling.write_text(original)
 
@@ -163,6 +177,7 @@ def test_a_model_builds_alone_by_its_target_rule(workflow, tmp_path):
     # Calibration jobs appear once the download checkpoint tells the tokenizer.
     assert model_jobs(fresh.planned("tiny_b")) == [("download", "tiny-b"), ("patch", "tiny-b"),
                                                    ("quantize", "tiny-b"), ("quantize_gptq", "tiny-b"),
+                                                   ("vamc_config", "tiny-b"), ("vamc_config", "tiny-b"),
                                                    ("verify", "tiny-b")]
     assert fresh.planned("results/tiny-a/patched/MANIFEST.json") == [("download", "model=tiny-a"),
                                                                      ("patch", "model=tiny-a")]
@@ -208,3 +223,35 @@ def test_a_new_calibration_seed_rebuilds_only_those_shards(workflow):
     assert workflow.planned(config="seed.yaml") == sorted(
         [("calibration_shard", f"tokenizer={tokenizer}, dataset=c4") for tokenizer in workflow.tokenizers()]
         + [("quantize_gptq", f"model={model}") for model in ("tiny-a", "tiny-b", "tiny-c")])
+
+
+def test_vacc_compile_joins_the_targets_where_vamc_is_found(workflow, fake_vamc):
+    env, calls = fake_vamc
+    output = workflow.run("--dry-run")
+    assert "VACC compile: off (compile.vacc: auto; vamc not on PATH)" in output
+    planned = workflow.planned(env=env)
+    assert [job for job in planned if job[0] == "vacc_compile"] == [
+        ("vacc_compile", f"model={model}, dtype={dtype}") for model in ("tiny-a", "tiny-b", "tiny-c")
+        for dtype in ("fp16", "int8")]
+    assert "VACC compile: on (compile.vacc: auto; vamc at" in workflow.run("--dry-run", env=env)
+    config = small_config()
+    config["compile"] = {"vacc": "off"}
+    workflow.write_config(config, "off.yaml")
+    assert workflow.planned(config="off.yaml", env=env) == []
+    workflow.run("results/tiny-a/vacc/int8/MANIFEST.json", env=env)
+    log = (workflow.work / "logs" / "tiny-a" / "vacc-compile-int8.log").read_text()
+    assert "fake vamc: compiling tiny-a-int8-tp4-1024-2048" in log
+    assert json.loads(calls.read_text())["argv"] == ["compile", "results/tiny-a/vamc/int8.yaml"]
+    artifact = workflow.work / "results" / "tiny-a" / "vacc" / "int8" / "tiny-a-int8-tp4-1024-2048"
+    assert (artifact / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_with_vacc_on_and_no_vamc_the_job_says_what_to_install(workflow, tmp_path):
+    config = small_config()
+    config["compile"] = {"vacc": "on"}
+    workflow.write_config(config, "on.yaml")
+    output = workflow.run("results/tiny-b/vacc/fp16/MANIFEST.json", config="on.yaml", check=False)
+    assert "Error in rule vacc_compile" in output
+    log = (workflow.work / "logs" / "tiny-b" / "vacc-compile-fp16.log").read_text()
+    assert "vamc, VastAI's model compiler, is not on PATH" in log
+    assert not (workflow.work / "results" / "tiny-b" / "vacc" / "fp16" / "MANIFEST.json").exists()

@@ -8,6 +8,7 @@ import re
 
 from .calibration import MAX_TOKENS
 from .common import InputError
+from .vamc_config import check_lengths, check_overrides
 
 SOURCE_KINDS = ("hub", "local", "demo")
 MODEL_SOURCE_KEYS = {
@@ -58,6 +59,18 @@ def check_gptq_samples(model, quantize, datasets):
                              f"is {datasets[dataset]['nsamples']}; raise it or lower those")
 
 
+def check_aoti(model, settings):
+    aoti = settings["aoti"]
+    for index, variant in enumerate(aoti["variants"]):
+        if variant != "float" and variant not in settings["quantize"]["schemes"]:
+            raise InputError(f"config: models.{model}.aoti.variants[{index}] = {variant} is not among "
+                             f"models.{model}.quantize.schemes")
+    steps = settings["verify"]["greedy_tokens"]
+    if aoti["seq_in"] + steps > aoti["seq_total"]:
+        raise InputError(f"config: models.{model}.aoti.seq_total = {aoti['seq_total']} leaves no room for "
+                         f"verify.greedy_tokens = {steps} after seq_in = {aoti['seq_in']}")
+
+
 def check_config(config):
     """Raise :class:`InputError` on the first relation between keys that does not hold."""
     models = config["models"]
@@ -69,6 +82,9 @@ def check_config(config):
     check_sizes("evaluation.c4", config["evaluation"]["c4"])
     for model, settings in models.items():
         check_gptq_samples(model, settings["quantize"], config["datasets"])
+        check_lengths(f"models.{model}.vamc", settings["vamc"])
+        check_overrides(f"models.{model}.vamc.overrides", settings["vamc"]["overrides"])
+        check_aoti(model, settings)
     for index, target in enumerate(config["targets"]):
         if target not in models:
             raise InputError(f"config: targets[{index}] names model {target!r}, which is not under models "

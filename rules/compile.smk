@@ -1,0 +1,82 @@
+# Stage 5: compiled artifacts. vamc build configs and `vamc compile` (VACC),
+# and the portable AOTInductor packages every machine builds and verifies.
+
+
+rule vamc_config:
+    input:
+        code=code("vamc_config"),
+        patched="results/{model}/patched/MANIFEST.json",
+        dataset=vamc_dataset_manifest,
+    output:
+        "results/{model}/vamc/{dtype}.yaml",
+    log:
+        "logs/{model}/vamc-config-{dtype}.log",
+    benchmark:
+        "benchmarks/{model}/vamc-config-{dtype}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        settings=vamc_settings,
+        calibration=vamc_calibration_arguments,
+    shell:
+        "python3 -m workflow_scripts.vamc_config --model {wildcards.model:q} --dtype {wildcards.dtype}"
+        " --patched results/{wildcards.model:q}/patched --settings {params.settings:q} {params.calibration}"
+        " --workspace results/{wildcards.model:q}/vacc/{wildcards.dtype} --output {output:q} > {log:q} 2>&1"
+
+
+rule vacc_compile:
+    input:
+        code=code("vacc_compile"),
+        config="results/{model}/vamc/{dtype}.yaml",
+        patched="results/{model}/patched/MANIFEST.json",
+    output:
+        "results/{model}/vacc/{dtype}/MANIFEST.json",
+    log:
+        "logs/{model}/vacc-compile-{dtype}.log",
+    benchmark:
+        "benchmarks/{model}/vacc-compile-{dtype}.tsv"
+    conda:
+        "../envs/vamc.yaml"
+    threads: 4
+    resources:
+        # vamc loads the whole checkpoint, and the int8 build calibrates it
+        mem_mb=lambda wildcards, input: int(3 * manifest_weight_mb(input.patched))
+        + 8000,
+        runtime=240,
+    shell:
+        "python3 -m workflow_scripts.vacc_compile --model {wildcards.model:q} --config {input.config:q}"
+        " --patched results/{wildcards.model:q}/patched --manifest {output:q} > {log:q} 2>&1"
+
+
+rule aoti_compile:
+    input:
+        code=code("aoti_compile"),
+        patched="results/{model}/patched/MANIFEST.json",
+        checkpoint=aoti_checkpoint_manifest,
+    output:
+        "results/{model}/aoti/{variant}/MANIFEST.json",
+    log:
+        "logs/{model}/aoti-{variant}.log",
+    benchmark:
+        "benchmarks/{model}/aoti-{variant}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 1
+    resources:
+        # the float32 model, its exported copy and the compiler
+        mem_mb=lambda wildcards, input: int(6 * manifest_weight_mb(input.patched))
+        + 3000,
+        runtime=60,
+    params:
+        settings=aoti_settings,
+        verify=aoti_verify_settings,
+        checkpoint=lambda wildcards, input: os.path.dirname(input.checkpoint),
+    shell:
+        "python3 -m workflow_scripts.aoti_compile --model {wildcards.model:q} --variant {wildcards.variant}"
+        " --patched results/{wildcards.model:q}/patched --checkpoint {params.checkpoint:q}"
+        " --settings {params.settings:q} --verify {params.verify:q}"
+        " --output results/{wildcards.model:q}/aoti/{wildcards.variant} > {log:q} 2>&1"

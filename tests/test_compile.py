@@ -1,0 +1,182 @@
+"""Compiled artifacts: vamc build configs, `vamc compile` through a fake vamc, and the AOTInductor packages."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import QUANTIZE_SETTINGS, run_stage, stage_env
+
+from workflow_scripts.aoti_compile import compile_variant
+from workflow_scripts.aoti_runner import load_compiled
+from workflow_scripts.common import InputError
+from workflow_scripts.quantize import quantize_checkpoint
+from workflow_scripts.vamc_config import build_environment, check_lengths, check_overrides, render
+
+VAMC = {"tp": 4, "seq_in": 1024, "seq_total": 2048, "b2s": True, "workers": 4, "dataset": "c4", "overrides": {},
+        "name": "Tiny-Mistral"}
+CALIBRATION = {"name": "c4", "nsamples": 128, "seqlen": 1024}
+
+def write_vamc_config(patched, tmp_path, dtype, settings=VAMC):
+    output = tmp_path / "vamc" / f"{dtype}.yaml"
+    extra = ["--dataset-dir", str(tmp_path), "--calibration", json.dumps(CALIBRATION)] if dtype == "int8" else []
+    run_stage("vamc_config", "--model", "tiny", "--patched", patched, "--dtype", dtype, "--settings",
+              json.dumps(settings), "--workspace", tmp_path / "vacc" / dtype, "--output", output, *extra)
+    return output
+
+
+def test_build_configs_have_the_vendor_keys_and_int8_differs_only_where_documented(patched, tmp_path):
+    fp16 = yaml.safe_load(write_vamc_config(patched["mistral"], tmp_path, "fp16").read_text())
+    int8 = yaml.safe_load(write_vamc_config(patched["mistral"], tmp_path, "int8").read_text())
+    assert fp16["name"] == "Tiny-Mistral-fp16-tp4-1024-2048" and int8["name"] == "Tiny-Mistral-int8-tp4-1024-2048"
+    assert fp16["frontend"] == {
+        "checkpoint": str(patched["mistral"].resolve()), "type": "huggingface",
+        "shape": {"input_ids": [[1024], [2048]]},
+        # the tiny model has 1 kv head: 4 dies need the q/k/v alignment
+        "model_kwargs": {"tp": 4, "b2s": True, "model_arch": "vacc", "align_qkv": True}}
+    assert fp16["backend"] == {"type": "tvm_vacc", "dtype": "fp16", "merge_params": True,
+                               "compile": {"data_type": 0, "gather_data_vccl_dsp_enable": True}}
+    assert fp16["workspace"] == {"path": str((tmp_path / "vacc" / "fp16").resolve()), "workers": 4}
+    assert int8["frontend"]["quantize"] == {"type": "w8a16_gptq"}
+    assert int8["dataset"] == {"type": "huggingface", "name": "c4", "path": str(tmp_path.resolve()),
+                               "nsamples": 128, "seqlen": 1024}
+    differing = {key for key in int8 if int8[key] != fp16.get(key)}
+    assert differing == {"name", "frontend", "backend", "dataset", "workspace"}
+    assert {k for k in int8["frontend"] if int8["frontend"][k] != fp16["frontend"].get(k)} == {"quantize"}
+    assert {k for k in int8["backend"] if int8["backend"][k] != fp16["backend"][k]} == {"dtype"}
+
+
+def test_overrides_merge_and_only_documented_keys_pass(patched):
+    config = json.loads((patched["mistral"] / "config.json").read_text())
+    settings = {**VAMC, "tp": 2, "overrides": {"backend": {"compile": {"ffn_split_num": 2}}}}
+    document = render("tiny", config, settings, "fp16", patched["mistral"], "/w")
+    assert document["backend"]["compile"] == {"data_type": 0, "gather_data_vccl_dsp_enable": True,
+                                              "ffn_split_num": 2}
+    assert document["frontend"]["model_kwargs"] == {"tp": 2, "b2s": True, "model_arch": "vacc", "align_qkv": True}
+    with pytest.raises(InputError, match=r"models\.x\.vamc\.overrides\.backend\.compile\.ffn_splits is not a vamc"):
+        check_overrides("models.x.vamc.overrides", {"backend": {"compile": {"ffn_splits": 2}}})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seq_in": 1000}, r"models\.tiny\.vamc\.seq_in = 1000 is not a multiple of 16"),
+    ({"seq_in": 4096, "seq_total": 4096 + 16}, r"seq_total = 4112 exceeds the model's max_position_embeddings = 4096"),
+    ({"seq_in": 2048, "seq_total": 1024}, r"seq_in = 2048 exceeds seq_total = 1024"),
+    ({"tp": 3}, r"models\.tiny\.vamc\.tp = 3 does not divide the model's 4 attention heads"),
+])
+def test_bad_lengths_and_tp_are_refused_naming_the_key(patched, change, message):
+    config = {**json.loads((patched["mistral"] / "config.json").read_text()), "max_position_embeddings": 4096}
+    with pytest.raises(InputError, match=message):
+        render("tiny", config, {**VAMC, **change}, "fp16", patched["mistral"], "/w")
+    if "tp" not in change and "4112" not in message:
+        with pytest.raises(InputError, match=message):
+            check_lengths("models.tiny.vamc", {**VAMC, **change})
+
+
+def test_models_of_32b_parameters_get_the_larger_stack():
+    seven_b = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8}
+    assert build_environment(seven_b) == {}
+    assert build_environment({**seven_b, "hidden_size": 8192, "intermediate_size": 28672,
+                              "num_hidden_layers": 64, "num_attention_heads": 64}) == {"VACC_STACK_SIZE": "256"}
+
+
+def test_vamc_compile_runs_the_real_call_and_adds_the_tokenizer(patched, tmp_path, fake_vamc):
+    env, calls = fake_vamc
+    config = write_vamc_config(patched["mistral"], tmp_path, "int8")
+    manifest = tmp_path / "vacc" / "int8" / "MANIFEST.json"
+    result = run_stage("vacc_compile", "--model", "tiny", "--config", config, "--patched", patched["mistral"],
+                       "--manifest", manifest, env=env, check=False)
+    log = result.stdout + result.stderr  # the rule sends both to its log
+    assert result.returncode == 0, log
+    assert [json.loads(line) for line in calls.read_text().splitlines()] == [
+        {"argv": ["compile", str(config)], "stack": None}]
+    assert "fake vamc: compiling Tiny-Mistral-int8-tp4-1024-2048" in log and "vamc compile" in log
+    recorded = json.loads(manifest.read_text())
+    artifact = tmp_path / "vacc" / "int8" / "Tiny-Mistral-int8-tp4-1024-2048"
+    assert recorded["artifact"] == str(artifact.resolve()) and recorded["dtype"] == "int8"
+    assert "prefill_1024_rank3/mod.so" in recorded["files"] and "tokenizer/tokenizer.json" in recorded["files"]
+    assert (artifact / "tokenizer" / "tokenizer.model").exists()
+
+
+def test_a_failed_or_missing_vamc_leaves_nothing(patched, tmp_path, fake_vamc):
+    env, _ = fake_vamc
+    config = write_vamc_config(patched["mistral"], tmp_path, "fp16")
+    manifest = tmp_path / "vacc" / "fp16" / "MANIFEST.json"
+    args = ("vacc_compile", "--model", "tiny", "--config", config, "--patched", patched["mistral"],
+            "--manifest", manifest)
+    failed = run_stage(*args, env={**env, "FAKE_VAMC_FAIL": "1"}, check=False)
+    assert failed.returncode == 1 and "exited with status 3" in failed.stderr
+    assert not manifest.exists() and not (tmp_path / "vacc" / "fp16" / "Tiny-Mistral-fp16-tp4-1024-2048").exists()
+    missing = run_stage(*args, env=stage_env(PATH=os.path.dirname(sys.executable)), check=False)
+    assert missing.returncode == 1 and "vamc, VastAI's model compiler, is not on PATH" in missing.stderr
+    assert "VAMC_WHEEL_DIR" in missing.stderr and not manifest.exists()
+
+
+AOTI = {"batch": 2, "seq_in": 32, "seq_total": 48, "dtype": "float32",
+        "max_abs_logit_diff": {"float32": 1e-4, "bfloat16": 0.05}}
+VERIFY = {"prompts": ["The capital of France is", "def fibonacci(n):"], "greedy_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def compiled(patched, tmp_path_factory):
+    """The tiny Ministral-like model compiled as float and as rtn-int8."""
+    root = tmp_path_factory.mktemp("aoti")
+    quantize_checkpoint("ministral", "rtn-int8", patched["ministral"], root / "rtn-int8", QUANTIZE_SETTINGS)
+    for variant, checkpoint in (("float", patched["ministral"]), ("rtn-int8", root / "rtn-int8")):
+        compile_variant("ministral", variant, patched["ministral"], checkpoint, AOTI, VERIFY, root / "aoti" / variant)
+    return root
+
+
+def test_compiled_packages_match_eager_and_run_alone(compiled):
+    for variant in ("float", "rtn-int8"):
+        folder = compiled / "aoti" / variant
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        assert {"prefill.pt2", "decode.pt2", "tokenizer.json", "graphs.json"} <= set(manifest["files"])
+        figures = manifest["verify"]
+        assert figures["greedy_steps"] == 16 and figures["bound"] == 1e-4
+        assert all(p["greedy_tokens_identical"] and p["max_abs_logit_diff"] <= 1e-4 for p in figures["prompts"])
+        assert manifest["seconds"]["prefill_compile"] > 0
+    generator, tokenizer, graphs = load_compiled(compiled / "aoti" / "rtn-int8")
+    assert (graphs["batch"], graphs["seq_in"], graphs["seq_total"]) == (2, 32, 48)
+    tokens, logits = generator.generate(tokenizer.encode("The capital of France is").ids, 16)
+    assert len(tokens) == 16 and logits.shape == (17, 131072) and torch.isfinite(logits).all()
+
+
+def test_int8_graph_holds_int8_constants(compiled, patched):
+    """The weights are baked into the package's shared object: int8 projections make it smaller by about
+    3 bytes per projection weight (float32 -> int8, plus one float32 scale per row)."""
+    import zipfile
+
+    from workflow_scripts.mistral_layout import tensor_shapes
+
+    def package_bytes(variant):
+        with zipfile.ZipFile(compiled / "aoti" / variant / "decode.pt2") as package:
+            return sum(info.file_size for info in package.infolist() if info.filename.endswith(".so"))
+
+    config = json.loads((patched["ministral"] / "config.json").read_text())
+    projections = [shape for name, shape in tensor_shapes(config).items() if name.endswith("proj.weight")]
+    saving = sum(rows * columns * 3 - rows * 4 for rows, columns in projections)
+    assert 0.8 * saving < package_bytes("float") - package_bytes("rtn-int8") < 1.2 * saving
+
+
+def test_the_runner_cli_generates_text(compiled):
+    result = run_stage("aoti_runner", compiled / "aoti" / "float", "The capital of France is",
+                       "--max-new-tokens", "4", check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("The capital of France is") and json.loads(lines[-1])["prompt_tokens"] > 0
+
+
+def test_a_quantized_checkpoint_of_another_patched_model_is_refused(patched, compiled, tmp_path):
+    with pytest.raises(InputError, match="was quantized from a patched checkpoint with manifest sha256"):
+        compile_variant("mistral", "rtn-int8", patched["mistral"], compiled / "rtn-int8", AOTI, VERIFY,
+                        tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_longer_than_the_prefill_graph_is_refused(patched, tmp_path):
+    with pytest.raises(InputError, match=r"models\.mistral\.verify\.prompts\[0\] has \d+ tokens, more than "
+                                         r"models\.mistral\.aoti\.seq_in = 4"):
+        compile_variant("mistral", "float", patched["mistral"], patched["mistral"], {**AOTI, "seq_in": 4}, VERIFY,
+                        tmp_path / "out")

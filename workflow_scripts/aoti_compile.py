@@ -1,0 +1,164 @@
+"""Stage 5, AOTInductor: ``results/{model}/aoti/{variant}/{prefill,decode}.pt2``, verified.
+
+The portable backend: every machine can build and run it, and exporting the
+whole model with ``torch.export`` at static shapes shows that the patched
+model is the static graph the patches are meant to make. ``variant`` is
+``float`` (the patched checkpoint) or an int8 scheme (its quantized
+checkpoint, whose fingerprint must name this model's patched checkpoint).
+Both graphs (:mod:`workflow_scripts.aoti_graphs`) are exported and compiled
+with ``torch._inductor.aoti_compile_and_package``; the folder also gets the
+tokenizer and ``graphs.json``, so :mod:`workflow_scripts.aoti_runner` needs
+nothing else.
+
+Before the folder is published, the compiled packages generate greedily from
+each verify prompt and are compared with the eager model (its own forward and
+KV cache): every step's logits within ``max_abs_logit_diff`` and identical
+tokens. ``verify`` in the manifest records the figures; the stage fails and
+leaves no folder otherwise.
+
+Usage: python -m workflow_scripts.aoti_compile --model ID --variant NAME --patched DIR --checkpoint DIR
+           --settings JSON --verify JSON --output DIR
+"""
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .aoti_graphs import Decode, Prefill, example_inputs
+from .aoti_runner import GRAPHS_FILE, StaticGenerator
+from .common import (
+    LOG,
+    MANIFEST_NAME,
+    CheckFailed,
+    InputError,
+    atomic_write_json,
+    read_json,
+    run_cli,
+    sha256_file,
+    staged_directory,
+    write_folder_manifest,
+)
+from .sources import sources_digest
+from .vacc_compile import TOKENIZER_FILES
+from .verify import greedy_decode
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_lineage(model, variant, patched, checkpoint):
+    """An int8 checkpoint must have been quantized from this model's current patched checkpoint."""
+    if variant == "float":
+        return
+    expected = sha256_file(patched / MANIFEST_NAME)
+    made_from = read_json(checkpoint / MANIFEST_NAME, what=f"model {model}: {variant} manifest")
+    found = made_from.get("fingerprint", {}).get("patched_manifest_sha256")
+    if found != expected:
+        raise InputError(f"model {model}: {checkpoint} was quantized from a patched checkpoint with manifest "
+                         f"sha256 {found}, not this model's {expected}; rebuild its quantize job")
+
+
+def load_model(checkpoint, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=dtype).eval()
+
+
+def compile_graphs(model, settings, folder):
+    """Export and compile prefill and decode into ``folder``; seconds per step."""
+    prefill_inputs, decode_inputs = example_inputs(model.config, settings["batch"], settings["seq_in"],
+                                                   settings["seq_total"], DTYPES[settings["dtype"]])
+    seconds = {}
+    for name, module, inputs in (("prefill", Prefill(model, settings["seq_total"]), prefill_inputs),
+                                 ("decode", Decode(model), decode_inputs)):
+        start = time.monotonic()
+        exported = torch.export.export(module.eval(), inputs)
+        seconds[f"{name}_export"] = round(time.monotonic() - start, 2)
+        start = time.monotonic()
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / f"{name}.pt2"))
+        seconds[f"{name}_compile"] = round(time.monotonic() - start, 2)
+        LOG.info("%s: exported in %.1f s, compiled in %.1f s", name, seconds[f"{name}_export"],
+                 seconds[f"{name}_compile"])
+    return seconds
+
+
+def verify_compiled(model, folder, prompts_ids, settings, steps):
+    """Compiled greedy generation vs the eager model on every prompt; the figures, or :class:`CheckFailed`."""
+    prefill, decode = (torch._inductor.aoti_load_package(str(folder / f"{name}.pt2")) for name in ("prefill", "decode"))
+    generator = StaticGenerator(prefill, decode, settings["batch"], settings["seq_in"], settings["seq_total"])
+    bound = settings["max_abs_logit_diff"][settings["dtype"]]
+    prompts, failures = [], []
+    for index, ids in enumerate(prompts_ids):
+        eager_logits, eager_tokens = greedy_decode(model, torch.tensor([ids]), steps)
+        tokens, logits = generator.generate(ids, steps)
+        difference = float((logits - eager_logits).abs().max())
+        prompts.append({"tokens": len(ids), "max_abs_logit_diff": difference,
+                        "greedy_tokens_identical": tokens == eager_tokens})
+        if difference > bound or tokens != eager_tokens:
+            failures.append(f"prompt {index}: max |logit diff| {difference:.3g} (bound {bound}), "
+                            f"tokens {'equal' if tokens == eager_tokens else 'differ'}")
+    if failures:
+        raise CheckFailed(f"compiled vs eager: {'; '.join(failures)}")
+    return {"prompts": prompts, "greedy_steps": steps, "bound": bound}
+
+
+def encode_prompts(model_id, patched, prompts, seq_in):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(patched / "tokenizer.json"))
+    encoded = [tokenizer.encode(prompt).ids for prompt in prompts]
+    for index, ids in enumerate(encoded):
+        if len(ids) > seq_in:
+            raise InputError(f"config: models.{model_id}.verify.prompts[{index}] has {len(ids)} tokens, more than "
+                             f"models.{model_id}.aoti.seq_in = {seq_in}")
+    return encoded
+
+
+def stop_tokens(config):
+    eos = config.eos_token_id
+    return sorted(eos) if isinstance(eos, list) else [eos]
+
+
+def compile_variant(model_id, variant, patched, checkpoint, settings, verify_settings, output):
+    patched, checkpoint, output = Path(patched), Path(checkpoint), Path(output)
+    check_lineage(model_id, variant, patched, checkpoint)
+    steps = verify_settings["greedy_tokens"]
+    prompts_ids = encode_prompts(model_id, patched, verify_settings["prompts"], settings["seq_in"])
+    torch.set_grad_enabled(False)
+    model = load_model(checkpoint, DTYPES[settings["dtype"]])
+    with staged_directory(output) as staging:
+        seconds = compile_graphs(model, settings, staging)
+        for name in TOKENIZER_FILES:
+            if (patched / name).exists():
+                shutil.copyfile(patched / name, staging / name)
+        atomic_write_json(staging / GRAPHS_FILE, {
+            "model": model_id, "variant": variant, "batch": settings["batch"], "seq_in": settings["seq_in"],
+            "seq_total": settings["seq_total"], "dtype": settings["dtype"], "stop_token_ids": stop_tokens(model.config)})
+        figures = verify_compiled(model, staging, prompts_ids, settings, steps)
+        LOG.info("model %s %s: compiled matches eager (max |logit diff| %.3g)", model_id, variant,
+                 max(p["max_abs_logit_diff"] for p in figures["prompts"]))
+        write_folder_manifest(staging, {
+            "model": model_id, "variant": variant, "torch": torch.__version__,
+            "fingerprint": {"checkpoint_manifest_sha256": sha256_file(checkpoint / MANIFEST_NAME),
+                            "settings": settings, "verify": verify_settings,
+                            "code": sources_digest("workflow_scripts.aoti_compile")},
+            "seconds": seconds, "verify": figures})
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--patched", required=True, type=Path)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="the patched or quantized checkpoint")
+    parser.add_argument("--settings", required=True, type=json.loads, help="the model's aoti section")
+    parser.add_argument("--verify", required=True, type=json.loads, help="the model's verify section")
+    parser.add_argument("--output", required=True, type=Path, help="results/{model}/aoti/{variant}")
+    args = parser.parse_args(argv)
+    compile_variant(args.model, args.variant, args.patched, args.checkpoint, args.settings, args.verify, args.output)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,84 @@
+"""Greedy text generation with a model's compiled AOTInductor packages.
+
+``results/{model}/aoti/{variant}/`` holds ``prefill.pt2``, ``decode.pt2``, the
+model's tokenizer and ``graphs.json`` (batch, lengths, stop tokens): all this
+runner needs, with no checkpoint and no Python model code. The same loop also
+drives the eager graph modules, which is how the compile stage compares the two.
+
+Usage: python -m workflow_scripts.aoti_runner results/{model}/aoti/{variant} "a prompt" [--max-new-tokens N]
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .common import InputError, read_json, run_cli
+
+GRAPHS_FILE = "graphs.json"
+
+
+class StaticGenerator:
+    """Greedy decoding through fixed-shape prefill and decode callables (compiled packages or modules)."""
+
+    def __init__(self, prefill, decode, batch, seq_in, seq_total):
+        self.prefill, self.decode = prefill, decode
+        self.batch, self.seq_in, self.seq_total = batch, seq_in, seq_total
+
+    def generate(self, ids, steps, stop=()):
+        """``(tokens, logits)`` of row 0: the prompt's last logits, then one row per fed token."""
+        if len(ids) > self.seq_in:
+            raise InputError(f"the prompt has {len(ids)} tokens; the prefill graph takes at most {self.seq_in}")
+        steps = min(steps, self.seq_total - self.seq_in)
+        input_ids = torch.zeros(self.batch, self.seq_in, dtype=torch.long)
+        input_ids[:, self.seq_in - len(ids):] = torch.tensor(ids)
+        attention_mask = (torch.arange(self.seq_in) >= self.seq_in - len(ids)).long().expand(self.batch, -1)
+        logits, keys, values = self.prefill(input_ids, attention_mask.contiguous())
+        cache_mask = torch.zeros(self.batch, self.seq_total, dtype=torch.long)
+        cache_mask[:, :self.seq_in] = attention_mask
+        all_logits, tokens = [logits[0]], []
+        for step in range(steps):
+            token = int(logits[0].argmax())
+            tokens.append(token)
+            if token in stop:
+                break
+            slot = self.seq_in + step
+            logits, keys, values = self.decode(
+                torch.full((self.batch, 1), token, dtype=torch.long),
+                torch.full((self.batch, 1), len(ids) + step, dtype=torch.long),
+                torch.tensor(slot), cache_mask, keys, values)
+            cache_mask[:, slot] = 1
+            all_logits.append(logits[0])
+        return tokens, torch.stack(all_logits).float()
+
+
+def load_compiled(folder):
+    """``(StaticGenerator, tokenizer, graphs record)`` of a compiled package folder."""
+    from tokenizers import Tokenizer
+
+    folder = Path(folder)
+    graphs = read_json(folder / GRAPHS_FILE, what="compiled graphs record")
+    prefill, decode = (torch._inductor.aoti_load_package(str(folder / f"{name}.pt2")) for name in ("prefill", "decode"))
+    generator = StaticGenerator(prefill, decode, graphs["batch"], graphs["seq_in"], graphs["seq_total"])
+    return generator, Tokenizer.from_file(str(folder / "tokenizer.json")), graphs
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="results/{model}/aoti/{variant}")
+    parser.add_argument("prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    generator, tokenizer, graphs = load_compiled(args.folder)
+    ids = tokenizer.encode(args.prompt).ids
+    start = time.perf_counter()
+    tokens, _ = generator.generate(ids, args.max_new_tokens, stop=set(graphs["stop_token_ids"]))
+    seconds = time.perf_counter() - start
+    print(tokenizer.decode(ids + tokens, skip_special_tokens=True))
+    print(json.dumps({"prompt_tokens": len(ids), "new_tokens": len(tokens), "seconds": round(seconds, 3)}))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    run_cli(main)
