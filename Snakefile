@@ -13,6 +13,9 @@ sys.path.insert(0, workflow.basedir)
 configfile: "config/config.yaml"
 
 
+report: "rules/report/workflow.rst"
+
+
 include: "rules/common.smk"
 
 
@@ -21,6 +24,8 @@ rule all:
     input:
         model_outputs(config["targets"]),
         shared_outputs(config["targets"]),
+        "results/summary.md",
+        "results/report/summary.html",
 
 
 include: "rules/download.smk"
@@ -28,4 +33,5 @@ include: "rules/patch.smk"
 include: "rules/calibration.smk"
 include: "rules/quantize.smk"
 include: "rules/compile.smk"
+include: "rules/evaluate.smk"
 include: "rules/targets.smk"

@@ -54,6 +54,7 @@ wildcard_constraints:
     scheme="rtn-int8|gptq-int8",
     dtype="fp16|int8",
     variant="float|rtn-int8|gptq-int8",
+    evaluation="float|rtn-int8|gptq-int8|aoti-float|aoti-rtn-int8|aoti-gptq-int8",
 
 
 def settings(*keys):
@@ -142,8 +143,8 @@ def tokenizer_outputs(fingerprint):
     ]
 
 
-def model_outputs(models):
-    """The final per-model files of each model."""
+def model_outputs(models, reported=True):
+    """The final per-model files of each model; with ``reported``, also its gate and report plots."""
     return [
         path
         for model in models
@@ -162,7 +163,46 @@ def model_outputs(models):
             if VACC_COMPILE
             else []
         )
+        + model_evaluations(model)
+        + (
+            [f"results/{model}/gate.json"]
+            + [
+                f"results/report/{model}/{plot}.png"
+                for plot in ("metrics", "stages", "quantization-error")
+            ]
+            if reported
+            else []
+        )
     ]
+
+
+def model_evaluations(model):
+    """The evaluation of every variant of a model: eager checkpoints and compiled packages."""
+    variants = ["float", *MODELS[model]["quantize"]["schemes"]] + [
+        f"aoti-{variant}" for variant in MODELS[model]["aoti"]["variants"]
+    ]
+    return [f"results/{model}/eval/{variant}.json" for variant in variants]
+
+
+def evaluation_checkpoint_manifest(wildcards):
+    """What a variant runs from: the patched or a quantized checkpoint, or a compiled package folder."""
+    variant = wildcards.evaluation
+    if variant.startswith("aoti-"):
+        return f"results/{wildcards.model}/aoti/{variant[len('aoti-'):]}/MANIFEST.json"
+    if variant == "float":
+        return f"results/{wildcards.model}/patched/MANIFEST.json"
+    return f"results/{wildcards.model}/quantized/{variant}/MANIFEST.json"
+
+
+def evaluation_set(wildcards, name):
+    return f"results/evaluation-sets/{model_tokenizer(wildcards.model)}/{name}"
+
+
+def gptq_manifest(model):
+    """The GPTQ manifest (per-layer figures) where the model has that scheme."""
+    if "gptq-int8" not in MODELS[model]["quantize"]["schemes"]:
+        return []
+    return f"results/{model}/quantized/gptq-int8/MANIFEST.json"
 
 
 def vamc_settings(wildcards):

@@ -19,7 +19,9 @@ JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    wild
 def small_gptq(*aoti_variants):
     """Small GPTQ settings; AOTInductor compiles only the named variants (each takes about 30 s here)."""
     return {"quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}},
-            "aoti": {"variants": list(aoti_variants), "seq_in": 64, "seq_total": 80}}
+            "aoti": {"variants": list(aoti_variants), "seq_in": 64, "seq_total": 80},
+            # random weights: near-uniform distributions make top-1 agreement meaningless (config.yaml says why)
+            "gates": {"min_top1_agreement": None}}
 
 
 def small_config():
@@ -38,6 +40,17 @@ def small_config():
                      "ceval": {"nsamples": 8, "seqlen": 64}},
         "evaluation": {"c4": {"nsamples": 4, "seqlen": 256}},
     }
+
+
+def rules_by_model(jobs):
+    """``{model: {rule, ...}}`` of a plan's per-model jobs."""
+    models = {}
+    for rule, model in model_jobs(jobs):
+        models.setdefault(model, set()).add(rule)
+    return models
+
+
+REPORTED = {"evaluate", "gate", "plots"}  # what follows any change of a model's outputs
 
 
 def model_jobs(jobs):
@@ -107,6 +120,10 @@ def test_full_run_builds_verified_checkpoints(workflow):
             assert (workflow.work / "logs" / model / f"{stage}.log").exists()
             assert (workflow.work / "benchmarks" / model / f"{stage}.tsv").exists()
     assert (workflow.work / "results" / "tiny-a" / "aoti" / "rtn-int8" / "decode.pt2").exists()
+    evaluations = sorted(p.name for p in (workflow.work / "results" / "tiny-a" / "eval").iterdir())
+    assert evaluations == ["aoti-rtn-int8.json", "float.json", "gptq-int8.json", "rtn-int8.json"]
+    summary = (workflow.work / "results" / "summary.md").read_text()
+    assert summary.count("| pass |") == 7 and "| tiny-c | gptq-int8 | eager |" in summary
     assert not (workflow.work / "results" / "tiny-b" / "aoti").exists()
     assert not (workflow.work / "results" / "tiny-a" / "vacc").exists()  # no vamc here
 
@@ -119,24 +136,27 @@ def test_changing_one_models_settings_reruns_that_model_only(workflow):
     config = small_config()
     config["models"]["tiny-b"]["verify"]["greedy_tokens"] = 9
     workflow.write_config(config, "changed.yaml")
-    assert workflow.planned(config="changed.yaml") == [("verify", "model=tiny-b")]
+    # the stage-timing plot shows every job of the model, so it follows them
+    assert workflow.planned(config="changed.yaml") == [("plots", "model=tiny-b"), ("verify", "model=tiny-b")]
     config["models"]["tiny-a"]["source"]["seed"] = 5
     workflow.write_config(config, "changed.yaml")
-    assert model_jobs(workflow.planned(config="changed.yaml")) == [
-        ("aoti_compile", "tiny-a"), ("download", "tiny-a"), ("patch", "tiny-a"), ("quantize", "tiny-a"),
-        ("quantize_gptq", "tiny-a"), ("vamc_config", "tiny-a"), ("vamc_config", "tiny-a"), ("verify", "tiny-a"),
-        ("verify", "tiny-b")]
+    assert rules_by_model(workflow.planned(config="changed.yaml")) == {
+        "tiny-a": {"aoti_compile", "download", "patch", "quantize", "quantize_gptq", "vamc_config", "verify"}
+        | REPORTED, "tiny-b": {"plots", "verify"}}
 
 
 def test_changing_one_models_scheme_settings_reruns_its_quantize_only(workflow):
     config = small_config()
     config["models"]["tiny-c"]["quantize"]["rtn-int8"] = {"modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     workflow.write_config(config, "scheme.yaml")
-    assert workflow.planned(config="scheme.yaml") == [("quantize", "model=tiny-c, scheme=rtn-int8")]
+    reported = [("evaluate", "model=tiny-c, evaluation=rtn-int8"), ("gate", "model=tiny-c"),
+                ("plots", "model=tiny-c")]
+    assert workflow.planned(config="scheme.yaml") == reported + [("quantize", "model=tiny-c, scheme=rtn-int8")]
     config["models"]["tiny-c"]["quantize"]["gptq-int8"]["damp"] = 0.02
     workflow.write_config(config, "scheme.yaml")
-    assert workflow.planned(config="scheme.yaml") == [("quantize", "model=tiny-c, scheme=rtn-int8"),
-                                                      ("quantize_gptq", "model=tiny-c")]
+    assert workflow.planned(config="scheme.yaml") == sorted(
+        reported + [("evaluate", "model=tiny-c, evaluation=gptq-int8"), ("quantize", "model=tiny-c, scheme=rtn-int8"),
+                    ("quantize_gptq", "model=tiny-c")])
 
 
 def test_touching_sources_without_changing_them_reruns_nothing(workflow):
@@ -151,11 +171,9 @@ def test_editing_the_patch_module_reruns_patch_jobs_and_nothing_upstream(workflo
     original = module.read_text()
     module.write_text(original + "\n# an edit\n")
     try:
-        jobs = model_jobs(workflow.planned())
-        assert sorted(set(jobs)) == [("aoti_compile", "tiny-a")] + [
-            (rule, model) for rule in ("patch", "quantize", "quantize_gptq", "vamc_config", "verify")
-            for model in ("tiny-a", "tiny-b", "tiny-c")]
-        assert ("download", "tiny-a") not in jobs
+        downstream = {"patch", "quantize", "quantize_gptq", "vamc_config", "verify"} | REPORTED
+        assert rules_by_model(workflow.planned()) == {"tiny-a": downstream | {"aoti_compile"}, "tiny-b": downstream,
+                                                      "tiny-c": downstream}
     finally:
         module.write_text(original)
     assert workflow.planned() == []
@@ -167,7 +185,7 @@ def test_editing_a_shipped_checkpoint_file_reruns_patch_jobs(workflow):
     modeling.write_text(original + "\n# an edit\n")
     try:
         assert {rule for rule, _ in workflow.planned()} == {"patch", "quantize", "quantize_gptq", "verify",
-                                                            "vamc_config", "aoti_compile"}
+                                                            "vamc_config", "aoti_compile"} | REPORTED
     finally:
         modeling.write_text(original)
 
@@ -175,10 +193,8 @@ def test_editing_a_shipped_checkpoint_file_reruns_patch_jobs(workflow):
 def test_a_model_builds_alone_by_its_target_rule(workflow, tmp_path):
     fresh = Workflow(tmp_path)
     # Calibration jobs appear once the download checkpoint tells the tokenizer.
-    assert model_jobs(fresh.planned("tiny_b")) == [("download", "tiny-b"), ("patch", "tiny-b"),
-                                                   ("quantize", "tiny-b"), ("quantize_gptq", "tiny-b"),
-                                                   ("vamc_config", "tiny-b"), ("vamc_config", "tiny-b"),
-                                                   ("verify", "tiny-b")]
+    assert rules_by_model(fresh.planned("tiny_b")) == {
+        "tiny-b": {"download", "patch", "quantize", "quantize_gptq", "vamc_config", "verify"} | REPORTED}
     assert fresh.planned("results/tiny-a/patched/MANIFEST.json") == [("download", "model=tiny-a"),
                                                                      ("patch", "model=tiny-a")]
     fresh.run("tiny_b")
@@ -222,7 +238,9 @@ def test_a_new_calibration_seed_rebuilds_only_those_shards(workflow):
     workflow.write_config(config, "seed.yaml")
     assert workflow.planned(config="seed.yaml") == sorted(
         [("calibration_shard", f"tokenizer={tokenizer}, dataset=c4") for tokenizer in workflow.tokenizers()]
-        + [("quantize_gptq", f"model={model}") for model in ("tiny-a", "tiny-b", "tiny-c")])
+        + [(rule, f"model={model}{extra}") for model in ("tiny-a", "tiny-b", "tiny-c")
+           for rule, extra in (("quantize_gptq", ""), ("evaluate", ", evaluation=gptq-int8"), ("gate", ""),
+                               ("plots", ""))])
 
 
 def test_vacc_compile_joins_the_targets_where_vamc_is_found(workflow, fake_vamc):
@@ -255,3 +273,42 @@ def test_with_vacc_on_and_no_vamc_the_job_says_what_to_install(workflow, tmp_pat
     log = (workflow.work / "logs" / "tiny-b" / "vacc-compile-fp16.log").read_text()
     assert "vamc, VastAI's model compiler, is not on PATH" in log
     assert not (workflow.work / "results" / "tiny-b" / "vacc" / "fp16" / "MANIFEST.json").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_report_renders_its_table_and_plots_in_a_browser(workflow, tmp_path):
+    """`snakemake --report`, opened in headless chromium: the summary table's rows and every plot of a model,
+    asserted on the DOM; the screenshots are kept for a person to look at."""
+    from playwright.sync_api import sync_playwright
+
+    report = tmp_path / "report.html"
+    workflow.run("--report", str(report))
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(report.as_uri())
+
+        def view(category, name, subcategory=None):
+            page.locator("nav").get_by_text("Results", exact=True).first.click()
+            page.locator("nav").get_by_text(category, exact=True).click()
+            if subcategory:
+                page.locator("nav").get_by_text(subcategory, exact=True).click()
+            page.get_by_text(name).locator("xpath=ancestor::tr[1]").locator("[iconname=eye]").click()
+            page.wait_for_timeout(500)
+
+        view("Summary", "results/report/summary.html")
+        table = next(frame for frame in page.frames if frame.locator("table#summary").count())
+        rows = table.locator("table#summary tbody tr")
+        assert rows.count() == 4 + 3 + 3  # tiny-a: float, two schemes, one aoti; tiny-b and tiny-c: float, two schemes
+        assert "tiny-a" in rows.first.inner_text() and "reference" in rows.first.inner_text()
+        page.screenshot(path=str(tmp_path / "summary.png"))
+        for plot in ("metrics", "stages", "quantization-error"):
+            view("tiny-a", f"results/report/tiny-a/{plot}.png", "plots")
+            image = page.locator("img[src^='data:image/png']").last
+            assert image.evaluate("img => img.complete && img.naturalWidth") > 300, plot
+            page.screenshot(path=str(tmp_path / f"{plot}.png"))
+        browser.close()
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,136 @@
+# Stage 6: every variant evaluated, gated, summarised and plotted for the report.
+
+
+rule evaluate:
+    input:
+        code=code("evaluate"),
+        patched="results/{model}/patched/MANIFEST.json",
+        checkpoint=evaluation_checkpoint_manifest,
+        windows=lambda wildcards: evaluation_set(wildcards, "c4-validation.safetensors"),
+        ceval=lambda wildcards: evaluation_set(wildcards, "ceval.json"),
+    output:
+        report(
+            "results/{model}/eval/{evaluation}.json",
+            category="{model}",
+            subcategory="evaluations",
+        ),
+    log:
+        "logs/{model}/evaluate-{evaluation}.log",
+    benchmark:
+        "benchmarks/{model}/evaluate-{evaluation}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 2
+    resources:
+        # the float32 reference and the variant, and a window's logits
+        mem_mb=lambda wildcards, input: int(5 * manifest_weight_mb(input.patched))
+        + 4000,
+        runtime=120,
+    params:
+        settings=settings("evaluate"),
+        checkpoint=lambda wildcards, input: os.path.dirname(input.checkpoint),
+    shell:
+        "python3 -m workflow_scripts.evaluate --model {wildcards.model:q} --variant {wildcards.evaluation}"
+        " --patched results/{wildcards.model:q}/patched --checkpoint {params.checkpoint:q}"
+        " --windows {input.windows:q} --ceval {input.ceval:q} --settings {params.settings:q}"
+        " --output {output:q} > {log:q} 2>&1"
+
+
+rule gate:
+    input:
+        code=code("gates"),
+        evaluations=lambda wildcards: model_evaluations(wildcards.model),
+    output:
+        report("results/{model}/gate.json", category="{model}", subcategory="gates"),
+    log:
+        "logs/{model}/gate.log",
+    benchmark:
+        "benchmarks/{model}/gate.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        settings=settings("gates"),
+    shell:
+        "python3 -m workflow_scripts.gates --model {wildcards.model:q} --evaluations {input.evaluations:q}"
+        " --settings {params.settings:q} --output {output:q} > {log:q} 2>&1"
+
+
+rule plots:
+    input:
+        code=code("report"),
+        evaluations=lambda wildcards: model_evaluations(wildcards.model),
+        gptq=lambda wildcards: gptq_manifest(wildcards.model),
+        # every other job of the model first, so that its benchmark files are all there
+        built=lambda wildcards: model_outputs([wildcards.model], reported=False),
+    output:
+        report(
+            "results/report/{model}/metrics.png",
+            category="{model}",
+            subcategory="plots",
+            caption="report/metrics.rst",
+        ),
+        report(
+            "results/report/{model}/stages.png",
+            category="{model}",
+            subcategory="plots",
+            caption="report/stages.rst",
+        ),
+        report(
+            "results/report/{model}/quantization-error.png",
+            category="{model}",
+            subcategory="plots",
+            caption="report/quantization-error.rst",
+        ),
+    log:
+        "logs/{model}/plots.log",
+    benchmark:
+        "benchmarks/{model}/plots.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        gptq=lambda wildcards, input: f"--gptq {input.gptq}" if input.gptq else "",
+    shell:
+        "python3 -m workflow_scripts.report plots --model {wildcards.model:q}"
+        " --evaluations {input.evaluations:q} {params.gptq} --benchmarks benchmarks/{wildcards.model:q}"
+        " --output results/report/{wildcards.model:q} > {log:q} 2>&1"
+
+
+rule summary:
+    input:
+        code=code("report"),
+        evaluations=[
+            path for model in config["targets"] for path in model_evaluations(model)
+        ],
+    output:
+        markdown="results/summary.md",
+        html=report(
+            "results/report/summary.html",
+            category="Summary",
+            caption="report/summary.rst",
+        ),
+    log:
+        "logs/summary.log",
+    benchmark:
+        "benchmarks/summary.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        evaluations=json.dumps(
+            {model: model_evaluations(model) for model in config["targets"]}
+        ),
+        gates=json.dumps({model: MODELS[model]["gates"] for model in config["targets"]}),
+    shell:
+        "python3 -m workflow_scripts.report summary --evaluations {params.evaluations:q}"
+        " --gates {params.gates:q} --markdown {output.markdown:q} --html {output.html:q} > {log:q} 2>&1"

@@ -1,0 +1,129 @@
+"""Metrics against hand-computed values, the gates' verdicts, the evaluation inputs' checks and the report files."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from workflow_scripts.common import CheckFailed, InputError
+from workflow_scripts.evaluate import load_ceval, load_windows
+from workflow_scripts.gates import check_variants
+from workflow_scripts.gates import main as gates_main
+from workflow_scripts.metrics import TokenMetrics, choice_accuracy
+from workflow_scripts.report import write_plots, write_summary
+
+
+def test_perplexity_of_known_distributions():
+    uniform = TokenMetrics()
+    uniform.add(torch.zeros(5, 8), torch.tensor([0, 1, 2, 3, 7]))
+    assert uniform.figures()["perplexity"] == pytest.approx(8.0)
+    half = TokenMetrics()
+    # p(target) = 1/2 at every position: logits log(1), log(1/2) twice -> probabilities 1/2, 1/4, 1/4
+    logits = torch.log(torch.tensor([[1.0, 0.5, 0.5]])).repeat(3, 1)
+    half.add(logits, torch.tensor([0, 0, 0]))
+    assert half.figures()["perplexity"] == pytest.approx(2.0)
+    assert half.figures()["positions"] == 3
+
+
+def test_kl_and_top1_agreement():
+    identical = TokenMetrics()
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    identical.add(logits, torch.zeros(6, dtype=torch.long), reference=logits)
+    assert identical.figures()["kl_divergence"] == pytest.approx(0.0, abs=1e-12)
+    assert identical.figures()["top1_agreement"] == 1.0
+    shifted = TokenMetrics()
+    p, q = torch.tensor([0.75, 0.25]), torch.tensor([0.25, 0.75])
+    shifted.add(q.log().unsqueeze(0), torch.tensor([0]), reference=p.log().unsqueeze(0))
+    # KL(p || q) = 0.75 ln 3 + 0.25 ln(1/3) = 0.5 ln 3; the most likely tokens differ
+    assert shifted.figures()["kl_divergence"] == pytest.approx(0.5 * math.log(3))
+    assert shifted.figures()["top1_agreement"] == 0.0
+
+
+def test_non_finite_logits_are_counted_and_give_no_perplexity():
+    metrics = TokenMetrics()
+    logits = torch.zeros(3, 4)
+    logits[1, 2] = float("nan")
+    metrics.add(logits, torch.tensor([0, 1, 2]), reference=torch.zeros(3, 4))
+    figures = metrics.figures()
+    assert figures["non_finite_positions"] == 1 and figures["perplexity"] is None
+    assert figures["kl_divergence"] is None
+
+
+def test_ceval_scoring_picks_the_highest_letter():
+    # rows: letters A-D; answers B, D, A -> the first two right, the third wrong (C wins)
+    letter_logits = torch.tensor([[0.1, 2.0, 0.3, 0.0], [0.0, 0.0, 0.0, 5.0], [1.0, 0.0, 3.0, 0.0]])
+    assert choice_accuracy(letter_logits, torch.tensor([1, 3, 0])) == (2, 3)
+
+
+def record(perplexity, reference=100.0, kl=1e-4, top1=0.99, non_finite=0, backend="eager"):
+    return {"backend": backend, "c4": {"perplexity": perplexity, "reference_perplexity": reference,
+                                       "kl_divergence": kl, "top1_agreement": top1,
+                                       "non_finite_positions": non_finite, "positions": 100},
+            "ceval": {"accuracy": 0.25, "questions": 8}}
+
+
+GATES = {"max_perplexity_increase": 0.01, "min_top1_agreement": 0.98, "max_kl_divergence": 0.005}
+
+
+def test_gates_name_the_variant_the_metric_and_both_values(tmp_path):
+    evaluations = {"float": record(100.0, kl=None, top1=None), "rtn-int8": record(100.5),
+                   "gptq-int8": record(102.0, top1=0.95), "aoti-float": record(None, kl=None, non_finite=7)}
+    checks = check_variants(evaluations, GATES)
+    assert {c["variant"] for c in checks if not c["passed"]} == {"gptq-int8", "aoti-float"}
+    assert all(c["passed"] for c in checks if c["variant"] == "rtn-int8")
+    assert [c["metric"] for c in checks if c["variant"] == "rtn-int8"] == [
+        "perplexity_increase", "top1_agreement", "kl_divergence"]
+    paths = []
+    for name, value in evaluations.items():
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(value))
+    with pytest.raises(CheckFailed) as failure:
+        gates_main(["--model", "m", "--evaluations", *map(str, paths), "--settings", json.dumps(GATES),
+                    "--output", str(tmp_path / "gate.json")])
+    message = str(failure.value)
+    assert "gptq-int8: perplexity_increase 0.02, required <= 0.01" in message
+    assert "gptq-int8: top1_agreement 0.95, required >= 0.98" in message
+    assert "aoti-float: perplexity_increase not finite, required <= 0.01 (7 positions with non-finite logits)" in message
+    assert not (tmp_path / "gate.json").exists()
+    assert check_variants(evaluations, {**GATES, "min_top1_agreement": None, "max_perplexity_increase": None})[0][
+        "metric"] == "kl_divergence"
+
+
+def test_summary_and_plots_still_build_when_a_variant_is_broken(tmp_path):
+    evaluations = {"float": record(100.0, kl=None, top1=None), "rtn-int8": record(100.2),
+                   "aoti-rtn-int8": record(None, kl=None, non_finite=3, backend="aoti")}
+    paths = []
+    for name, value in evaluations.items():
+        paths.append(str(tmp_path / f"{name}.json"))
+        (tmp_path / f"{name}.json").write_text(json.dumps(value))
+    write_summary({"m": paths}, {"m": GATES}, tmp_path / "summary.md", tmp_path / "summary.html")
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "| m | rtn-int8 | eager | 100.2 | +0.200% | 0.0001 | 0.99 | 0.25 (8 q) | pass |" in markdown
+    assert "| m | aoti-rtn-int8 | aoti | n/a | n/a |" in markdown and "FAIL: aoti-rtn-int8" in markdown
+    assert markdown.index("| m | float |") < markdown.index("| m | aoti-rtn-int8 |")
+    assert (tmp_path / "summary.html").read_text().count("<tr>") == 4
+    benchmarks = tmp_path / "benchmarks"
+    benchmarks.mkdir()
+    (benchmarks / "patch.tsv").write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t120.0\n")
+    manifest = tmp_path / "gptq.json"
+    manifest.write_text(json.dumps({"layers": {str(i): {
+        "matrices": {"w": {"output_error_rtn": 2.0 + i, "output_error_gptq": 1.0}},
+        "heldout_output_error": {"rtn": 0.02, "gptq": 0.01}} for i in range(3)}}))
+    write_plots(paths, manifest, benchmarks, tmp_path / "plots")
+    for name in ("metrics", "stages", "quantization-error"):
+        assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluation_sets_of_another_tokenizer_or_empty_are_refused(tmp_path):
+    path = tmp_path / "windows.safetensors"
+    save_file({"input_ids": torch.zeros(2, 8, dtype=torch.int32)}, str(path), metadata={"tokenizer_fingerprint": "aa"})
+    with pytest.raises(InputError, match="made with tokenizer aa, but the model's tokenizer is bb"):
+        load_windows(path, "bb", None)
+    save_file({"input_ids": torch.zeros(0, 8, dtype=torch.int32)}, str(path), metadata={"tokenizer_fingerprint": "aa"})
+    with pytest.raises(InputError, match="holds no evaluation windows"):
+        load_windows(path, "aa", None)
+    ceval = tmp_path / "ceval.json"
+    ceval.write_text(json.dumps({"tokenizer_fingerprint": "aa", "questions": [], "letter_token_ids": {}}))
+    with pytest.raises(InputError, match="holds no ceval questions"):
+        load_ceval(ceval, "aa", None)
