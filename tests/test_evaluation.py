@@ -38,6 +38,9 @@ def test_kl_and_top1_agreement():
     # KL(p || q) = 0.75 ln 3 + 0.25 ln(1/3) = 0.5 ln 3; the most likely tokens differ
     assert shifted.figures()["kl_divergence"] == pytest.approx(0.5 * math.log(3))
     assert shifted.figures()["top1_agreement"] == 0.0
+    # the reference's own perplexity on the same positions: its p(target) = 3/4
+    assert shifted.figures()["reference_perplexity"] == pytest.approx(4 / 3)
+    assert shifted.figures()["perplexity"] == pytest.approx(4.0)
 
 
 def test_non_finite_logits_are_counted_and_give_no_perplexity():

@@ -77,24 +77,10 @@ class Progress:
                      self.done / elapsed, elapsed / self.done * (self.total - self.done))
 
 
-class C4Scores:
-    """The variant's metrics and, on exactly the same positions, the float reference's perplexity."""
-
-    def __init__(self):
-        self.variant, self.reference = TokenMetrics(), TokenMetrics()
-
-    def add(self, logits, targets, reference):
-        for first in range(0, len(targets), CHUNK):
-            rows = slice(first, first + CHUNK)
-            self.variant.add(logits[rows], targets[rows], None if reference is None else reference[rows])
-            if reference is not None:
-                self.reference.add(reference[rows], targets[rows])
-
-    def figures(self):
-        figures = self.variant.figures()
-        figures["reference_perplexity"] = (self.reference.figures()["perplexity"] if self.reference.positions
-                                           else figures["perplexity"])
-        return figures
+def add_positions(metrics, logits, targets, reference):
+    for first in range(0, len(targets), CHUNK):
+        rows = slice(first, first + CHUNK)
+        metrics.add(logits[rows], targets[rows], None if reference is None else reference[rows])
 
 
 def ceval_figures(letter_logits_of, questions, letters):
@@ -118,13 +104,13 @@ def ceval_figures(letter_logits_of, questions, letters):
 
 
 def evaluate_eager(model, reference, windows, questions, letters):
-    metrics = C4Scores()
+    metrics = TokenMetrics()
     progress = Progress("c4 windows", len(windows))
     for window in windows:
         ids = window.unsqueeze(0)
         logits = model(input_ids=ids).logits[0, :-1]
         expected = None if reference is None else reference(input_ids=ids).logits[0, :-1]
-        metrics.add(logits, window[1:], expected)
+        add_positions(metrics, logits, window[1:], expected)
         progress.advance()
 
     def letter_logits_of(ids):
@@ -140,14 +126,14 @@ def evaluate_compiled(folder, reference, windows, questions, letters):
     if windows.shape[1] < seq_total:
         raise InputError(f"the c4 windows have {windows.shape[1]} tokens, fewer than the decode graph's "
                          f"seq_total = {seq_total}")
-    metrics = C4Scores()
+    metrics = TokenMetrics()
     progress = Progress("c4 windows through the compiled graphs", len(windows))
     for window in windows:
         tokens = window[:seq_total].tolist()
         first, state = generator.start(tokens[:seq_in])
         logits = [first] + [generator.step(state, token) for token in tokens[seq_in:seq_total - 1]]
         expected = reference(input_ids=window[:seq_total].unsqueeze(0)).logits[0, seq_in - 1:seq_total - 1]
-        metrics.add(torch.stack(logits).float(), window[seq_in:seq_total], expected)
+        add_positions(metrics, torch.stack(logits).float(), window[seq_in:seq_total], expected)
         progress.advance()
 
     def letter_logits_of(ids):

@@ -39,7 +39,7 @@ def check_variants(evaluations, settings):
 
 def perplexity_increase(c4):
     """Relative to the float eager model's perplexity on the same positions (None when not finite)."""
-    if c4["perplexity"] is None or not c4["reference_perplexity"]:
+    if c4["perplexity"] is None or not c4.get("reference_perplexity"):
         return None
     return c4["perplexity"] / c4["reference_perplexity"] - 1
 
