@@ -184,11 +184,12 @@ def test_a_prompt_longer_than_the_prefill_graph_is_refused(patched, tmp_path):
 
 def test_packages_that_disagree_with_eager_fail_the_check(compiled, patched):
     """The float packages checked against the int8 model as 'eager': the rounding moves logits past 1e-4."""
-    from workflow_scripts.aoti_compile import encode_prompts, load_model, verify_compiled
+    from workflow_scripts.aoti_compile import encode_prompts, verify_compiled
+    from workflow_scripts.checkpoint import load_vacc_model
     from workflow_scripts.common import CheckFailed
 
     torch.set_grad_enabled(False)
-    int8_model = load_model(compiled / "rtn-int8", torch.float32)
+    int8_model = load_vacc_model(compiled / "rtn-int8", torch.float32)
     prompts = encode_prompts("ministral", patched["ministral"], VERIFY["prompts"], AOTI["seq_in"])
     with pytest.raises(CheckFailed, match=r"compiled vs eager: prompt 0: max \|logit diff\| .* \(bound 0\.0001\)"):
         verify_compiled(int8_model, compiled / "aoti" / "float", prompts, AOTI, 4)

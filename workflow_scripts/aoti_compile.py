@@ -21,14 +21,14 @@ Usage: python -m workflow_scripts.aoti_compile --model ID --variant NAME --patch
 """
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from .aoti_graphs import Decode, Prefill, example_inputs
-from .aoti_runner import GRAPHS_FILE, StaticGenerator
+from .aoti_runner import GRAPHS_FILE, load_compiled
+from .checkpoint import copy_tokenizer_files, load_vacc_model
 from .common import (
     LOG,
     MANIFEST_NAME,
@@ -42,10 +42,7 @@ from .common import (
     write_folder_manifest,
 )
 from .sources import sources_digest
-from .vacc_compile import TOKENIZER_FILES
 from .verify import greedy_decode
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def check_lineage(model, variant, patched, checkpoint):
@@ -60,12 +57,6 @@ def check_lineage(model, variant, patched, checkpoint):
                          f"sha256 {found}, not this model's {expected}; rebuild its quantize job")
 
 
-def load_model(checkpoint, dtype):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=dtype).eval()
-
-
 def compile_graphs(model, settings, folder, freezing):
     """Export and compile prefill and decode into ``folder``; seconds per step.
 
@@ -76,7 +67,7 @@ def compile_graphs(model, settings, folder, freezing):
     weights stay int8 and every step dequantizes them.
     """
     prefill_inputs, decode_inputs = example_inputs(model.config, settings["batch"], settings["seq_in"],
-                                                   settings["seq_total"], DTYPES[settings["dtype"]])
+                                                   settings["seq_total"], getattr(torch, settings["dtype"]))
     seconds = {}
     for name, module, inputs in (("prefill", Prefill(model, settings["seq_total"]), prefill_inputs),
                                  ("decode", Decode(model), decode_inputs)):
@@ -94,8 +85,7 @@ def compile_graphs(model, settings, folder, freezing):
 
 def verify_compiled(model, folder, prompts_ids, settings, steps):
     """Compiled greedy generation vs the eager model on every prompt; the figures, or :class:`CheckFailed`."""
-    prefill, decode = (torch._inductor.aoti_load_package(str(folder / f"{name}.pt2")) for name in ("prefill", "decode"))
-    generator = StaticGenerator(prefill, decode, settings["batch"], settings["seq_in"], settings["seq_total"])
+    generator, _, _ = load_compiled(folder)
     bound = settings["max_abs_logit_diff"][settings["dtype"]]
     prompts, failures = [], []
     for index, ids in enumerate(prompts_ids):
@@ -135,12 +125,10 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
     steps = verify_settings["greedy_tokens"]
     prompts_ids = encode_prompts(model_id, patched, verify_settings["prompts"], settings["seq_in"])
     torch.set_grad_enabled(False)
-    model = load_model(checkpoint, DTYPES[settings["dtype"]])
+    model = load_vacc_model(checkpoint, getattr(torch, settings["dtype"]))
     with staged_directory(output) as staging:
         seconds = compile_graphs(model, settings, staging, freezing=variant == "float")
-        for name in TOKENIZER_FILES:
-            if (patched / name).exists():
-                shutil.copyfile(patched / name, staging / name)
+        copy_tokenizer_files(patched, staging)
         atomic_write_json(staging / GRAPHS_FILE, {
             "model": model_id, "variant": variant, "batch": settings["batch"], "seq_in": settings["seq_in"],
             "seq_total": settings["seq_total"], "dtype": settings["dtype"], "stop_token_ids": stop_tokens(model.config)})

@@ -1,5 +1,6 @@
 """Reading a Hugging Face Mistral checkpoint folder: its config and which files are what."""
 import fnmatch
+import shutil
 from pathlib import Path
 
 from .common import InputError, read_json
@@ -10,6 +11,9 @@ ARCHITECTURE = "MistralForCausalLM"
 WEIGHT_PATTERNS = ("model*.safetensors",)
 PICKLE_PATTERNS = ("pytorch_model*.bin",)
 METADATA_PATTERNS = ("*.json", "tokenizer.model", "tokenizer.model.*", "*.jinja")
+# what a runtime needs beside the weights to turn text into tokens and back
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "tekken.json", "generation_config.json")
 
 
 def is_weight_file(name):
@@ -38,3 +42,18 @@ def weight_files(folder, model):
         hint = (f" (it has only pickled weights: {', '.join(pickled)})" if pickled else "")
         raise InputError(f"model {model}: {folder} has no model*.safetensors weights{hint}")
     return names
+
+
+def copy_tokenizer_files(folder, target):
+    """Copy the tokenizer files ``folder`` has into the existing folder ``target``."""
+    for name in TOKENIZER_FILES:
+        if (Path(folder) / name).exists():
+            shutil.copyfile(Path(folder) / name, Path(target) / name)
+
+
+def load_vacc_model(folder, dtype, **config_overrides):
+    """A checkpoint whose modeling files this workflow wrote (patched or quantized), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype,
+                                                **config_overrides).eval()

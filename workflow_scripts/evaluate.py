@@ -26,19 +26,16 @@ import torch
 from safetensors import safe_open
 
 from .aoti_runner import load_compiled
+from .checkpoint import load_vacc_model
 from .common import LOG, MANIFEST_NAME, InputError, atomic_write_json, read_json, run_cli, sha256_file
 from .metrics import TokenMetrics, choice_accuracy
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHUNK = 256  # positions per log-softmax, so a large vocabulary never needs one huge float64 copy
 
 
 def load_model(checkpoint, dtype):
-    from transformers import AutoModelForCausalLM
-
     # every position's logits, not only the last one that the VACC prefill graph keeps
-    return AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=dtype,
-                                                insert_slice=False).eval()
+    return load_vacc_model(checkpoint, dtype, insert_slice=False)
 
 
 def load_windows(path, fingerprint, limit):
@@ -150,7 +147,7 @@ def evaluate(model_id, variant, patched, checkpoint, windows_path, ceval_path, s
     windows = load_windows(windows_path, fingerprint, settings["c4_windows"])
     questions, letters = load_ceval(ceval_path, fingerprint, settings["ceval_questions"])
     torch.set_grad_enabled(False)
-    dtype = DTYPES[settings["dtype"]]
+    dtype = getattr(torch, settings["dtype"])
     compiled = variant.startswith("aoti-")
     reference = None if variant == "float" else load_model(patched, dtype)
     start = time.monotonic()

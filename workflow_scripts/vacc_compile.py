@@ -19,12 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import read_mistral_config
+from .checkpoint import copy_tokenizer_files, read_mistral_config
 from .common import LOG, StageError, atomic_write_json, describe_files, run_cli, sha256_file
 from .vamc_config import build_environment
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "tekken.json", "generation_config.json")
 MISSING_VAMC = ("vamc, VastAI's model compiler, is not on PATH. It is a closed wheel (vamc 3.4.x, with torch 2.1 "
                 "and transformers 4.45): put it in VAMC_WHEEL_DIR and run with --use-conda (envs/vamc.yaml), or "
                 "install it into this environment; or set compile.vacc: off")
@@ -35,14 +33,6 @@ def find_vamc():
     if vamc is None:
         raise StageError(MISSING_VAMC)
     return vamc
-
-
-def add_tokenizer(patched, artifact):
-    folder = artifact / "tokenizer"
-    folder.mkdir()
-    for name in TOKENIZER_FILES:
-        if (patched / name).exists():
-            shutil.copyfile(patched / name, folder / name)
 
 
 def compile_config(model, config_path, patched, manifest_path):
@@ -62,7 +52,8 @@ def compile_config(model, config_path, patched, manifest_path):
         files = [p for p in artifact.rglob("*") if p.is_file()] if artifact.is_dir() else []
         if not files:
             raise StageError(f"model {model}: vamc compile {config_path} succeeded but wrote nothing to {artifact}")
-        add_tokenizer(patched, artifact)
+        (artifact / "tokenizer").mkdir()
+        copy_tokenizer_files(patched, artifact / "tokenizer")
     except BaseException:
         shutil.rmtree(artifact, ignore_errors=True)
         raise

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import load_vacc_model
 from .common import LOG, CheckFailed, atomic_write_json, read_json, run_cli, sha256_file
 
 
@@ -59,9 +60,7 @@ def load_upstream(folder, sliding_window):
 
 
 def load_patched(folder):
-    from transformers import AutoModelForCausalLM
-
-    return lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True)
+    return lambda: load_vacc_model(folder, torch.float32)
 
 
 def encode_prompts(folder, prompts):

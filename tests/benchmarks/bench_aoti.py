@@ -26,9 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts.aoti_compile import DTYPES, load_model  # noqa: E402
 from workflow_scripts.aoti_graphs import Decode, Prefill  # noqa: E402
 from workflow_scripts.aoti_runner import StaticGenerator, load_compiled  # noqa: E402
+from workflow_scripts.checkpoint import load_vacc_model  # noqa: E402
 from workflow_scripts.verify import greedy_decode  # noqa: E402
 
 PROMPT = "Mistral models are decoder-only transformers with grouped-query attention"
@@ -76,7 +76,7 @@ def main():
             compiled, tokenizer, graphs = load_compiled(folder)
             ids = tokenizer.encode(PROMPT).ids
             steps = min(args.steps, graphs["seq_total"] - graphs["seq_in"])
-            model = load_model(checkpoint_of(model_id, folder.name), DTYPES[graphs["dtype"]])
+            model = load_vacc_model(checkpoint_of(model_id, folder.name), getattr(torch, graphs["dtype"]))
             eager = StaticGenerator(Prefill(model, graphs["seq_total"]), Decode(model), graphs["batch"],
                                     graphs["seq_in"], graphs["seq_total"])
             row = {"model": model_id, "variant": folder.name,
