@@ -12,10 +12,9 @@ rule fetch_dataset:
         "benchmarks/datasets/{dataset}/fetch.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 1
+    threads: NEEDS["fetch_dataset"].threads
     resources:
-        mem_mb=1000,
-        runtime=60,
+        **NEEDS["fetch_dataset"].resources(),
     params:
         stage=lambda wildcards: dataset_fetch_stage(wildcards.dataset),
         source=lambda wildcards: json.dumps(
@@ -37,10 +36,9 @@ rule tokenizer_store:
         "benchmarks/tokenizers/{tokenizer}.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 1
+    threads: SMALL_JOB.threads
     resources:
-        mem_mb=500,
-        runtime=10,
+        **SMALL_JOB.resources(),
     shell:
         "python3 -m workflow_scripts.tokenizer_store --fingerprint {wildcards.tokenizer}"
         " --models resources/models --output {output:q} > {log:q} 2>&1"
@@ -60,10 +58,9 @@ rule calibration_shard:
         "benchmarks/calibration/{tokenizer}/{dataset}.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 2
+    threads: NEEDS["calibration_shard"].threads
     resources:
-        mem_mb=3000,
-        runtime=60,
+        **NEEDS["calibration_shard"].resources(),
     params:
         settings=dataset_settings,
     shell:
@@ -87,10 +84,9 @@ rule c4_evaluation_windows:
         "benchmarks/evaluation-sets/{tokenizer}/c4-validation.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 2
+    threads: NEEDS["c4_windows"].threads
     resources:
-        mem_mb=2000,
-        runtime=30,
+        **NEEDS["c4_windows"].resources(),
     params:
         settings=json.dumps(config["evaluation"]["c4"], sort_keys=True),
     shell:
@@ -113,10 +109,9 @@ rule ceval_evaluation_set:
         "benchmarks/evaluation-sets/{tokenizer}/ceval.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 2
+    threads: NEEDS["ceval_set"].threads
     resources:
-        mem_mb=2000,
-        runtime=30,
+        **NEEDS["ceval_set"].resources(),
     params:
         settings=json.dumps(config["evaluation"]["ceval"], sort_keys=True),
     shell:

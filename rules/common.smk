@@ -12,7 +12,7 @@ from snakemake.utils import validate
 from workflow_scripts.calibration import tokenizer_fingerprint
 from workflow_scripts.common import StageError, read_json
 from workflow_scripts.config import DATASET_SOURCE_KEYS, check_config, source_kind
-from workflow_scripts.job_resources import gptq_memory_bytes
+from workflow_scripts import job_resources
 from workflow_scripts.sources import module_sources
 
 validate(config, "../config/schema.yaml")
@@ -118,16 +118,6 @@ def local_source_files(wildcards):
         if os.path.isdir(folder)
         else []
     )
-
-
-def manifest_weight_mb(manifest):
-    """MB of the files a manifest lists; 0 until the manifest exists (dry-runs)."""
-    try:
-        with open(manifest) as handle:
-            files = json.load(handle)["files"]
-    except FileNotFoundError:
-        return 0
-    return sum(entry["size"] for entry in files.values()) / 1e6
 
 
 def tokenizer_outputs(fingerprint):
@@ -296,16 +286,113 @@ def gptq_uses_gpu(model):
     )
 
 
-def gptq_memory_mb(wildcards, input, attempt):
-    """Host memory at GPTQ's peak, the README's formula (workflow_scripts.job_resources)
-    plus 15%, more on each retry."""
-    settings = MODELS[wildcards.model]["quantize"]["gptq-int8"]
-    try:
-        config = read_json(os.path.join(os.path.dirname(input.patched), "config.json"))
-    except StageError:
-        return 4000
-    seqlen = max(DATASETS[d]["seqlen"] for d in settings["datasets"])
-    samples = (settings["nsamples"] + settings["holdout"]) * len(settings["datasets"])
-    device = "cuda" if gptq_uses_gpu(wildcards.model) else "cpu"
-    peak = gptq_memory_bytes(config, samples, seqlen, device)["host"]
-    return int(attempt * 1.15 * peak / 1e6)
+class Needs:
+    """A job's threads and resources (mem_mb, runtime) from a job_resources estimate of its wildcards and attempt."""
+
+    def __init__(self, estimate):
+        self.estimate = estimate
+
+    def threads(self, wildcards):
+        return self.estimate(wildcards, 1)["threads"]
+
+    def resources(self, **extra):
+        return {
+            key: lambda wildcards, attempt, key=key: self.estimate(wildcards, attempt)[
+                key
+            ]
+            for key in ("mem_mb", "runtime")
+        } | extra
+
+
+def model_size(model):
+    """From the downloaded config.json once it exists; before that, what the config says (job_resources)."""
+    downloaded = f"resources/models/{model}/config.json"
+    if os.path.exists(downloaded):
+        return job_resources.ModelSize(read_json(downloaded))
+    return job_resources.planned_size(MODELS[model])
+
+
+def per_model(stage, figures=lambda model: {}):
+    """Needs of a per-model job: job_resources.<stage>(size, attempt, **figures(model))."""
+    estimate = getattr(job_resources, stage)
+    return Needs(
+        lambda wildcards, attempt: estimate(
+            model_size(wildcards.model), attempt, **figures(wildcards.model)
+        )
+    )
+
+
+def gptq_figures(model):
+    settings = MODELS[model]["quantize"]["gptq-int8"]
+    return {
+        "samples": (settings["nsamples"] + settings["holdout"])
+        * len(settings["datasets"]),
+        "seqlen": max(DATASETS[d]["seqlen"] for d in settings["datasets"]),
+        "device": "cuda" if gptq_uses_gpu(model) else "cpu",
+    }
+
+
+def verify_tokens(model):
+    """Each prompt (at most a token per character) and its greedy continuation."""
+    verify = MODELS[model]["verify"]
+    return {
+        "tokens": sum(
+            len(prompt) + verify["greedy_tokens"] for prompt in verify["prompts"]
+        )
+    }
+
+
+def evaluation_tokens(model):
+    """c4 windows and ceval prompts (each with its shots) that every variant scores."""
+    windows = config["evaluation"]["c4"]
+    questions = (
+        MODELS[model]["evaluate"]["ceval_questions"]
+        or job_resources.CEVAL_VAL_QUESTIONS
+    )
+    shots = config["evaluation"]["ceval"]["shots"]
+    return {
+        "tokens": (MODELS[model]["evaluate"]["c4_windows"] or windows["nsamples"])
+        * windows["seqlen"]
+        + questions * (shots + 1) * job_resources.CEVAL_TOKENS_PER_SHOT
+    }
+
+
+def tokenized(tokens_of):
+    """Needs of a per-tokenizer or per-dataset job that tokenizes ``tokens_of(wildcards)`` tokens."""
+    return Needs(
+        lambda wildcards, attempt: job_resources.tokenize(attempt, tokens_of(wildcards))
+    )
+
+
+def dataset_tokens(dataset):
+    return DATASETS[dataset]["nsamples"] * DATASETS[dataset]["seqlen"]
+
+
+SMALL_JOB = Needs(lambda wildcards, attempt: job_resources.small(attempt))
+NEEDS = {
+    "download": per_model(
+        "download", lambda model: {"generated": "demo" in MODELS[model]["source"]}
+    ),
+    "patch": per_model("patch"),
+    "verify": per_model("verify", verify_tokens),
+    "quantize": per_model("quantize"),
+    "gptq": per_model("gptq", gptq_figures),
+    "vacc_compile": per_model(
+        "vacc_compile", lambda model: {"workers": MODELS[model]["vamc"]["workers"]}
+    ),
+    "aoti_compile": per_model("aoti_compile", verify_tokens),
+    "evaluate": per_model("evaluate", evaluation_tokens),
+    "fetch_dataset": Needs(
+        lambda wildcards, attempt: job_resources.download_dataset(attempt)
+    ),
+    "calibration_shard": tokenized(lambda wildcards: dataset_tokens(wildcards.dataset)),
+    "c4_windows": tokenized(
+        lambda wildcards: config["evaluation"]["c4"]["nsamples"]
+        * config["evaluation"]["c4"]["seqlen"]
+    ),
+    "ceval_set": tokenized(
+        lambda wildcards: job_resources.CEVAL_VAL_QUESTIONS
+        * (config["evaluation"]["ceval"]["shots"] + 1)
+        * job_resources.CEVAL_TOKENS_PER_SHOT
+    ),
+}

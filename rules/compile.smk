@@ -15,10 +15,9 @@ rule vamc_config:
         "benchmarks/{model}/vamc-config-{dtype}.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 1
+    threads: SMALL_JOB.threads
     resources:
-        mem_mb=500,
-        runtime=5,
+        **SMALL_JOB.resources(),
     params:
         settings=vamc_settings,
         calibration=vamc_calibration_arguments,
@@ -41,12 +40,9 @@ rule vacc_compile:
         "benchmarks/{model}/vacc-compile-{dtype}.tsv"
     conda:
         "../envs/vamc.yaml"
-    threads: 4
+    threads: NEEDS["vacc_compile"].threads
     resources:
-        # vamc loads the whole checkpoint, and the int8 build calibrates it
-        mem_mb=lambda wildcards, input: int(3 * manifest_weight_mb(input.patched))
-        + 8000,
-        runtime=240,
+        **NEEDS["vacc_compile"].resources(),
     shell:
         "python3 -m workflow_scripts.vacc_compile --model {wildcards.model:q} --config {input.config:q}"
         " --patched results/{wildcards.model:q}/patched --manifest {output:q} > {log:q} 2>&1"
@@ -65,12 +61,9 @@ rule aoti_compile:
         "benchmarks/{model}/aoti-{variant}.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 1
+    threads: NEEDS["aoti_compile"].threads
     resources:
-        # the float32 model, its exported copy and the compiler
-        mem_mb=lambda wildcards, input: int(6 * manifest_weight_mb(input.patched))
-        + 3000,
-        runtime=60,
+        **NEEDS["aoti_compile"].resources(),
     params:
         settings=aoti_settings,
         verify=aoti_verify_settings,

@@ -15,10 +15,9 @@ checkpoint download:
         "benchmarks/{model}/download.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 1
+    threads: NEEDS["download"].threads
     resources:
-        mem_mb=2000,
-        runtime=240,
+        **NEEDS["download"].resources(),
     params:
         stage=lambda wildcards: fetch_stage(wildcards.model),
         source=settings("source"),

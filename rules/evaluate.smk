@@ -20,12 +20,9 @@ rule evaluate:
         "benchmarks/{model}/evaluate-{evaluation}.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 2
+    threads: NEEDS["evaluate"].threads
     resources:
-        # the float32 reference and the variant, and a window's logits
-        mem_mb=lambda wildcards, input: int(5 * manifest_weight_mb(input.patched))
-        + 4000,
-        runtime=120,
+        **NEEDS["evaluate"].resources(),
     params:
         settings=settings("evaluate"),
         checkpoint=lambda wildcards, input: os.path.dirname(input.checkpoint),
@@ -48,10 +45,9 @@ rule gate:
         "benchmarks/{model}/gate.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 1
+    threads: SMALL_JOB.threads
     resources:
-        mem_mb=500,
-        runtime=5,
+        **SMALL_JOB.resources(),
     params:
         settings=settings("gates"),
     shell:
@@ -91,10 +87,9 @@ rule plots:
         "benchmarks/{model}/plots.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 1
+    threads: SMALL_JOB.threads
     resources:
-        mem_mb=1000,
-        runtime=5,
+        **SMALL_JOB.resources(),
     params:
         gptq=lambda wildcards, input: f"--gptq {input.gptq}" if input.gptq else "",
     shell:
@@ -122,10 +117,9 @@ rule summary:
         "benchmarks/summary.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 1
+    threads: SMALL_JOB.threads
     resources:
-        mem_mb=500,
-        runtime=5,
+        **SMALL_JOB.resources(),
     params:
         evaluations=json.dumps(
             {model: model_evaluations(model) for model in config["targets"]}

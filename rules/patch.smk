@@ -13,10 +13,9 @@ rule patch:
         "benchmarks/{model}/patch.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 1
+    threads: NEEDS["patch"].threads
     resources:
-        mem_mb=1000,
-        runtime=30,
+        **NEEDS["patch"].resources(),
     params:
         settings=settings("patch"),
     shell:
@@ -37,13 +36,9 @@ rule verify:
         "benchmarks/{model}/verify.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 2
+    threads: NEEDS["verify"].threads
     resources:
-        # float32 copy of the weights (twice the bf16 bytes), one model at a time
-        mem_mb=lambda wildcards, input, attempt: int(
-            2000 + 2.2 * attempt * manifest_weight_mb(input.upstream)
-        ),
-        runtime=60,
+        **NEEDS["verify"].resources(),
     params:
         settings=settings("verify"),
     shell:

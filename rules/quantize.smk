@@ -15,11 +15,9 @@ rule quantize:
         scheme="rtn-int8",
     conda:
         "../envs/workflow.yaml"
-    threads: 2
+    threads: NEEDS["quantize"].threads
     resources:
-        # a few chunks and the largest tensor's pages, never the model
-        mem_mb=2500,
-        runtime=60,
+        **NEEDS["quantize"].resources(),
     params:
         settings=settings("quantize", "{scheme}"),
     shell:
@@ -41,11 +39,11 @@ rule quantize_gptq:
         "benchmarks/{model}/quantize-gptq-int8.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: 2
+    threads: NEEDS["gptq"].threads
     resources:
-        mem_mb=gptq_memory_mb,
-        gpu=lambda wildcards: int(gptq_uses_gpu(wildcards.model)),
-        runtime=lambda wildcards: 60 if gptq_uses_gpu(wildcards.model) else 600,
+        **NEEDS["gptq"].resources(
+            gpu=lambda wildcards: int(gptq_uses_gpu(wildcards.model))
+        ),
     params:
         settings=settings("quantize", "gptq-int8"),
     shell:

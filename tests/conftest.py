@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from workflow_copy import Workflow  # noqa: E402
 
 from workflow_scripts.demo import write_demo_checkpoint  # noqa: E402
 from workflow_scripts.patch import patch_checkpoint  # noqa: E402
@@ -174,3 +177,38 @@ def fake_vamc(tmp_path):
     vamc.chmod(vamc.stat().st_mode | stat.S_IXUSR)
     calls = tmp_path / "calls.jsonl"
     return stage_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_VAMC_CALLS=str(calls)), calls
+
+
+# Recognisable, so that a grep over everything a run wrote finds any leak of it.
+FAKE_HF_TOKEN = "hf_FAKEtokenVACCworkflowLEAKcheck0123"
+OUTPUT_FOLDERS = ("resources", "results")
+
+
+def output_digests(work):
+    """``{path: sha256}`` of every file a run built (resources/ and results/; logs and benchmarks differ by nature)."""
+    return {str(path.relative_to(work)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for folder in OUTPUT_FOLDERS for path in sorted((Path(work) / folder).rglob("*")) if path.is_file()}
+
+
+def files_containing(root, secret):
+    """Files under ``root`` (hidden ones too) whose bytes contain ``secret``."""
+    found = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path) and secret.encode() in open(path, "rb").read():
+                found.append(os.path.relpath(path, root))
+    return found
+
+
+def embedded_default():
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """The embedded default built locally from scratch, with a fake HF_TOKEN in the environment: the reference
+    that the SLURM run and the interrupted runs must reproduce byte for byte."""
+    flow = Workflow(tmp_path_factory.mktemp("default"), embedded_default())
+    flow.run(env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN})
+    return flow

@@ -136,7 +136,6 @@ def test_compiled_packages_match_eager_and_run_alone(compiled):
         figures = manifest["verify"]
         assert figures["greedy_steps"] == 16 and figures["bound"] == 1e-4
         assert all(p["greedy_tokens_identical"] and p["max_abs_logit_diff"] <= 1e-4 for p in figures["prompts"])
-        assert manifest["seconds"]["prefill_compile"] > 0
     generator, tokenizer, graphs = load_compiled(compiled / "aoti" / "rtn-int8")
     assert (graphs["batch"], graphs["seq_in"], graphs["seq_total"]) == (2, 32, 48)
     tokens, logits = generator.generate(tokenizer.encode("The capital of France is").ids, 16)

@@ -3,8 +3,7 @@ import copy
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO
+from conftest import REPO, embedded_default
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -14,10 +13,6 @@ from workflow_scripts.config import check_config, rule_name
 SCHEMA = str(REPO / "config" / "schema.yaml")
 
 
-def shipped_config():
-    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-
-
 def validated(config):
     validate(config, SCHEMA)
     check_config(config)
@@ -25,7 +20,7 @@ def validated(config):
 
 
 def test_shipped_config_is_valid_and_defaults_are_filled():
-    config = validated(shipped_config())
+    config = validated(embedded_default())
     assert config["targets"] == ["demo-mistral", "demo-ministral"]
     real = config["models"]["mistral-7b-instruct-v0.2"]
     assert real["source"]["hub"] == "mistralai/Mistral-7B-Instruct-v0.2"
@@ -48,7 +43,7 @@ def test_shipped_config_is_valid_and_defaults_are_filled():
     (lambda c: c.update(targets="demo-mistral"), "demo-mistral"),
 ])
 def test_schema_rejects_bad_keys_and_types_naming_them(mutate, named):
-    config = shipped_config()
+    config = embedded_default()
     mutate(config)
     with pytest.raises(WorkflowError) as error:
         validate(config, SCHEMA)
@@ -68,7 +63,7 @@ def test_source_relations_are_checked(source, message):
 
 
 def test_unknown_target_is_named():
-    config = copy.deepcopy(shipped_config())
+    config = copy.deepcopy(embedded_default())
     config["targets"].append("mistral-7b")
     with pytest.raises(InputError, match=r"targets\[2\] names model 'mistral-7b'"):
         validated(config)
@@ -100,7 +95,7 @@ def test_snakemake_reports_config_errors_by_key(tmp_path):
 
 
 def test_dataset_defaults_follow_the_vamc_template():
-    config = validated(shipped_config())
+    config = validated(embedded_default())
     datasets = config["datasets"]
     # c4 feeds GPTQ: the template's 128 samples for the Hessians plus 16 held out
     assert {name: (d["nsamples"], d["seqlen"]) for name, d in datasets.items()} == {
@@ -120,7 +115,7 @@ def test_dataset_defaults_follow_the_vamc_template():
     ({"split": "validation"}, "['datasets']['c4']['split']"),
 ])
 def test_dataset_sizes_and_keys_are_bounded(settings, named):
-    config = shipped_config()
+    config = embedded_default()
     config["datasets"] = {"c4": settings}
     with pytest.raises(WorkflowError) as error:
         validate(config, SCHEMA)
@@ -128,14 +123,14 @@ def test_dataset_sizes_and_keys_are_bounded(settings, named):
 
 
 def test_absurd_calibration_size_is_refused_with_both_numbers():
-    config = shipped_config()
+    config = embedded_default()
     config["datasets"] = {"c4": {"nsamples": 65536, "seqlen": 131072}}
     with pytest.raises(InputError, match="datasets.c4: nsamples x seqlen = 65536 x 131072 exceeds"):
         validated(config)
 
 
 def test_dataset_source_relations_are_checked():
-    config = shipped_config()
+    config = embedded_default()
     config["datasets"] = {"ceval": {"source": {"hub": "ceval/ceval-exam"}}}
     with pytest.raises(InputError, match=r"datasets\.ceval\.source\.revision is required"):
         validated(config)
@@ -145,7 +140,7 @@ def test_dataset_source_relations_are_checked():
 
 
 def test_gptq_needs_nsamples_plus_holdout_in_each_shard():
-    config = shipped_config()
+    config = embedded_default()
     config["models"]["demo-mistral"]["quantize"] = {"gptq-int8": {"datasets": ["c4", "alpaca"]}}
     with pytest.raises(InputError, match=r"models\.demo-mistral\.quantize\.gptq-int8 takes nsamples \+ holdout = "
                                          r"128 \+ 16 samples, but datasets\.alpaca\.nsamples is 128"):
@@ -165,7 +160,14 @@ def test_gptq_needs_nsamples_plus_holdout_in_each_shard():
     ({"aoti": {"seq_in": 120}}, r"models\.demo-mistral\.aoti\.seq_total = 128 leaves no room for verify\.greedy_tokens"),
 ])
 def test_compile_settings_are_checked_at_start_naming_the_key(model_settings, message):
-    config = shipped_config()
+    config = embedded_default()
     config["models"]["demo-mistral"].update(model_settings)
     with pytest.raises(InputError, match=message):
+        validated(config)
+
+
+def test_a_demo_model_takes_its_shape_from_its_source_not_from_shape():
+    config = embedded_default()
+    config["models"]["demo-mistral"]["shape"] = {"num_hidden_layers": 4}
+    with pytest.raises(InputError, match=r"models\.demo-mistral\.shape does not apply to a demo source"):
         validated(config)

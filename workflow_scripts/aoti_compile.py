@@ -58,7 +58,7 @@ def check_lineage(model, variant, patched, checkpoint):
 
 
 def compile_graphs(model, settings, folder, freezing):
-    """Export and compile prefill and decode into ``folder``; seconds per step.
+    """Export and compile prefill and decode into ``folder``; the time of each step goes to the log.
 
     ``freezing`` lets the compiler treat the weights as constants it may fold
     and pre-pack (oneDNN on the CPU: demo-ministral's float decode step runs
@@ -68,19 +68,15 @@ def compile_graphs(model, settings, folder, freezing):
     """
     prefill_inputs, decode_inputs = example_inputs(model.config, settings["batch"], settings["seq_in"],
                                                    settings["seq_total"], getattr(torch, settings["dtype"]))
-    seconds = {}
     for name, module, inputs in (("prefill", Prefill(model, settings["seq_total"]), prefill_inputs),
                                  ("decode", Decode(model), decode_inputs)):
         start = time.monotonic()
         exported = torch.export.export(module.eval(), inputs)
-        seconds[f"{name}_export"] = round(time.monotonic() - start, 2)
-        start = time.monotonic()
+        exported_at = time.monotonic()
         torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / f"{name}.pt2"),
                                                  inductor_configs={"freezing": freezing})
-        seconds[f"{name}_compile"] = round(time.monotonic() - start, 2)
-        LOG.info("%s: exported in %.1f s, compiled in %.1f s", name, seconds[f"{name}_export"],
-                 seconds[f"{name}_compile"])
-    return seconds
+        LOG.info("%s: exported in %.1f s, compiled in %.1f s", name, exported_at - start,
+                 time.monotonic() - exported_at)
 
 
 def verify_compiled(model, folder, prompts_ids, settings, steps):
@@ -127,7 +123,7 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
     torch.set_grad_enabled(False)
     model = load_vacc_model(checkpoint, getattr(torch, settings["dtype"]))
     with staged_directory(output) as staging:
-        seconds = compile_graphs(model, settings, staging, freezing=variant == "float")
+        compile_graphs(model, settings, staging, freezing=variant == "float")
         copy_tokenizer_files(patched, staging)
         atomic_write_json(staging / GRAPHS_FILE, {
             "model": model_id, "variant": variant, "batch": settings["batch"], "seq_in": settings["seq_in"],
@@ -140,7 +136,7 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
             "fingerprint": {"checkpoint_manifest_sha256": sha256_file(checkpoint / MANIFEST_NAME),
                             "settings": settings, "verify": verify_settings,
                             "code": sources_digest("workflow_scripts.aoti_compile")},
-            "seconds": seconds, "verify": figures})
+            "verify": figures})
 
 
 def main(argv):

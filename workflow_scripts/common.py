@@ -1,5 +1,6 @@
 """Pieces every stage shares: clear errors, logging, atomic files, hashing, links."""
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -65,11 +66,27 @@ def sha256_file(path, chunk_bytes=16 << 20):
     return digest.hexdigest()
 
 
+def remove_leftovers(final, *patterns):
+    """Remove what a killed run left beside ``final`` (``patterns`` name it from ``final``'s name).
+
+    A SIGKILL skips every cleanup, so a rerun clears the temporary files and
+    staging folders of the same output before making its own; they are never
+    read. Snakemake's lock keeps two runs from sharing a folder.
+    """
+    for pattern in patterns:
+        for leftover in Path(final).parent.glob(pattern.format(name=glob.escape(Path(final).name))):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary name beside ``path``; it becomes ``path`` only when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path, ".{name}.*.tmp")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -115,6 +132,7 @@ def staged_directory(final):
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(final, ".{name}.staging-*", ".{name}.retired-*")
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     os.chmod(staging, 0o777 & ~_umask())
     try:

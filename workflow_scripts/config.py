@@ -75,7 +75,9 @@ def check_config(config):
     """Raise :class:`InputError` on the first relation between keys that does not hold."""
     models = config["models"]
     for model, settings in models.items():
-        source_kind(f"models.{model}.source", settings["source"])
+        if source_kind(f"models.{model}.source", settings["source"]) == "demo" and "shape" in settings:
+            raise InputError(f"config: models.{model}.shape does not apply to a demo source "
+                             f"(its shape is models.{model}.source.shape)")
     for dataset, settings in config["datasets"].items():
         source_kind(f"datasets.{dataset}.source", settings["source"], DATASET_SOURCE_KEYS)
         check_sizes(f"datasets.{dataset}", settings)

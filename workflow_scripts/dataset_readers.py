@@ -40,13 +40,16 @@ class C4Lines:
     def __iter__(self):
         path, count = self.path, 0
         try:
-            with open(path, "rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as handle:
+            # bytes, decoded line by line: a line that is not UTF-8 is then named by its number
+            with open(path, "rb") as raw, gzip.open(raw, "rb") as handle:
                 for number, line in enumerate(handle, start=1):
                     self.position = raw.tell()
                     if not line.strip():
                         continue
                     try:
-                        text = json.loads(line)["text"]
+                        text = json.loads(line.decode("utf-8"))["text"]
+                    except UnicodeDecodeError as error:
+                        raise InputError(f"{path}: line {number} is not UTF-8 text ({error})") from None
                     except (json.JSONDecodeError, KeyError, TypeError) as error:
                         raise InputError(f"{path}: line {number} is not a JSON object with a 'text' field "
                                          f"({error.__class__.__name__}: {error})") from None

@@ -11,13 +11,16 @@ size and sha256) written last.
 Usage: python -m workflow_scripts.download --model ID --source JSON --manifest PATH
 """
 import os
+import pickle
 from pathlib import Path
 
 from .checkpoint import (
     METADATA_PATTERNS,
+    INDEX_FILE,
     PICKLE_PATTERNS,
     WEIGHT_PATTERNS,
     read_mistral_config,
+    read_weight_map,
     weight_files,
 )
 from .common import (
@@ -82,7 +85,11 @@ def convert_pickled_weights(model, staging):
     weight_map = {}
     for index, path in enumerate(pickles, start=1):
         LOG.info("model %s: converting %s to safetensors", model, path.name)
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise InputError(f"model {model}: {path.name} holds more than tensors; it is refused, since unpickling "
+                             "it could run code (only plain tensor files are converted)") from None
         shard = f"model-{index:05d}-of-{len(pickles):05d}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard))
@@ -91,14 +98,26 @@ def convert_pickled_weights(model, staging):
     atomic_write_json(staging / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
 
 
+def describe_origin(origin):
+    if "hub" in origin:
+        return f"hub repo {origin['hub']}@{origin['revision']}"
+    return origin.get("local", "the generated demo checkpoint")
+
+
 def assemble_checkpoint(model, source, folder, fill):
     """Build ``folder`` with ``fill(model, source, staging) -> (origin, link methods)``, check it, add the manifest."""
     with staged_directory(folder) as staging:
         origin, methods = fill(model, source, staging)
-        if source.get("allow_pickle") and not any(staging.glob("model*.safetensors")):
-            convert_pickled_weights(model, staging)
-        config = read_mistral_config(staging, model)
-        weight_files(staging, model)
+        try:
+            if source.get("allow_pickle") and not any(staging.glob("model*.safetensors")):
+                convert_pickled_weights(model, staging)
+            config = read_mistral_config(staging, model)
+            weight_files(staging, model)
+            if (staging / INDEX_FILE).exists():
+                read_weight_map(staging / INDEX_FILE)
+        except InputError as error:
+            # the staging folder is gone when the user reads this: name where the files came from
+            raise InputError(str(error).replace(str(staging), describe_origin(origin))) from None
         manifest = write_folder_manifest(staging, {
             "model": model,
             "origin": origin,

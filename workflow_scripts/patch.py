@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import read_mistral_config
+from .checkpoint import AUTO_MAP, CHECKPOINT_FILES, VACC_FILES, is_weight_file, read_mistral_config
 from .common import (
     LOG,
     MANIFEST_NAME,
@@ -26,15 +26,7 @@ from .common import (
     staged_directory,
 )
 
-PACKAGE_DATA = ("checkpoint_files",)
-CHECKPOINT_FILES = Path(__file__).parent / PACKAGE_DATA[0]
-VACC_FILES = ("modeling_mistral_vacc.py", "configuration_mistral_vacc.py", "quantization_vacc.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_mistral_vacc.MistralConfig",
-    "AutoModel": "modeling_mistral_vacc.MistralModel",
-    "AutoModelForCausalLM": "modeling_mistral_vacc.MistralForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_mistral_vacc.MistralForSequenceClassification",
-}
+TOKENIZER_FILE = "tokenizer.json"
 WRITTEN_HERE = {"config.json", "config_vacc.json", MANIFEST_NAME, *VACC_FILES}
 
 
@@ -50,9 +42,41 @@ def check_shapes(model, config, path):
                          f"multiple of num_key_value_heads ({config['num_key_value_heads']})")
 
 
+def check_tokenizer(model, source, config):
+    """The fast tokenizer every later stage encodes with: present, and no token id past the embedding."""
+    from tokenizers import Tokenizer
+
+    path = source / TOKENIZER_FILE
+    if not path.is_file():
+        raise InputError(f"model {model}: {path} does not exist; the workflow needs the checkpoint's fast tokenizer "
+                         "(calibration, verification and the compiled artifacts encode with it)")
+    try:
+        vocabulary = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception as error:  # noqa: BLE001 (tokenizers raises a bare Exception for a file it cannot parse)
+        raise InputError(f"model {model}: {path} is not a tokenizers file ({error})") from None
+    largest = max(vocabulary.values(), default=-1)
+    if largest >= config["vocab_size"]:
+        raise InputError(f"model {model}: {path} has token ids up to {largest}, but {source / 'config.json'} "
+                         f"vocab_size is {config['vocab_size']} (the tokenizer of another model?)")
+
+
+def check_weight_headers(model, source, names):
+    """Open each shard's header: a truncated or corrupt file fails here, naming it, not in a later traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(filter(is_weight_file, names)):
+        try:
+            with safe_open(str(source / name), framework="numpy"):
+                pass
+        except SafetensorError as error:
+            raise InputError(f"model {model}: {source / name}: truncated or corrupt safetensors file ({error}); "
+                             "fix or fetch the source again") from None
+
+
 def patched_configs(config, settings):
     """``config.json`` and ``config_vacc.json`` contents: the model's own keys, nothing overwritten but auto_map."""
-    patched = {**config, "auto_map": {**config.get("auto_map", {}), **AUTO_MAP}}
+    # an upstream auto_map would name code this workflow did not write: it is replaced, never merged
+    patched = {**config, "auto_map": AUTO_MAP}
     vacc = {**patched, "_attn_implementation": "eager", "insert_slice": settings["insert_slice"],
             "iter_num": settings["iter_num"]}
     return patched, vacc
@@ -75,6 +99,8 @@ def patch_checkpoint(model, source, folder, settings):
     files = source_files(model, source, source_manifest)
     config = read_mistral_config(source, model)
     check_shapes(model, config, source / "config.json")
+    check_tokenizer(model, source, config)
+    check_weight_headers(model, source, files)
     with staged_directory(folder) as staging:
         methods = set()
         linked = sorted(name for name in files if name not in WRITTEN_HERE)

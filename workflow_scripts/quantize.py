@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import INDEX_FILE, VACC_FILES, read_weight_map
 from .checkpoint_files.quantization_vacc import quantize_per_channel
 from .common import (
     LOG,
@@ -43,7 +44,6 @@ from .common import (
     write_folder_manifest,
 )
 from .mistral_layout import tensor_shapes
-from .patch import VACC_FILES
 from .safetensors_stream import BackgroundWriter, SafetensorsFile, SafetensorsWriter
 from .sources import sources_digest
 
@@ -65,9 +65,9 @@ def projection_of(name, modules):
 
 def weight_map(folder):
     """``{tensor: shard file}`` from the index, or from the single ``model.safetensors``."""
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_FILE
     if index.exists():
-        return read_json(index, what="checkpoint index")["weight_map"]
+        return read_weight_map(index)
     single = folder / "model.safetensors"
     if not single.exists():
         raise InputError(f"{folder}: has neither model.safetensors.index.json nor model.safetensors")

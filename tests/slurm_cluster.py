@@ -1,0 +1,149 @@
+"""A one-node SLURM cluster on 127.0.0.1 from Debian's slurmctld, slurmd, slurm-client and munge.
+
+Accounting is off (no slurmdbd), so job states come from ``squeue``, and
+``MinJobAge`` keeps finished jobs there for an hour. Every SLURM client
+(sbatch, squeue, srun inside a job) reads ``/etc/slurm/slurm.conf``: the
+executor plugin strips ``SLURM_CONF`` from a job's environment before its
+``srun``, so that path is the only one that works. The cluster writes it only
+where it is absent, marks it as its own and removes it when it stops.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "srun", "scontrol")
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
+MARK = "# written by the vacc workflow's tests (tests/slurm_cluster.py)\n"
+STATUS_FLAGS = ("--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
+                "--seconds-between-status-checks", "5")
+
+
+def missing_binaries():
+    return [name for name in BINARIES if shutil.which(name) is None]
+
+
+def why_unavailable():
+    """Why a cluster cannot start here, or None."""
+    if missing_binaries():
+        return (f"{', '.join(missing_binaries())} not found: install Debian's {' '.join(PACKAGES)} "
+                f"(.ci/run does)")
+    if os.geteuid() != 0:
+        return "starting slurmctld and slurmd needs root"
+    if SYSTEM_CONF.exists() and not SYSTEM_CONF.read_text().startswith(MARK):
+        return f"{SYSTEM_CONF} belongs to a real cluster; the tests will not replace it"
+    return None
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Cluster:
+    """Daemons under ``root``; ``start()`` waits until the node takes jobs."""
+
+    def __init__(self, root, cpus, memory_mb):
+        self.root = Path(root)
+        self.cpus, self.memory_mb = cpus, memory_mb
+
+    def conf(self):
+        root = self.root
+        return MARK + "\n".join([
+            "ClusterName=vacctest",
+            "SlurmctldHost=localhost(127.0.0.1)",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
+            "SlurmUser=root",
+            "AuthType=auth/munge",
+            f"AuthInfo=socket={root}/munge.sock",
+            "CredType=cred/munge",
+            f"StateSaveLocation={root}/state",
+            f"SlurmdSpoolDir={root}/spool",
+            f"SlurmctldPidFile={root}/slurmctld.pid",
+            f"SlurmdPidFile={root}/slurmd.pid",
+            f"SlurmctldLogFile={root}/slurmctld.log",
+            f"SlurmdLogFile={root}/slurmd.log",
+            "MpiDefault=none",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
+            "MinJobAge=3600",
+            "ReturnToService=2",
+            "SchedulerType=sched/backfill",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core_Memory",
+            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN",
+            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+        ]) + "\n"
+
+    def start(self):
+        for folder in ("state", "spool"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
+        SYSTEM_CONF.write_text(self.conf())
+        root = self.root
+        subprocess.run(["munged", "--force", f"--socket={root}/munge.sock", f"--pid-file={root}/munged.pid",
+                        f"--log-file={root}/munged.log", f"--seed-file={root}/munge.seed"], check=True)
+        subprocess.run(["slurmctld"], check=True)
+        subprocess.run(["slurmd"], check=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], check=False, capture_output=True, text=True).stdout
+            if state.strip() == "idle":
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the SLURM node never became idle; logs in {self.root}:\n{self.logs()}")
+
+    def logs(self):
+        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")))
+
+    def jobs(self):
+        """``{job id: (name, state)}`` of every job the controller remembers."""
+        lines = subprocess.run(["squeue", "-t", "all", "-h", "-o", "%i|%j|%T"], capture_output=True, text=True,
+                               check=True).stdout.split()
+        return {int(i): (name, state) for i, name, state in (line.split("|") for line in lines)}
+
+    def job_field(self, job_id, field):
+        """A ``scontrol show job`` field, e.g. ``TimeLimit``."""
+        shown = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
+                               check=True).stdout
+        return dict(item.split("=", 1) for item in shown.split() if "=" in item)[field]
+
+    def memory_mb(self, job_id):
+        """The job's memory request in MB (scontrol writes 2048 MB as 2G)."""
+        value = self.job_field(job_id, "MinMemoryNode")
+        return round(float(value[:-1]) * {"M": 1, "G": 1024, "T": 1024 ** 2}[value[-1]])
+
+    def wait_for_running(self, rule, timeout=300):
+        """The id of the first running job of ``rule`` (the plugin puts the rule in the job's comment)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = subprocess.run(["squeue", "-t", "running", "-h", "-o", "%i|%k"], capture_output=True, text=True,
+                                   check=True).stdout.split()
+            for line in lines:
+                job_id, comment = line.split("|", 1)
+                if comment.startswith(f"rule_{rule}_"):
+                    return int(job_id)
+            time.sleep(0.5)
+        raise TimeoutError(f"no {rule} job ran within {timeout} s")
+
+    def stop(self):
+        subprocess.run(["scancel", "--full", "--user", "root"], check=False, capture_output=True)
+        for daemon in ("slurmd", "slurmctld", "munged"):
+            pid_file = self.root / f"{daemon}.pid"
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        time.sleep(1)
+        if SYSTEM_CONF.exists() and SYSTEM_CONF.read_text().startswith(MARK):
+            SYSTEM_CONF.unlink()

@@ -1,0 +1,117 @@
+"""The embedded default on a real one-node SLURM cluster, through the executor plugin and profiles/slurm.
+
+The cluster (tests/slurm_cluster.py) needs Debian's slurmctld, slurmd,
+slurm-client and munge, and root. Where they are missing the tests are
+skipped with a loud reason; under CI (``CI`` set) they fail instead, since
+.ci/run installs those packages.
+"""
+import os
+import re
+import subprocess
+import time
+
+import pytest
+from conftest import FAKE_HF_TOKEN, embedded_default, files_containing, output_digests
+from slurm_cluster import STATUS_FLAGS, Cluster, why_unavailable
+from workflow_copy import Workflow
+
+pytestmark = pytest.mark.workflow
+SUBMITTED = re.compile(r"^Job (\d+) has been submitted with SLURM jobid (\d+) \(log: .*/rule_(\w+)/", re.MULTILINE)
+JOB_BLOCK = re.compile(r"^(?:rule|checkpoint) \w+:\n((?:    .*\n)+)", re.MULTILINE)
+FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", re.MULTILINE)
+LOCAL_RULES = {"all"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = why_unavailable()
+    if reason:
+        message = f"NO SLURM CLUSTER, the SLURM tests did not run: {reason}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with open("/proc/meminfo") as meminfo:
+        total_mb = int(meminfo.readline().split()[1]) // 1024
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"), cpus=os.cpu_count(), memory_mb=total_mb - 2000)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def slurm_run(flow, *args):
+    return flow.run("--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "4", *STATUS_FLAGS,
+                    *args, env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN})
+
+
+@pytest.fixture(scope="module")
+def slurm_flow(cluster, tmp_path_factory):
+    flow = Workflow(tmp_path_factory.mktemp("slurm-default"), embedded_default())
+    output = slurm_run(flow)
+    return flow, output
+
+
+def test_every_job_of_the_default_ran_as_a_slurm_job(cluster, slurm_flow):
+    flow, output = slurm_flow
+    submitted = SUBMITTED.findall(output)
+    finished = FINISHED.findall(output)
+    assert submitted, output[-3000:]
+    assert sorted(rule for _, _, rule in submitted) == sorted(rule for rule in finished if rule not in LOCAL_RULES)
+    jobs = cluster.jobs()
+    for _, job_id, rule in submitted:
+        assert jobs[int(job_id)][1] == "COMPLETED", (rule, jobs[int(job_id)])
+    main_log = max((flow.work / ".snakemake" / "log").glob("*.snakemake.log"), key=os.path.getmtime).read_text()
+    assert set(SUBMITTED.findall(main_log)) == set(submitted)
+
+
+def test_slurm_outputs_are_byte_identical_to_the_local_run(slurm_flow, default_run):
+    flow, _ = slurm_flow
+    local, remote = output_digests(default_run.work), output_digests(flow.work)
+    assert sorted(local) == sorted(remote)
+    differing = [path for path in local if local[path] != remote[path]]
+    assert not differing
+
+
+def test_the_hf_token_reaches_no_file_of_the_cluster_run(slurm_flow):
+    flow, _ = slurm_flow
+    assert files_containing(flow.work, FAKE_HF_TOKEN) == []
+
+
+def declared_resources(output):
+    """``{snakemake job id: (threads, mem_mb, runtime)}`` as Snakemake printed each job."""
+    jobs = {}
+    for block in JOB_BLOCK.findall(output):
+        fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.MULTILINE))
+        resources = dict(item.split("=", 1) for item in fields["resources"].split(", "))
+        jobs[fields["jobid"]] = (int(fields.get("threads", 1)), int(resources["mem_mb"]), int(resources["runtime"]))
+    return jobs
+
+
+def test_jobs_ask_slurm_for_what_the_rules_declare(cluster, slurm_flow):
+    """Each sbatch carried its rule's threads, mem_mb and runtime (workflow_scripts/job_resources.py)."""
+    _, output = slurm_flow
+    declared = declared_resources(output)
+    for snakemake_id, slurm_id, rule in SUBMITTED.findall(output):
+        threads, mem_mb, runtime = declared[snakemake_id]
+        granted = (int(cluster.job_field(slurm_id, "NumCPUs")), cluster.memory_mb(slurm_id),
+                   cluster.job_field(slurm_id, "TimeLimit"))
+        assert granted == (threads, mem_mb, f"{runtime // 60:02d}:{runtime % 60:02d}:00"), rule
+
+
+def test_a_job_killed_like_an_out_of_memory_job_is_retried_with_more_memory(cluster, slurm_flow, default_run):
+    """SIGKILL (what the kernel's OOM killer sends) on attempt 1; the profile's retries resubmit it with 1.5x."""
+    flow, _ = slurm_flow
+    target = "results/demo-mistral/patched/verify.json"
+    process = subprocess.Popen(
+        flow.command("--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "1", *STATUS_FLAGS,
+                       "--forcerun", "verify", target),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = cluster.wait_for_running("verify")
+    time.sleep(3)  # into the stage's work, past Snakemake's start in the job
+    subprocess.run(["scancel", "--signal=KILL", str(first)], check=True)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    attempts = [int(i) for _, i, rule in SUBMITTED.findall(output) if rule == "verify"]
+    assert attempts[0] == first and len(attempts) == 2, output[-3000:]
+    memory = [cluster.memory_mb(i) for i in attempts]
+    assert memory[1] == pytest.approx(1.5 * memory[0], abs=2)
+    assert output_digests(flow.work)[target] == output_digests(default_run.work)[target]

@@ -1,0 +1,54 @@
+"""A private copy of the workflow, run by Snakemake in a subprocess."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow_scripts", "envs", "profiles")
+JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    wildcards: (.+)$", re.MULTILINE)
+
+
+class Workflow:
+    """A private copy of the workflow (so tests may edit its code) and a working folder."""
+
+    def __init__(self, root, config):
+        self.code = root / "workflow"
+        self.work = root / "work"
+        self.work.mkdir(parents=True)
+        self.code.mkdir(parents=True)
+        for part in WORKFLOW_PARTS:
+            source = REPO / part
+            if source.is_dir():
+                shutil.copytree(source, self.code / part, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(source, self.code / part)
+        self.write_config(config)
+
+    def write_config(self, config, name="test.yaml"):
+        path = self.work / name
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def command(self, *args, config="test.yaml"):
+        return [sys.executable, "-m", "snakemake", "-s", str(self.code / "Snakefile"),
+                "--directory", str(self.work), "--configfile", str(self.work / config),
+                "--replace-workflow-config", "--cores", "2", *args]
+
+    def run(self, *args, config="test.yaml", check=True, env=None):
+        result = subprocess.run(self.command(*args, config=config), check=False, capture_output=True, text=True,
+                                env=env)
+        output = result.stdout + result.stderr
+        if check and result.returncode != 0:
+            raise AssertionError(f"snakemake {' '.join(args)} failed:\n{output[-5000:]}")
+        return output
+
+    def planned(self, *args, **kwargs):
+        """The (rule, wildcards) jobs a dry-run would run."""
+        return sorted(set(JOB.findall(self.run("--dry-run", *args, **kwargs))))
+
+    def tokenizers(self):
+        return sorted(p.name for p in (self.work / "results" / "calibration").iterdir())
