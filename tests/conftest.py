@@ -185,8 +185,14 @@ OUTPUT_FOLDERS = ("resources", "results")
 
 
 def output_digests(work):
-    """``{path: sha256}`` of every file a run built (resources/ and results/; logs and benchmarks differ by nature)."""
-    return {str(path.relative_to(work)): hashlib.sha256(path.read_bytes()).hexdigest()
+    """``{path: sha256}`` of every file a run built (resources/ and results/; logs and benchmarks differ by nature).
+
+    The working folder's absolute path reads as ``<work>``: vamc configs name their checkpoint by it, and
+    compiled packages carry it in the compile commands of their C++ sources, so runs in two folders differ
+    there and only there.
+    """
+    folder_path = str(Path(work).resolve()).encode()
+    return {str(path.relative_to(work)): hashlib.sha256(path.read_bytes().replace(folder_path, b"<work>")).hexdigest()
             for folder in OUTPUT_FOLDERS for path in sorted((Path(work) / folder).rglob("*")) if path.is_file()}
 
 

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "srun", "scontrol")
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "srun", "scontrol", "sinfo", "scancel")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 MARK = "# written by the vacc workflow's tests (tests/slurm_cluster.py)\n"

@@ -192,3 +192,13 @@ def test_packages_that_disagree_with_eager_fail_the_check(compiled, patched):
     prompts = encode_prompts("ministral", patched["ministral"], VERIFY["prompts"], AOTI["seq_in"])
     with pytest.raises(CheckFailed, match=r"compiled vs eager: prompt 0: max \|logit diff\| .* \(bound 0\.0001\)"):
         verify_compiled(int8_model, compiled / "aoti" / "float", prompts, AOTI, 4)
+
+
+def test_compiling_again_elsewhere_writes_the_same_bytes(compiled, patched):
+    """A private inductor cache and a pinned serialization id: the package is a function of its inputs, not of
+    the folder it is built in nor of earlier compiles."""
+    first = compiled / "aoti" / "rtn-int8"
+    again = compiled / "elsewhere" / "rtn-int8"
+    compile_variant("ministral", "rtn-int8", patched["ministral"], compiled / "rtn-int8", AOTI, VERIFY, again)
+    assert {path.name: path.read_bytes() for path in again.iterdir()} == \
+        {path.name: path.read_bytes() for path in first.iterdir()}

@@ -8,12 +8,11 @@ skipped with a loud reason; under CI (``CI`` set) they fail instead, since
 import os
 import re
 import subprocess
-import time
 
 import pytest
 from conftest import FAKE_HF_TOKEN, embedded_default, files_containing, output_digests
 from slurm_cluster import STATUS_FLAGS, Cluster, why_unavailable
-from workflow_copy import Workflow
+from workflow_copy import Workflow, processes_running, wait_for
 
 pytestmark = pytest.mark.workflow
 SUBMITTED = re.compile(r"^Job (\d+) has been submitted with SLURM jobid (\d+) \(log: .*/rule_(\w+)/", re.MULTILINE)
@@ -103,10 +102,10 @@ def test_a_job_killed_like_an_out_of_memory_job_is_retried_with_more_memory(clus
     target = "results/demo-mistral/patched/verify.json"
     process = subprocess.Popen(
         flow.command("--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "1", *STATUS_FLAGS,
-                       "--forcerun", "verify", target),
+                       "--force", target),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = cluster.wait_for_running("verify")
-    time.sleep(3)  # into the stage's work, past Snakemake's start in the job
+    wait_for(lambda: processes_running("workflow_scripts.verify --model demo-mistral "), "the verify stage")
     subprocess.run(["scancel", "--signal=KILL", str(first)], check=True)
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output[-3000:]

@@ -20,8 +20,17 @@ Usage: python -m workflow_scripts.aoti_compile --model ID --variant NAME --patch
            --settings JSON --verify JSON --output DIR
 """
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import json
+import os
+import shutil
+import struct
+import tempfile
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -75,6 +84,7 @@ def compile_graphs(model, settings, folder, freezing):
         exported_at = time.monotonic()
         torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / f"{name}.pt2"),
                                                  inductor_configs={"freezing": freezing})
+        pin_serialization_id(folder / f"{name}.pt2")
         LOG.info("%s: exported in %.1f s, compiled in %.1f s", name, exported_at - start,
                  time.monotonic() - exported_at)
 
@@ -115,6 +125,67 @@ def stop_tokens(config):
     return sorted(eos) if isinstance(eos, list) else [eos]
 
 
+def pin_serialization_id(package):
+    """Replace the random ``.data/serialization_id`` of a ``.pt2`` archive with one derived from its content.
+
+    PyTorch's archive writer draws that id at random; it only labels the
+    archive, so a digest of the other records (same length, digits like the
+    original) makes the same inputs give the same bytes. The record is stored
+    uncompressed, so it is overwritten in place and its CRC-32 updated in the
+    local header and in the central directory.
+    """
+    with zipfile.ZipFile(package) as archive:
+        entries = archive.infolist()
+        central = archive.start_dir
+    record = next(e for e in entries if e.filename.endswith(".data/serialization_id"))
+    digest = hashlib.sha256(b"".join(e.filename.encode() + e.CRC.to_bytes(4, "little")
+                                     for e in entries if e is not record))
+    pinned = str(int(digest.hexdigest(), 16)).encode()[:record.file_size].rjust(record.file_size, b"0")
+    crc = struct.pack("<I", zlib.crc32(pinned))
+    with open(package, "r+b") as handle:
+        handle.seek(record.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+        handle.seek(record.header_offset + 14)
+        handle.write(crc)
+        handle.seek(record.header_offset + 30 + name_length + extra_length)
+        handle.write(pinned)
+        handle.seek(central)
+        for entry in entries:
+            header = handle.read(46)
+            name_length, extra_length, comment_length = struct.unpack("<HHH", header[28:34])
+            if entry is record:
+                handle.seek(-30, 1)
+                handle.write(crc)
+                break
+            handle.seek(name_length + extra_length + comment_length, 1)
+
+
+@contextlib.contextmanager
+def private_inductor_cache(model_id, variant):
+    """Compile in a fresh inductor cache at a path that names only the model and variant.
+
+    A shared cache appends every compile's command lines to the C++ sources
+    that go into the package, and the cache's path shapes the generated code
+    and the shared library; so one fixed, emptied cache per model and variant
+    makes the package a function of its inputs, wherever the workflow folder
+    is. A lock keeps two builds of the same name (two workflow folders on one
+    machine) from sharing it at once.
+    """
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    root = Path(tempfile.gettempdir()) / f"vacc-workflow-inductor-{os.getuid()}"
+    root.mkdir(exist_ok=True)
+    cache = root / f"{model_id}-{variant}"
+    with open(root / f"{model_id}-{variant}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(cache, ignore_errors=True)
+        try:
+            with temporary_cache_dir(str(cache)):
+                yield
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+
+
 def compile_variant(model_id, variant, patched, checkpoint, settings, verify_settings, output):
     patched, checkpoint, output = Path(patched), Path(checkpoint), Path(output)
     check_lineage(model_id, variant, patched, checkpoint)
@@ -123,7 +194,8 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
     torch.set_grad_enabled(False)
     model = load_vacc_model(checkpoint, getattr(torch, settings["dtype"]))
     with staged_directory(output) as staging:
-        compile_graphs(model, settings, staging, freezing=variant == "float")
+        with private_inductor_cache(model_id, variant):
+            compile_graphs(model, settings, staging, freezing=variant == "float")
         copy_tokenizer_files(patched, staging)
         atomic_write_json(staging / GRAPHS_FILE, {
             "model": model_id, "variant": variant, "batch": settings["batch"], "seq_in": settings["seq_in"],
