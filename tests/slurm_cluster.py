@@ -19,8 +19,10 @@ BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "srun", "scontr
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 MARK = "# written by the vacc workflow's tests (tests/slurm_cluster.py)\n"
-STATUS_FLAGS = ("--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
-                "--seconds-between-status-checks", "5")
+# No accounting: job states come from squeue. Successful jobs keep their SLURM logs, in which the job step
+# prints what the job declared.
+TEST_FLAGS = ("--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
+              "--seconds-between-status-checks", "5", "--slurm-keep-successful-logs")
 
 
 def missing_binaries():
@@ -50,7 +52,7 @@ class Cluster:
 
     def __init__(self, root, cpus, memory_mb):
         self.root = Path(root)
-        self.cpus, self.memory_mb = cpus, memory_mb
+        self.cpus, self.node_memory_mb = cpus, memory_mb
 
     def conf(self):
         root = self.root
@@ -80,7 +82,7 @@ class Cluster:
             "SchedulerType=sched/backfill",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core_Memory",
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN",
+            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.node_memory_mb} State=UNKNOWN",
             "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n"
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, MistralForCausalLM
 from workflow_scripts import common
 from workflow_scripts.checkpoint_files.quantization_vacc import quantize_per_channel
 from workflow_scripts.common import InputError
-from workflow_scripts.patch import AUTO_MAP, VACC_FILES, patch_checkpoint
+from workflow_scripts.patch import patch_checkpoint
+from workflow_scripts.vacc_code import AUTO_MAP, VACC_FILES
 
 VERIFY = {"prompts": ["The capital of France is", "One two three four five six seven eight nine ten eleven twelve"],
           "greedy_tokens": 16, "max_abs_logit_diff": 1e-4}

@@ -16,14 +16,10 @@ from conftest import (
 )
 from test_config import validated
 
-from workflow_scripts.checkpoint import (
-    AUTO_MAP,
-    check_own_code,
-    load_vacc_model,
-    read_weight_map,
-)
+from workflow_scripts.checkpoint import read_weight_map
 from workflow_scripts.common import InputError
 from workflow_scripts.patch import patch_checkpoint
+from workflow_scripts.vacc_code import AUTO_MAP, check_own_code, load_vacc_model
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 
@@ -130,9 +126,9 @@ def test_only_the_checked_loader_passes_trust_remote_code_and_torch_load_is_weig
                 loads.append((path.name, bool(weights_only) and weights_only[0].value.value is True))
             assert not (isinstance(node, ast.Import) and any(a.name in ("pickle", "dill") for a in node.names)
                         and path.name != "download.py"), path
-    assert trusting == ["checkpoint.py"]
+    assert trusting == ["vacc_code.py"]
     assert loads and all(weights_only for _, weights_only in loads), loads
-    loader = (REPO / "workflow_scripts" / "checkpoint.py").read_text()
+    loader = (REPO / "workflow_scripts" / "vacc_code.py").read_text()
     body = loader[loader.index("def load_vacc_model"):]
     assert body.index("check_own_code(folder)") < body.index("from_pretrained(")
 

@@ -8,15 +8,16 @@ skipped with a loud reason; under CI (``CI`` set) they fail instead, since
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import FAKE_HF_TOKEN, embedded_default, files_containing, output_digests
-from slurm_cluster import STATUS_FLAGS, Cluster, why_unavailable
+from slurm_cluster import TEST_FLAGS, Cluster, why_unavailable
 from workflow_copy import Workflow, processes_running, wait_for
 
 pytestmark = pytest.mark.workflow
-SUBMITTED = re.compile(r"^Job (\d+) has been submitted with SLURM jobid (\d+) \(log: .*/rule_(\w+)/", re.MULTILINE)
-JOB_BLOCK = re.compile(r"^(?:rule|checkpoint) \w+:\n((?:    .*\n)+)", re.MULTILINE)
+SUBMITTED = re.compile(r"^Job \d+ has been submitted with SLURM jobid (\d+) \(log: (.*/rule_(\w+)/.*)\)\.$",
+                       re.MULTILINE)
 FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", re.MULTILINE)
 LOCAL_RULES = {"all"}
 
@@ -38,7 +39,7 @@ def cluster(tmp_path_factory):
 
 
 def slurm_run(flow, *args):
-    return flow.run("--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "4", *STATUS_FLAGS,
+    return flow.run("--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "4", *TEST_FLAGS,
                     *args, env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN})
 
 
@@ -56,8 +57,11 @@ def test_every_job_of_the_default_ran_as_a_slurm_job(cluster, slurm_flow):
     assert submitted, output[-3000:]
     assert sorted(rule for _, _, rule in submitted) == sorted(rule for rule in finished if rule not in LOCAL_RULES)
     jobs = cluster.jobs()
-    for _, job_id, rule in submitted:
+    for job_id, slurm_log, rule in submitted:
         assert jobs[int(job_id)][1] == "COMPLETED", (rule, jobs[int(job_id)])
+        log = Path(slurm_log)
+        assert log.name == f"{job_id}.log"
+        assert re.search(rf"^(?:rule|checkpoint) {rule}:$", log.read_text(), re.MULTILINE), log
     main_log = max((flow.work / ".snakemake" / "log").glob("*.snakemake.log"), key=os.path.getmtime).read_text()
     assert set(SUBMITTED.findall(main_log)) == set(submitted)
 
@@ -75,22 +79,19 @@ def test_the_hf_token_reaches_no_file_of_the_cluster_run(slurm_flow):
     assert files_containing(flow.work, FAKE_HF_TOKEN) == []
 
 
-def declared_resources(output):
-    """``{snakemake job id: (threads, mem_mb, runtime)}`` as Snakemake printed each job."""
-    jobs = {}
-    for block in JOB_BLOCK.findall(output):
-        fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.MULTILINE))
-        resources = dict(item.split("=", 1) for item in fields["resources"].split(", "))
-        jobs[fields["jobid"]] = (int(fields.get("threads", 1)), int(resources["mem_mb"]), int(resources["runtime"]))
-    return jobs
+def declared(slurm_log):
+    """``(threads, mem_mb, runtime)`` as the job step printed them in the job's SLURM log."""
+    text = Path(slurm_log).read_text()
+    threads = re.search(r"^    threads: (\d+)$", text, re.MULTILINE)
+    resources = dict(item.split("=", 1) for item in re.search(r"^    resources: (.*)$", text, re.MULTILINE)[1].split(", "))
+    return int(threads[1]) if threads else 1, int(resources["mem_mb"]), int(resources["runtime"])
 
 
 def test_jobs_ask_slurm_for_what_the_rules_declare(cluster, slurm_flow):
     """Each sbatch carried its rule's threads, mem_mb and runtime (workflow_scripts/job_resources.py)."""
     _, output = slurm_flow
-    declared = declared_resources(output)
-    for snakemake_id, slurm_id, rule in SUBMITTED.findall(output):
-        threads, mem_mb, runtime = declared[snakemake_id]
+    for slurm_id, slurm_log, rule in SUBMITTED.findall(output):
+        threads, mem_mb, runtime = declared(slurm_log)
         granted = (int(cluster.job_field(slurm_id, "NumCPUs")), cluster.memory_mb(slurm_id),
                    cluster.job_field(slurm_id, "TimeLimit"))
         assert granted == (threads, mem_mb, f"{runtime // 60:02d}:{runtime % 60:02d}:00"), rule
@@ -101,7 +102,7 @@ def test_a_job_killed_like_an_out_of_memory_job_is_retried_with_more_memory(clus
     flow, _ = slurm_flow
     target = "results/demo-mistral/patched/verify.json"
     process = subprocess.Popen(
-        flow.command("--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "1", *STATUS_FLAGS,
+        flow.command("--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "1", *TEST_FLAGS,
                        "--force", target),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = cluster.wait_for_running("verify")
@@ -109,7 +110,7 @@ def test_a_job_killed_like_an_out_of_memory_job_is_retried_with_more_memory(clus
     subprocess.run(["scancel", "--signal=KILL", str(first)], check=True)
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output[-3000:]
-    attempts = [int(i) for _, i, rule in SUBMITTED.findall(output) if rule == "verify"]
+    attempts = [int(i) for i, _, rule in SUBMITTED.findall(output) if rule == "verify"]
     assert attempts[0] == first and len(attempts) == 2, output[-3000:]
     memory = [cluster.memory_mb(i) for i in attempts]
     assert memory[1] == pytest.approx(1.5 * memory[0], abs=2)

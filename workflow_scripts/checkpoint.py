@@ -3,7 +3,7 @@ import fnmatch
 import shutil
 from pathlib import Path
 
-from .common import InputError, read_json, sha256_file
+from .common import InputError, read_json
 
 ARCHITECTURE = "MistralForCausalLM"
 # Mistral's hub repos also carry consolidated.safetensors, the same weights in
@@ -13,17 +13,6 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("pytorch_model*.bin",)
 METADATA_PATTERNS = ("*.json", "tokenizer.model", "tokenizer.model.*", "*.jinja")
 # what a runtime needs beside the weights to turn text into tokens and back
-# The VACC modeling code every patched and quantized checkpoint carries, and
-# the only code the workflow ever lets transformers run (trust_remote_code).
-PACKAGE_DATA = ("checkpoint_files",)
-CHECKPOINT_FILES = Path(__file__).parent / PACKAGE_DATA[0]
-VACC_FILES = ("modeling_mistral_vacc.py", "configuration_mistral_vacc.py", "quantization_vacc.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_mistral_vacc.MistralConfig",
-    "AutoModel": "modeling_mistral_vacc.MistralModel",
-    "AutoModelForCausalLM": "modeling_mistral_vacc.MistralForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_mistral_vacc.MistralForSequenceClassification",
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "tekken.json", "generation_config.json")
 
@@ -74,37 +63,3 @@ def copy_tokenizer_files(folder, target):
     for name in TOKENIZER_FILES:
         if (Path(folder) / name).exists():
             shutil.copyfile(Path(folder) / name, Path(target) / name)
-
-
-def check_own_code(folder):
-    """Refuse a folder whose code is not, byte for byte, the VACC code this workflow writes.
-
-    ``trust_remote_code`` runs the Python files of a folder; only these may be
-    there, each equal to its copy in ``workflow_scripts/checkpoint_files``, and
-    ``config.json``'s ``auto_map`` may name nothing else (no other module, no
-    ``repo--module`` reference to code on the hub).
-    """
-    folder = Path(folder)
-    for path in sorted(folder.rglob("*.py")):
-        name = str(path.relative_to(folder))
-        if name not in VACC_FILES:
-            raise InputError(f"{path}: this workflow did not write this code; it refuses to load {folder}, "
-                             "which would run it")
-        if sha256_file(path) != sha256_file(CHECKPOINT_FILES / name):
-            raise InputError(f"{path}: differs from workflow_scripts/checkpoint_files/{name}; it refuses to run "
-                             "altered code (rebuild the checkpoint)")
-    auto_map = read_json(folder / "config.json", what="config").get("auto_map", {})
-    for key, reference in auto_map.items():
-        if AUTO_MAP.get(key) != reference:
-            raise InputError(f"{folder / 'config.json'}: auto_map.{key} = {reference!r} names code this workflow "
-                             "did not write; it refuses to load it")
-
-
-def load_vacc_model(folder, dtype, **config_overrides):
-    """A checkpoint whose modeling files this workflow wrote (patched or quantized), in eval mode; their hashes
-    are checked before transformers may run them."""
-    from transformers import AutoModelForCausalLM
-
-    check_own_code(folder)
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype,
-                                                **config_overrides).eval()

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 
 from .aoti_runner import load_compiled
-from .checkpoint import load_vacc_model
+from .vacc_code import load_vacc_model
 from .common import LOG, MANIFEST_NAME, InputError, atomic_write_json, read_json, run_cli, sha256_file
 from .metrics import TokenMetrics, choice_accuracy
 

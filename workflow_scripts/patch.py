@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import AUTO_MAP, CHECKPOINT_FILES, VACC_FILES, is_weight_file, read_mistral_config
+from .checkpoint import is_weight_file, read_mistral_config
 from .common import (
     LOG,
     MANIFEST_NAME,
@@ -25,6 +25,7 @@ from .common import (
     sha256_file,
     staged_directory,
 )
+from .vacc_code import AUTO_MAP, CHECKPOINT_FILES, VACC_FILES
 
 TOKENIZER_FILE = "tokenizer.json"
 WRITTEN_HERE = {"config.json", "config_vacc.json", MANIFEST_NAME, *VACC_FILES}

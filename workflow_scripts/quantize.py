@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_FILE, VACC_FILES, read_weight_map
+from .checkpoint import INDEX_FILE, read_weight_map
 from .checkpoint_files.quantization_vacc import quantize_per_channel
 from .common import (
     LOG,
@@ -46,6 +46,7 @@ from .common import (
 from .mistral_layout import tensor_shapes
 from .safetensors_stream import BackgroundWriter, SafetensorsFile, SafetensorsWriter
 from .sources import sources_digest
+from .vacc_code import VACC_FILES
 
 QUANTIZATION_KEY = "vacc_quantization"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

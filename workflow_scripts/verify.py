@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_vacc_model
 from .common import LOG, CheckFailed, atomic_write_json, read_json, run_cli, sha256_file
+from .vacc_code import load_vacc_model
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from workflow_scripts.aoti_graphs import Decode, Prefill  # noqa: E402
 from workflow_scripts.aoti_runner import StaticGenerator, load_compiled  # noqa: E402
-from workflow_scripts.checkpoint import load_vacc_model  # noqa: E402
+from workflow_scripts.vacc_code import load_vacc_model  # noqa: E402
 from workflow_scripts.verify import greedy_decode  # noqa: E402
 
 PROMPT = "Mistral models are decoder-only transformers with grouped-query attention"
