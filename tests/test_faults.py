@@ -42,6 +42,14 @@ STAGES = [
 ]
 
 
+@pytest.fixture()
+def run_copy(default_run, tmp_path):
+    """A copy of the reference run, removed after the test (each copy is about 1.7 GB)."""
+    flow = copy_run(default_run, tmp_path)
+    yield flow
+    shutil.rmtree(flow.work)
+
+
 def copy_run(reference, root):
     """A second working folder with the reference's outputs and Snakemake records, mtimes kept."""
     flow = Workflow.__new__(Workflow)
@@ -75,8 +83,8 @@ def kill_halfway(flow, stage, *snakemake_args):
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=[stage.rule for stage in STAGES])
-def test_a_job_killed_half_way_reruns_to_the_same_bytes(stage, default_run, tmp_path):
-    flow = copy_run(default_run, tmp_path)
+def test_a_job_killed_half_way_reruns_to_the_same_bytes(stage, default_run, run_copy):
+    flow = run_copy
     returncode, output = kill_halfway(flow, stage)
     assert returncode != 0 and f"Error in rule {stage.rule}" in output, output[-3000:]
     assert not (flow.work / stage.target).exists()
@@ -86,10 +94,10 @@ def test_a_job_killed_half_way_reruns_to_the_same_bytes(stage, default_run, tmp_
     assert not [path for pattern in LEFTOVERS for path in flow.work.glob(pattern)]
 
 
-def test_gptq_killed_with_snakemake_resumes_from_its_finished_layers(default_run, tmp_path):
+def test_gptq_killed_with_snakemake_resumes_from_its_finished_layers(default_run, run_copy):
     """The whole run dies (node lost): after `--unlock`, the rerun takes layer 0 from its partial file."""
     stage = STAGES[2]
-    flow = copy_run(default_run, tmp_path)
+    flow = run_copy
     process = subprocess.Popen(flow.command("--force", stage.target), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     wait_for(lambda: list(flow.work.glob(stage.halfway)), "the first GPTQ layer file")
@@ -105,9 +113,9 @@ def test_gptq_killed_with_snakemake_resumes_from_its_finished_layers(default_run
     assert stage_digests(flow.work, stage) == stage_digests(default_run.work, stage)
 
 
-def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(default_run, tmp_path):
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(default_run, run_copy):
     stage = STAGES[3]
-    flow = copy_run(default_run, tmp_path)
+    flow = run_copy
     first = subprocess.Popen(flow.command("--force", stage.target),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: list(flow.work.glob(stage.halfway.replace("*.pt2", "*"))), "the first run's job")
