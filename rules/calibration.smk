@@ -20,9 +20,10 @@ rule fetch_dataset:
         source=lambda wildcards: json.dumps(
             DATASETS[wildcards.dataset]["source"], sort_keys=True
         ),
+        format=lambda wildcards: DATASETS[wildcards.dataset]["format"],
     shell:
         "python3 -m workflow_scripts.{params.stage} --dataset {wildcards.dataset}"
-        " --source {params.source:q} --manifest {output:q} > {log:q} 2>&1"
+        " --format {params.format} --source {params.source:q} --manifest {output:q} > {log:q} 2>&1"
 
 
 rule tokenizer_store:
@@ -63,34 +64,38 @@ rule calibration_shard:
         **NEEDS["calibration_shard"].resources(),
     params:
         settings=dataset_settings,
+        format=lambda wildcards: DATASETS[wildcards.dataset]["format"],
     shell:
-        "python3 -m workflow_scripts.calibration --dataset {wildcards.dataset}"
+        "python3 -m workflow_scripts.calibration --dataset {wildcards.dataset} --format {params.format}"
         " --files resources/datasets/{wildcards.dataset} --tokenizer $(dirname {input.tokenizer:q})"
         " --fingerprint {wildcards.tokenizer} --settings {params.settings:q}"
         " --shard {output.shard:q} --record {output.record:q} > {log:q} 2>&1"
 
 
+# perplexity windows from the validation file of a c4-format dataset (c4, python-docs, ...)
 rule c4_evaluation_windows:
     input:
         code=code("evaluation_sets"),
-        dataset="resources/datasets/c4/MANIFEST.json",
+        dataset="resources/datasets/{dataset}/MANIFEST.json",
         tokenizer="resources/tokenizers/{tokenizer}/tokenizer.json",
     output:
-        windows="results/evaluation-sets/{tokenizer}/c4-validation.safetensors",
-        record="results/evaluation-sets/{tokenizer}/c4-validation.json",
+        windows="results/evaluation-sets/{tokenizer}/{dataset}-validation.safetensors",
+        record="results/evaluation-sets/{tokenizer}/{dataset}-validation.json",
     log:
-        "logs/evaluation-sets/{tokenizer}/c4-validation.log",
+        "logs/evaluation-sets/{tokenizer}/{dataset}-validation.log",
     benchmark:
-        "benchmarks/evaluation-sets/{tokenizer}/c4-validation.tsv"
+        "benchmarks/evaluation-sets/{tokenizer}/{dataset}-validation.tsv"
+    wildcard_constraints:
+        dataset="|".join(c4_format_datasets()),
     conda:
         "../envs/workflow.yaml"
     threads: NEEDS["c4_windows"].threads
     resources:
         **NEEDS["c4_windows"].resources(),
     params:
-        settings=json.dumps(config["evaluation"]["c4"], sort_keys=True),
+        settings=windows_settings,
     shell:
-        "python3 -m workflow_scripts.evaluation_sets c4-windows --files resources/datasets/c4"
+        "python3 -m workflow_scripts.evaluation_sets c4-windows --files resources/datasets/{wildcards.dataset}"
         " --tokenizer $(dirname {input.tokenizer:q}) --fingerprint {wildcards.tokenizer}"
         " --settings {params.settings:q} --output {output.windows:q} --record {output.record:q}"
         " > {log:q} 2>&1"

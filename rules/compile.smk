@@ -6,6 +6,8 @@ rule vamc_config:
     input:
         code=code("vamc_config"),
         patched="results/{model}/patched/MANIFEST.json",
+        # a checkpoint that fails its verification yields nothing downstream
+        verified="results/{model}/patched/verify.json",
         dataset=vamc_dataset_manifest,
     output:
         "results/{model}/vamc/{dtype}.yaml",
@@ -32,6 +34,8 @@ rule vacc_compile:
         code=code("vacc_compile"),
         config="results/{model}/vamc/{dtype}.yaml",
         patched="results/{model}/patched/MANIFEST.json",
+        # a checkpoint that fails its verification yields nothing downstream
+        verified="results/{model}/patched/verify.json",
     output:
         "results/{model}/vacc/{dtype}/MANIFEST.json",
     log:
@@ -52,6 +56,8 @@ rule aoti_compile:
     input:
         code=code("aoti_compile"),
         patched="results/{model}/patched/MANIFEST.json",
+        # a checkpoint that fails its verification yields nothing downstream
+        verified="results/{model}/patched/verify.json",
         checkpoint=aoti_checkpoint_manifest,
     output:
         "results/{model}/aoti/{variant}/MANIFEST.json",

@@ -5,8 +5,10 @@ rule evaluate:
     input:
         code=code("evaluate"),
         patched="results/{model}/patched/MANIFEST.json",
+        # a checkpoint that fails its verification yields nothing downstream
+        verified="results/{model}/patched/verify.json",
         checkpoint=evaluation_checkpoint_manifest,
-        windows=lambda wildcards: evaluation_set(wildcards, "c4-validation.safetensors"),
+        windows=evaluation_windows,
         ceval=lambda wildcards: evaluation_set(wildcards, "ceval.json"),
     output:
         report(
@@ -24,7 +26,7 @@ rule evaluate:
     resources:
         **NEEDS["evaluate"].resources(),
     params:
-        settings=settings("evaluate"),
+        settings=evaluate_settings,
         checkpoint=lambda wildcards, input: os.path.dirname(input.checkpoint),
     shell:
         "python3 -m workflow_scripts.evaluate --model {wildcards.model:q} --variant {wildcards.evaluation}"
@@ -104,6 +106,7 @@ rule summary:
         evaluations=[
             path for model in config["targets"] for path in model_evaluations(model)
         ],
+        gptq=[gptq_manifest(model) for model in config["targets"]],
     output:
         markdown="results/summary.md",
         html=report(
@@ -125,6 +128,10 @@ rule summary:
             {model: model_evaluations(model) for model in config["targets"]}
         ),
         gates=json.dumps({model: MODELS[model]["gates"] for model in config["targets"]}),
+        gptq=json.dumps(
+            {model: gptq_manifest(model) or None for model in config["targets"]}
+        ),
     shell:
         "python3 -m workflow_scripts.report summary --evaluations {params.evaluations:q}"
-        " --gates {params.gates:q} --markdown {output.markdown:q} --html {output.html:q} > {log:q} 2>&1"
+        " --gates {params.gates:q} --gptq {params.gptq:q} --markdown {output.markdown:q}"
+        " --html {output.html:q} > {log:q} 2>&1"

@@ -5,6 +5,8 @@ rule quantize:
     input:
         code=code("quantize"),
         patched="results/{model}/patched/MANIFEST.json",
+        # a checkpoint that fails its verification yields nothing downstream
+        verified="results/{model}/patched/verify.json",
     output:
         "results/{model}/quantized/{scheme}/MANIFEST.json",
     log:
@@ -30,6 +32,8 @@ rule quantize_gptq:
     input:
         code=code("quantize_gptq"),
         patched="results/{model}/patched/MANIFEST.json",
+        # a checkpoint that fails its verification yields nothing downstream
+        verified="results/{model}/patched/verify.json",
         calibration=gptq_calibration,
     output:
         "results/{model}/quantized/gptq-int8/MANIFEST.json",

@@ -214,10 +214,21 @@ def embedded_default():
     return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
+def embedded_default_of(kind):
+    """The embedded default with only its ``demo`` targets (random-weight models: every stage's plumbing) or only
+    its ``real`` ones (trained models: the quality figures)."""
+    config = embedded_default()
+    config["targets"] = [model for model in config["targets"]
+                         if ("demo" in config["models"][model]["source"]) == (kind == "demo")]
+    assert config["targets"], f"the embedded default has no {kind} target"
+    return config
+
+
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
-    """The embedded default built locally from scratch, with a fake HF_TOKEN in the environment: the reference
-    that the SLURM run and the interrupted runs must reproduce byte for byte."""
-    flow = Workflow(tmp_path_factory.mktemp("default"), embedded_default())
+    """The embedded default's demo models built locally from scratch, with a fake HF_TOKEN in the environment:
+    the reference that the SLURM run and the interrupted runs must reproduce byte for byte. (Its real model is
+    built once, by the real-model tests: plumbing is what these tests check.)"""
+    flow = Workflow(tmp_path_factory.mktemp("default"), embedded_default_of("demo"))
     flow.run(env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN})
     return flow

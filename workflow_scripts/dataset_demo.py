@@ -5,9 +5,11 @@ with ``text``/``timestamp``/``url``; a zip of per-subject CSVs under
 ``dev/``, ``val/``, ``test/``; one JSON array of instruction records), so the
 readers and the tokenization stage run the same code as for the real files.
 The text is generated here from a small grammar: it is not taken from the
-real datasets. Output is byte-identical for the same seed.
+real datasets. The format (c4, alpaca or ceval) picks the generator; output
+is byte-identical for the same dataset id and seed.
 
-Usage: python -m workflow_scripts.dataset_demo --dataset NAME --source JSON --manifest PATH
+Usage: python -m workflow_scripts.dataset_demo --dataset NAME [--format c4|alpaca|ceval] --source JSON
+           --manifest PATH
 """
 import csv
 import gzip
@@ -16,8 +18,8 @@ import json
 import random
 import zipfile
 
-from .common import LOG, fetch_arguments, run_cli
-from .dataset_fetch import DATASET_FILES, assemble_dataset
+from .common import LOG, run_cli
+from .dataset_fetch import DATASET_FILES, assemble_dataset, dataset_arguments
 
 SUBJECTS = ("workflow", "compiler", "tokenizer", "quantization", "accelerator", "memory")
 NOUNS = ("model", "layer", "tensor", "compiler", "cluster", "weight", "token", "graph", "kernel", "cache",
@@ -126,20 +128,21 @@ def alpaca_files(rng):
 GENERATORS = {"c4": c4_files, "ceval": ceval_files, "alpaca": alpaca_files}
 
 
-def generate(dataset, source, staging):
+def generate(dataset, data_format, source, staging):
     """``assemble_dataset`` filler for a ``source: {demo: true, seed}`` entry."""
     seed = source.get("seed", 0)
-    LOG.info("dataset %s: generating demo files (seed %d)", dataset, seed)
-    for role, data in GENERATORS[dataset](random.Random(f"{dataset}:{seed}")).items():
-        path = staging / DATASET_FILES[dataset][1][role]
+    LOG.info("dataset %s: generating demo %s files (seed %d)", dataset, data_format, seed)
+    # seeded by the id: the same text as before formats were separate for c4, alpaca and ceval
+    for role, data in GENERATORS[data_format](random.Random(f"{dataset}:{seed}")).items():
+        path = staging / DATASET_FILES[data_format][1][role]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return {"demo": True, "seed": seed}, {"generated"}
 
 
 def main(argv):
-    args = fetch_arguments(argv, __doc__, "dataset", choices=sorted(DATASET_FILES))
-    assemble_dataset(args.dataset, args.source, args.manifest.parent, generate)
+    args = dataset_arguments(argv, __doc__)
+    assemble_dataset(args.dataset, args.source, args.manifest.parent, generate, args.format)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ validation windows each gets its perplexity and, against the float eager
 model on the same positions, the KL divergence and top-1 agreement of its
 next-token distributions (:mod:`workflow_scripts.metrics`). On ceval it gets
 the accuracy of choosing the answer letter with the highest logit after the
-few-shot prompt, per subject and overall.
+few-shot prompt, per subject and overall. Each variant also completes the
+model's fixed ``prompts`` greedily with its own runtime (the compiled
+variants through their packages), so the report shows that every variant
+still answers.
 
 Eager variants score every position of every window. The compiled graphs
 take a fixed prompt (``seq_in``) and then one token per decode step up to
@@ -29,6 +32,7 @@ from .aoti_runner import load_compiled
 from .vacc_code import load_vacc_model
 from .common import LOG, MANIFEST_NAME, InputError, atomic_write_json, read_json, run_cli, sha256_file
 from .metrics import TokenMetrics, choice_accuracy
+from .verify import greedy_decode
 
 CHUNK = 256  # positions per log-softmax, so a large vocabulary never needs one huge float64 copy
 
@@ -117,8 +121,7 @@ def evaluate_eager(model, reference, windows, questions, letters):
     return metrics.figures(), ceval_figures(letter_logits_of, questions, letters)
 
 
-def evaluate_compiled(folder, reference, windows, questions, letters):
-    generator, _, graphs = load_compiled(folder)
+def evaluate_compiled(generator, graphs, reference, windows, questions, letters):
     seq_in, seq_total = graphs["seq_in"], graphs["seq_total"]
     if windows.shape[1] < seq_total:
         raise InputError(f"the c4 windows have {windows.shape[1]} tokens, fewer than the decode graph's "
@@ -141,6 +144,41 @@ def evaluate_compiled(folder, reference, windows, questions, letters):
     return figures, ceval_figures(letter_logits_of, questions, letters)
 
 
+def until_stop(tokens, stop):
+    """``tokens`` up to and including the first stop token."""
+    for index, token in enumerate(tokens):
+        if token in stop:
+            return tokens[:index + 1]
+    return tokens
+
+
+def stop_token_ids(folder):
+    eos = read_json(Path(folder) / "config.json", what="config").get("eos_token_id")
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+def generations(complete, tokenizer_file, prompts, steps):
+    """Greedy completions of ``prompts``; ``complete(ids, steps)`` returns the new token ids."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    samples = []
+    for prompt in prompts:
+        tokens = complete(tokenizer.encode(prompt).ids, steps)
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True),
+                        "token_ids": tokens})
+    return samples
+
+
+def eager_completer(model, stop):
+    return lambda ids, steps: until_stop(greedy_decode(model, torch.tensor([ids]), steps)[1], stop)
+
+
+def compiled_completer(generator, graphs):
+    stop = set(graphs["stop_token_ids"])
+    return lambda ids, steps: generator.generate(ids, steps, stop=stop)[0]
+
+
 def evaluate(model_id, variant, patched, checkpoint, windows_path, ceval_path, settings, output):
     patched, checkpoint = Path(patched), Path(checkpoint)
     fingerprint = sha256_file(patched / "tokenizer.json")[:16]
@@ -152,12 +190,18 @@ def evaluate(model_id, variant, patched, checkpoint, windows_path, ceval_path, s
     reference = None if variant == "float" else load_model(patched, dtype)
     start = time.monotonic()
     if compiled:
-        c4, ceval = evaluate_compiled(checkpoint, reference, windows, questions, letters)
+        generator, _, graphs = load_compiled(checkpoint)
+        c4, ceval = evaluate_compiled(generator, graphs, reference, windows, questions, letters)
+        complete = compiled_completer(generator, graphs)
     else:
-        c4, ceval = evaluate_eager(load_model(checkpoint, dtype), reference, windows, questions, letters)
+        model = load_model(checkpoint, dtype)
+        c4, ceval = evaluate_eager(model, reference, windows, questions, letters)
+        complete = eager_completer(model, stop_token_ids(checkpoint))
+    samples = generations(complete, patched / "tokenizer.json", settings["prompts"], settings["generate_tokens"])
     atomic_write_json(output, {
         "model": model_id, "variant": variant, "backend": "aoti" if compiled else "eager", "dtype": settings["dtype"],
         "c4": {**c4, "windows": len(windows), "window_tokens": windows.shape[1]}, "ceval": ceval,
+        "generations": samples,
         "inputs": {"checkpoint_manifest_sha256": sha256_file(checkpoint / MANIFEST_NAME),
                    "windows_sha256": sha256_file(windows_path), "ceval_sha256": sha256_file(ceval_path)}})
     # the time goes to the log, not the result, so that a rerun of the same inputs writes the same bytes

@@ -1,9 +1,10 @@
 """Evaluation sets, tokenized per tokenizer, for the evaluation stage.
 
-* ``c4-windows``: perplexity windows from the c4 validation file: documents in
-  file order, each encoded with BOS, concatenated and cut into consecutive
-  ``[nsamples, seqlen]`` windows (the GPTQ evaluation recipe, streamed; reading
-  stops once enough tokens are in).
+* ``c4-windows``: perplexity windows from the validation file of a c4-format
+  dataset (c4 itself, or e.g. python-docs): documents in file order, each
+  encoded as the tokenizer does (with BOS where it adds one), concatenated and
+  cut into consecutive ``[nsamples, seqlen]`` windows (the GPTQ evaluation
+  recipe, streamed; reading stops once enough tokens are in).
 * ``ceval``: every question of a split (default ``val``) as a few-shot prompt:
   the subject's header, the first ``shots`` ``dev`` questions with their
   answers, then the question; with the token id of each answer letter, so the
@@ -32,7 +33,7 @@ from .dataset_readers import LETTERS, C4Lines, ceval_header, ceval_question, rea
 
 def c4_windows(files, tokenizer, settings):
     nsamples, seqlen = settings["nsamples"], settings["seqlen"]
-    check_size("c4 evaluation", nsamples, seqlen)
+    check_size(f"{Path(files).name} evaluation", nsamples, seqlen)
     path = dataset_file(files, "c4", "validation")
     needed = nsamples * seqlen
     tokens, documents = [], 0
@@ -84,7 +85,8 @@ def ceval_prompts(files, tokenizer, settings):
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["c4-windows", "ceval"])
-    parser.add_argument("--files", required=True, type=Path, help="the fetched dataset folder")
+    parser.add_argument("--files", required=True, type=Path,
+                        help="the fetched dataset folder (c4-windows: of a c4-format dataset)")
     parser.add_argument("--tokenizer", required=True, type=Path, help="a checkpoint folder with tokenizer.json")
     parser.add_argument("--fingerprint", required=True)
     parser.add_argument("--settings", required=True, type=json.loads)
@@ -102,7 +104,7 @@ def main(argv):
         with atomic_path(args.output) as tmp:
             save_file({"input_ids": input_ids}, str(tmp), metadata={"tokenizer_fingerprint": args.fingerprint})
         atomic_write_json(args.record, {**provenance, **stats, "shape": list(input_ids.shape)})
-        LOG.info("c4 validation: %d windows of %d tokens from %d documents", *input_ids.shape,
+        LOG.info("%s validation: %d windows of %d tokens from %d documents", args.files.name, *input_ids.shape,
                  stats["documents_used"])
     else:
         entries, letter_ids = ceval_prompts(args.files, tokenizer, args.settings)

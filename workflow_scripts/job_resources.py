@@ -12,6 +12,7 @@ again when a job is ready, so jobs after the download are sized from the real
 import math
 from dataclasses import dataclass
 
+from . import gguf_source
 from .demo_presets import demo_config
 from .mistral_layout import tensor_shapes
 
@@ -27,6 +28,7 @@ DISK_BYTES_PER_S = 200 * 10 ** 6  # hashing, copying, streaming safetensors
 CPU_FLOPS_PER_THREAD = 25 * 10 ** 9  # measured: 50 GFLOP/s per core in GPTQ's mid-shape bench
 GPU_FLOPS = 50 * 10 ** 12  # measured: about 220 TFLOP/s effective in GPTQ on an H100
 TOKENS_PER_S = 20_000  # tokenizing calibration text, per job
+DEQUANTIZE_PARAMETERS_PER_S = 30 * 10 ** 6  # measured: about 70 M/s for SmolLM2's Q4_1 (gguf's numpy code)
 CEVAL_TOKENS_PER_SHOT = 200  # a question with its four choices
 CEVAL_VAL_QUESTIONS = 1346  # ceval-exam's val split, all 52 subjects
 # Sizes a hub model whose config sets no `shape`: the larger figure of the two real models for each key.
@@ -66,10 +68,14 @@ class ModelSize:
 
 
 def planned_size(model_settings):
-    """The size of a model before its download exists: demo preset, the config's ``shape``, else 8B-class."""
+    """The size of a model before its download exists: demo preset, a GGUF file's header, the config's
+    ``shape``, else 8B-class."""
     source = model_settings["source"]
     if "demo" in source:
         return ModelSize(demo_config(source["demo"], source.get("shape")))
+    planned = gguf_source.planned(source) if "gguf" in source else None
+    if planned is not None:
+        return ModelSize(planned[1])
     return ModelSize({**DEFAULT_SHAPE, **model_settings.get("shape", {})})
 
 
@@ -85,8 +91,25 @@ def forward_seconds(size, tokens, threads, passes=1):
     return passes * 2 * size.parameters * tokens / (CPU_FLOPS_PER_THREAD * threads)
 
 
-def download(size, attempt, generated):
-    """Streamed from the hub to disk; a demo model is generated in memory (float32, then bf16)."""
+def download_figures(source):
+    """The figures of :func:`download` for a model's source."""
+    figures = {"generated": "demo" in source}
+    if "gguf" in source:
+        planned = gguf_source.planned(source)
+        # an unreadable file fails the import at once; its size is a guess from the model's bf16 weights
+        figures["gguf_bytes"] = planned[0] if planned else 0
+    return figures
+
+
+def download(size, attempt, generated, gguf_bytes=None):
+    """Streamed from the hub to disk; a demo model is generated in memory (float32, then bf16). A GGUF import
+    reads the file, dequantizes one tensor at a time (float32, the gguf package's temporaries, the bf16
+    copy: 16 bytes per element of the largest tensor) and writes the bf16 shards, then hashes them."""
+    if gguf_bytes is not None:
+        largest = max(math.prod(shape) for shape in tensor_shapes(size.config).values())
+        seconds = ((gguf_bytes + 2 * size.weight_bytes) / DISK_BYTES_PER_S
+                   + size.parameters / DEQUANTIZE_PARAMETERS_PER_S)
+        return request(GB + 16 * largest, seconds, attempt)
     if generated:
         return request(GB + 3 * size.weight_bytes, size.weight_bytes / DISK_BYTES_PER_S, attempt)
     return request(GB, size.weight_bytes / NETWORK_BYTES_PER_S, attempt)

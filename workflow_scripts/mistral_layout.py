@@ -2,7 +2,10 @@
 
 
 def tensor_shapes(config):
-    """HF tensor names and shapes of a ``MistralForCausalLM``, in file order."""
+    """HF tensor names and shapes of a ``MistralForCausalLM``, in file order.
+
+    A model with tied embeddings has no ``lm_head.weight``: its output projection is ``embed_tokens``.
+    """
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     q_out = config["num_attention_heads"] * head_dim
@@ -22,5 +25,6 @@ def tensor_shapes(config):
             f"{prefix}.mlp.down_proj.weight": (hidden, inter),
         })
     shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    if not config.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (config["vocab_size"], hidden)
     return shapes

@@ -82,8 +82,6 @@ def check_tensors(folder, mapping, shards, config, modules):
     index = folder / "model.safetensors.index.json"
     for name, shape in expected.items():
         if name not in mapping:
-            if name == "lm_head.weight" and config.get("tie_word_embeddings"):
-                continue
             raise InputError(f"{index}: has no tensor {name} (a missing layer, or not Mistral's module names)")
         shard = shards[mapping[name]]
         if name not in shard.entries:

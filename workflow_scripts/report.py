@@ -2,13 +2,15 @@
 
 * summary: one row per model and variant (backend, c4 perplexity and its change
   against float eager, KL divergence, top-1 agreement, ceval accuracy) and the
-  gates' verdicts, as Markdown for a terminal and as HTML for
-  ``snakemake --report``;
+  gates' verdicts; each variant's greedy completions of the fixed prompts;
+  GPTQ's and RTN's held-out output error layer by layer; as Markdown for a
+  terminal and as HTML for ``snakemake --report``;
 * plots (matplotlib, PNG): per-layer quantization error of RTN and GPTQ from
   the GPTQ manifest; perplexity and KL by variant; wall time and peak memory
   of every stage from the rules' ``benchmark:`` files.
 
-Usage: python -m workflow_scripts.report summary --evaluations JSON --gates JSON --markdown PATH --html PATH
+Usage: python -m workflow_scripts.report summary --evaluations JSON --gates JSON --gptq JSON --markdown PATH
+           --html PATH
        python -m workflow_scripts.report plots --model ID --evaluations JSON [JSON ...] [--gptq MANIFEST]
            --benchmarks DIR --output DIR
 """
@@ -46,31 +48,72 @@ def summary_rows(model, evaluations, gate_settings):
     return rows
 
 
-def markdown_table(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+def generation_rows(model, evaluations):
+    """One row per prompt and variant: what each variant completes greedily with its own runtime."""
+    rows = []
+    for variant, record in sorted(evaluations.items(), key=lambda item: (item[0] != "float", item[0])):
+        for sample in record.get("generations", []):
+            rows.append((model, sample["prompt"], variant, sample["completion"]))
+    return rows
+
+
+def layer_error_rows(model, manifest):
+    """GPTQ's and RTN's held-out relative output error, layer by layer, and their ratio."""
+    layers = read_json(manifest, what="GPTQ manifest")["layers"]
+    rows = []
+    for index in sorted(layers, key=int):
+        errors = layers[index]["heldout_output_error"]
+        rows.append((model, index, f"{errors['rtn']:.4g}", f"{errors['gptq']:.4g}",
+                     f"{errors['gptq'] / errors['rtn']:.3f}" if errors["rtn"] else "n/a"))
+    return rows
+
+
+SECTIONS = (
+    ("summary", "Variant summary", COLUMNS,
+     "Perplexity on the c4-format validation windows; KL divergence and top-1 agreement of the next-token "
+     "distributions against the float eager model on the same positions (compiled variants: the positions their "
+     "decode graph covers); ceval accuracy from the answer letters' logits."),
+    ("generations", "Greedy generations", ("model", "prompt", "variant", "completion"),
+     "Each variant completes the model's fixed prompts greedily with its own runtime (compiled variants through "
+     "their packages)."),
+    ("layers", "GPTQ vs RTN, held-out layer output error", ("model", "layer", "RTN", "GPTQ", "GPTQ / RTN"),
+     "Relative output error of each decoder layer on calibration samples that never entered a Hessian."),
+)
+
+
+def markdown_table(columns, rows):
+    def cell(value):
+        return str(value).replace("|", "\\|").replace("\n", "\\n")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def html_table(rows):
-    head = "".join(f"<th>{html.escape(column)}</th>" for column in COLUMNS)
+def html_table(table_id, columns, rows):
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in rows)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Variant summary</title><style>"
-            "table{border-collapse:collapse;font-family:sans-serif}td,th{border:1px solid #999;padding:4px 8px}"
-            f"</style></head><body><table id='summary'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-            "</body></html>\n")
+    return f"<table id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_summary(evaluation_paths, gate_settings, markdown, html_path):
-    rows = []
+def write_summary(evaluation_paths, gate_settings, gptq_manifests, markdown, html_path):
+    tables = {"summary": [], "generations": [], "layers": []}
     for model, paths in evaluation_paths.items():
         evaluations = {Path(path).stem: read_json(path, what="evaluation") for path in paths}
-        rows += summary_rows(model, evaluations, gate_settings[model])
-    note = ("Perplexity on the c4 validation windows; KL divergence and top-1 agreement of the next-token "
-            "distributions against the float eager model on the same positions (compiled variants: the positions "
-            "their decode graph covers); ceval accuracy from the answer letters' logits.\n")
-    atomic_write_text(markdown, "# Variant summary\n\n" + note + "\n" + markdown_table(rows) + "\n")
-    atomic_write_text(html_path, html_table(rows))
+        tables["summary"] += summary_rows(model, evaluations, gate_settings[model])
+        tables["generations"] += generation_rows(model, evaluations)
+        if gptq_manifests.get(model):
+            tables["layers"] += layer_error_rows(model, gptq_manifests[model])
+    sections = [(table_id, title, columns, note) for table_id, title, columns, note in SECTIONS if tables[table_id]]
+    atomic_write_text(markdown, "\n".join(
+        f"{'#' if index == 0 else '##'} {title}\n\n{note}\n\n{markdown_table(columns, tables[table_id])}\n"
+        for index, (table_id, title, columns, note) in enumerate(sections)))
+    body = "".join(f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p>{html_table(table_id, columns, tables[table_id])}"
+                   for table_id, title, columns, note in sections)
+    atomic_write_text(html_path, (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Variant summary</title><style>"
+        "table{border-collapse:collapse;font-family:sans-serif}td,th{border:1px solid #999;padding:4px 8px;"
+        f"white-space:pre-wrap}}</style></head><body>{body}</body></html>\n"))
 
 
 def save_figure(figure, path):
@@ -150,6 +193,7 @@ def main(argv):
     summary = commands.add_parser("summary")
     summary.add_argument("--evaluations", required=True, type=json.loads, help="{model: [evaluation JSON, ...]}")
     summary.add_argument("--gates", required=True, type=json.loads, help="{model: gate settings}")
+    summary.add_argument("--gptq", required=True, type=json.loads, help="{model: GPTQ manifest or null}")
     summary.add_argument("--markdown", required=True, type=Path)
     summary.add_argument("--html", required=True, type=Path)
     plots = commands.add_parser("plots")
@@ -160,7 +204,7 @@ def main(argv):
     plots.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
     if args.command == "summary":
-        write_summary(args.evaluations, args.gates, args.markdown, args.html)
+        write_summary(args.evaluations, args.gates, args.gptq, args.markdown, args.html)
     else:
         write_plots(args.evaluations, args.gptq, args.benchmarks, args.output)
 

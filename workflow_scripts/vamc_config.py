@@ -24,6 +24,8 @@ from .common import InputError, atomic_write_text, run_cli
 from .mistral_layout import tensor_shapes
 
 DTYPES = ("fp16", "int8")
+# the calibration datasets vamc reads, by name; a configured dataset passes its format (python-docs: c4)
+VAMC_DATASETS = ("c4", "alpaca", "ceval")
 SEQUENCE_MULTIPLE = 16
 LARGE_MODEL_PARAMETERS = 32e9  # from this size the zoo's notes ask for VACC_STACK_SIZE=256
 LARGE_MODEL_STACK_SIZE = "256"
@@ -133,13 +135,17 @@ def main(argv):
     parser.add_argument("--dtype", required=True, choices=DTYPES)
     parser.add_argument("--settings", required=True, type=json.loads, help="the model's vamc section, name filled")
     parser.add_argument("--dataset-dir", type=Path, help="int8: the calibration dataset's raw files")
-    parser.add_argument("--calibration", type=json.loads, help="int8: {name, nsamples, seqlen}")
+    parser.add_argument("--calibration", type=json.loads,
+                        help="int8: {name, nsamples, seqlen}; name is the dataset's format, which vamc reads")
     parser.add_argument("--workspace", required=True, type=Path)
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
     config = read_mistral_config(args.patched, args.model)
     calibration = None
     if args.dtype == "int8":
+        if args.calibration["name"] not in VAMC_DATASETS:
+            raise InputError(f"model {args.model}: vamc reads the calibration datasets {', '.join(VAMC_DATASETS)}, "
+                             f"not {args.calibration['name']!r}")
         calibration = {"name": args.calibration["name"], "path": str(args.dataset_dir.resolve()),
                        "nsamples": args.calibration["nsamples"], "seqlen": args.calibration["seqlen"]}
     document = render(args.model, config, args.settings, args.dtype, args.patched, args.workspace, calibration)

@@ -259,6 +259,10 @@ class MistralModel(MistralPreTrainedModel):
 
 
 class MistralForCausalLM(MistralPreTrainedModel, GenerationMixin):
+    # With config.tie_word_embeddings (e.g. Llama-style small models), lm_head is embed_tokens and the
+    # checkpoint holds no lm_head.weight. A mapping serves transformers 5 and, iterated for its keys, 4.45.
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config):
         super().__init__(config)
         self.model = MistralModel(config)

