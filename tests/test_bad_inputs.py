@@ -453,7 +453,7 @@ CASES = [
          r"config: models\.demo-mistral\.source\.revision is required for a hub source"),
     Case("config-unknown-target", "a target that is not under `models`",
          config_with(lambda config: config["targets"].append("mistral-7b")),
-         r"config: targets\[2\] names model 'mistral-7b', which is not under models"),
+         r"config: targets\[3\] names model 'mistral-7b', which is not under models"),
     Case("config-calibration-not-positive",
          "`nsamples`/`seqlen` not positive, beyond 65536 / 131072, or a product beyond 2^28 tokens",
          config_with(lambda config: config.update(datasets={"c4": {"nsamples": 0}})),
@@ -487,8 +487,8 @@ CASES = [
          r"config: models\.demo-mistral\.vamc\.overrides\.backend\.compile\.ffn_splits is not a vamc build-config "
          r"key \(known here: "),
     Case("config-aoti-variant", "an aoti variant that is not a quantize scheme, no room for the greedy steps",
-         config_with(demo_model(quantize={"schemes": ["rtn-int8"]})),
-         r"config: models\.demo-mistral\.aoti\.variants\[2\] = gptq-int8 is not among "
+         config_with(demo_model(quantize={"schemes": ["gptq-int8"]})),
+         r"config: models\.demo-mistral\.aoti\.variants\[0\] = rtn-int8 is not among "
          r"models\.demo-mistral\.quantize\.schemes"),
     # download
     Case("hub-repo-missing", "hub repo or revision missing from the offline cache", hub_repo_missing,

@@ -23,7 +23,7 @@ from pathlib import Path
 from .common import atomic_path, atomic_write_text, read_json, run_cli
 from .gates import check_variants, describe, perplexity_increase
 
-COLUMNS = ("model", "variant", "backend", "c4 perplexity", "vs float, same positions", "KL (nats)", "top-1 agreement",
+COLUMNS = ("model", "variant", "backend", "perplexity", "vs float, same positions", "KL (nats)", "top-1 agreement",
            "ceval accuracy", "gates")
 
 
@@ -70,9 +70,10 @@ def layer_error_rows(model, manifest):
 
 SECTIONS = (
     ("summary", "Variant summary", COLUMNS,
-     "Perplexity on the c4-format validation windows; KL divergence and top-1 agreement of the next-token "
-     "distributions against the float eager model on the same positions (compiled variants: the positions their "
-     "decode graph covers); ceval accuracy from the answer letters' logits."),
+     "Perplexity on the validation windows of each model's evaluate.dataset (c4 format); KL divergence and "
+     "top-1 agreement of the next-token distributions against the float eager model on the same positions "
+     "(compiled variants: the positions their decode graph covers); ceval accuracy from the answer letters' "
+     "logits."),
     ("generations", "Greedy generations", ("model", "prompt", "variant", "completion"),
      "Each variant completes the model's fixed prompts greedily with its own runtime (compiled variants through "
      "their packages)."),
@@ -141,7 +142,7 @@ def plot_metrics(evaluations, path, pyplot):
     names = sorted(evaluations, key=lambda name: (name != "float", name))
     figure, (perplexity, divergence) = pyplot.subplots(1, 2, figsize=(10, 3.5))
     perplexity.bar(names, [evaluations[n]["c4"]["perplexity"] or 0 for n in names], color="#4c72b0")
-    perplexity.set(ylabel="c4 perplexity", title="perplexity by variant")
+    perplexity.set(ylabel="perplexity", title="perplexity by variant")
     others = [n for n in names if n != "float"]
     divergence.bar(others, [evaluations[n]["c4"].get("kl_divergence") or 0 for n in others], color="#dd8452")
     divergence.set(ylabel="KL(float || variant), nats", title="KL divergence by variant")
