@@ -19,7 +19,7 @@ from workflow_scripts.patch import patch_checkpoint
 from workflow_scripts.quantize_gptq import quantize_gptq
 
 SETTINGS = {**QUANTIZE_SETTINGS, "datasets": ["c4"], "nsamples": 48, "holdout": 8, "block_size": 32, "damp": 0.01,
-            "act_order": False, "device": "cpu"}
+            "act_order": False, "first_token_weight": 1.0, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")

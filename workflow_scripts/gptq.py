@@ -33,7 +33,12 @@ class Hessian:
         self.matrix = torch.zeros(columns, columns, dtype=self.dtype, device=device)
         self.rows = 0
 
-    def add(self, inputs):
+    def add(self, inputs, first_token_weight=1.0):
+        """Accumulate ``inputs`` ``[batch, tokens, columns]``; the first token of each row counts
+        ``first_token_weight`` times (its rows are scaled by the square root)."""
+        if first_token_weight != 1.0:
+            inputs = inputs.clone()
+            inputs[:, 0] *= first_token_weight ** 0.5
         x = inputs.reshape(-1, inputs.shape[-1])
         total = self.rows + x.shape[0]
         keep, alpha = self.rows / total, 2.0 / total

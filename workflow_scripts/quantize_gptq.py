@@ -66,6 +66,7 @@ HESSIAN_GROUPS = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "
                   "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
                   "mlp.down_proj": ("mlp.down_proj",)}
 ALL_PROJECTIONS = [module for group in HESSIAN_GROUPS.values() for module in group]
+ATTENTION_INPUT = "self_attn.q_proj"
 
 
 def resolve_device(setting):
@@ -168,14 +169,20 @@ def set_dequantized(layer, entries, index):
                 linear.weight.copy_(weight)
 
 
-def collect_hessians(layer, samples):
-    """The Hessian of each input shared by a group of projections, over the calibration samples."""
+def collect_hessians(layer, samples, first_token_weight):
+    """The Hessian of each input shared by a group of projections, over the calibration samples.
+
+    Every query attends to the first position (the attention sink), so an error in its key and value
+    reaches every token after it: in the q/k/v Hessian its activations count ``first_token_weight``
+    times.
+    """
     hessians, hooks = {}, []
     for owner in HESSIAN_GROUPS:
         linear = layer.get_submodule(owner)
         hessians[owner] = Hessian(linear.in_features, linear.weight.device)
+        weight = first_token_weight if owner == ATTENTION_INPUT else 1.0
         hooks.append(linear.register_forward_hook(
-            lambda module, inputs, output, owner=owner: hessians[owner].add(inputs[0])))
+            lambda module, inputs, output, owner=owner, weight=weight: hessians[owner].add(inputs[0], weight)))
     try:
         samples.through(layer)
     finally:
@@ -211,7 +218,7 @@ def quantize_group(layer, index, members, hessian, settings, dtype):
 def quantize_layer(layer, index, calibration, holdout, settings, dtype):
     """GPTQ for each projection of ``layer``; ``(entries, figures)``, figures in-sample (under the
     calibration Hessians) and on the held-out samples (the layer's output error with RTN and GPTQ weights)."""
-    hessians = collect_hessians(layer, calibration)
+    hessians = collect_hessians(layer, calibration, settings["first_token_weight"])
     reference = holdout.through(layer)
     entries, rtn_entries, matrices = {}, {}, {}
     for owner, members in HESSIAN_GROUPS.items():
@@ -297,7 +304,8 @@ def quantize_gptq(model, patched, calibration, folder, settings):
     patched, folder = Path(patched), Path(folder)
     calibration = [Path(path) for path in calibration]
     record = {**quantization_record("gptq-int8", settings),
-              "gptq": {key: settings[key] for key in ("block_size", "damp", "act_order", "nsamples", "holdout")},
+              "gptq": {key: settings[key] for key in ("block_size", "damp", "act_order", "first_token_weight",
+                                                  "nsamples", "holdout")},
               "calibration": [path.stem for path in calibration]}
     fingerprint = {"patched_manifest_sha256": sha256_file(patched / MANIFEST_NAME), "settings": record,
                    "calibration_sha256": {path.name: sha256_file(path) for path in calibration},

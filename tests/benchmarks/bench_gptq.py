@@ -40,7 +40,7 @@ SHAPES = {
             "head_dim": 128, "rope_theta": 1e6},
 }
 SETTINGS = {"bits": 8, "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            "block_size": 128, "damp": 0.01, "act_order": False, "holdout": 16}
+            "block_size": 128, "damp": 0.01, "act_order": True, "first_token_weight": 256, "holdout": 16}
 
 
 class Timers:
@@ -125,7 +125,8 @@ def main():
     timers.wrap(quantize_gptq.Samples, "relative_change", "held-out error figures")
     captured = {}
     original_collect = quantize_gptq.collect_hessians
-    quantize_gptq.collect_hessians = lambda layer, samples: captured.setdefault("h", original_collect(layer, samples))
+    quantize_gptq.collect_hessians = lambda layer, samples, weight: captured.setdefault(
+        "h", original_collect(layer, samples, weight))
     per_layer, baseline = [], []
     with tempfile.TemporaryDirectory() as folder:
         for index in range(args.layers):
