@@ -6,8 +6,7 @@ rule vamc_config:
     input:
         code=code("vamc_config"),
         patched="results/{model}/patched/MANIFEST.json",
-        # a checkpoint that fails its verification yields nothing downstream
-        verified="results/{model}/patched/verify.json",
+        verified=verified_checkpoint(),
         dataset=vamc_dataset_manifest,
     output:
         "results/{model}/vamc/{dtype}.yaml",
@@ -34,8 +33,7 @@ rule vacc_compile:
         code=code("vacc_compile"),
         config="results/{model}/vamc/{dtype}.yaml",
         patched="results/{model}/patched/MANIFEST.json",
-        # a checkpoint that fails its verification yields nothing downstream
-        verified="results/{model}/patched/verify.json",
+        verified=verified_checkpoint(),
     output:
         "results/{model}/vacc/{dtype}/MANIFEST.json",
     log:
@@ -56,8 +54,7 @@ rule aoti_compile:
     input:
         code=code("aoti_compile"),
         patched="results/{model}/patched/MANIFEST.json",
-        # a checkpoint that fails its verification yields nothing downstream
-        verified="results/{model}/patched/verify.json",
+        verified=verified_checkpoint(),
         checkpoint=aoti_checkpoint_manifest,
     output:
         "results/{model}/aoti/{variant}/MANIFEST.json",

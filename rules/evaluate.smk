@@ -5,8 +5,7 @@ rule evaluate:
     input:
         code=code("evaluate"),
         patched="results/{model}/patched/MANIFEST.json",
-        # a checkpoint that fails its verification yields nothing downstream
-        verified="results/{model}/patched/verify.json",
+        verified=verified_checkpoint(),
         checkpoint=evaluation_checkpoint_manifest,
         windows=evaluation_windows,
         ceval=lambda wildcards: evaluation_set(wildcards, "ceval.json"),

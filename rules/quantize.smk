@@ -5,8 +5,7 @@ rule quantize:
     input:
         code=code("quantize"),
         patched="results/{model}/patched/MANIFEST.json",
-        # a checkpoint that fails its verification yields nothing downstream
-        verified="results/{model}/patched/verify.json",
+        verified=verified_checkpoint(),
     output:
         "results/{model}/quantized/{scheme}/MANIFEST.json",
     log:
@@ -32,8 +31,7 @@ rule quantize_gptq:
     input:
         code=code("quantize_gptq"),
         patched="results/{model}/patched/MANIFEST.json",
-        # a checkpoint that fails its verification yields nothing downstream
-        verified="results/{model}/patched/verify.json",
+        verified=verified_checkpoint(),
         calibration=gptq_calibration,
     output:
         "results/{model}/quantized/gptq-int8/MANIFEST.json",

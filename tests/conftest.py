@@ -215,20 +215,51 @@ def embedded_default():
 
 
 def embedded_default_of(kind):
-    """The embedded default with only its ``demo`` targets (random-weight models: every stage's plumbing) or only
-    its ``real`` ones (trained models: the quality figures)."""
+    """The embedded config targeting its ``demo`` models (random-weight models, built by name: every stage's
+    plumbing) or its ``real`` default targets (trained models: the quality figures)."""
     config = embedded_default()
-    config["targets"] = [model for model in config["targets"]
-                         if ("demo" in config["models"][model]["source"]) == (kind == "demo")]
-    assert config["targets"], f"the embedded default has no {kind} target"
+    if kind == "demo":
+        config["targets"] = [model for model, settings in config["models"].items() if "demo" in settings["source"]]
+    assert config["targets"], f"the embedded config has no {kind} target"
+    assert all(("demo" in config["models"][model]["source"]) == (kind == "demo") for model in config["targets"])
     return config
 
 
+def small_gptq(*aoti_variants):
+    """Small GPTQ settings; AOTInductor compiles only the named variants (each takes about 30 s here)."""
+    return {"quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}},
+            "aoti": {"variants": list(aoti_variants), "seq_in": 64, "seq_total": 80},
+            # random weights: near-uniform distributions make top-1 agreement meaningless (config.yaml says why)
+            "gates": {"min_top1_agreement": None}}
+
+
+TIED = {**TINY_SHAPES["mistral"], "tie_word_embeddings": True}
+
+
+def reference_config():
+    """The smallest config that runs every stage: three tiny models, two of which (a, c) share a tokenizer;
+    small calibration sizes. tiny-a ties its embeddings (no lm_head.weight), as Llama-style models do, and is
+    the one compiled by AOTInductor; tiny-b is Ministral-shaped with the Tekken tokenizer."""
+    return {
+        "targets": ["tiny-a", "tiny-b", "tiny-c"],
+        "models": {
+            "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TIED},
+                       **small_gptq("rtn-int8")},
+            "tiny-b": {"source": {"demo": "ministral", "seed": 2, "shape": TINY_SHAPES["ministral"]},
+                       "verify": {"greedy_tokens": 8}, **small_gptq()},
+            "tiny-c": {"source": {"demo": "mistral", "seed": 3, "shape": TINY_SHAPES["mistral"]},
+                       "verify": {"greedy_tokens": 4}, **small_gptq()},
+        },
+        "datasets": {"c4": {"nsamples": 12, "seqlen": 256}, "alpaca": {"nsamples": 8, "seqlen": 128},
+                     "ceval": {"nsamples": 8, "seqlen": 64}},
+        "evaluation": {"c4": {"nsamples": 4, "seqlen": 256}},
+    }
+
+
 @pytest.fixture(scope="session")
-def default_run(tmp_path_factory):
-    """The embedded default's demo models built locally from scratch, with a fake HF_TOKEN in the environment:
-    the reference that the SLURM run and the interrupted runs must reproduce byte for byte. (Its real model is
-    built once, by the real-model tests: plumbing is what these tests check.)"""
-    flow = Workflow(tmp_path_factory.mktemp("default"), embedded_default_of("demo"))
-    flow.run(env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN})
+def reference_run(tmp_path_factory):
+    """reference_config built locally from scratch, once per session, with a fake HF_TOKEN in the environment:
+    what the workflow tests plan against (on copies), and what the SLURM run must reproduce byte for byte."""
+    flow = Workflow(tmp_path_factory.mktemp("reference"), reference_config())
+    flow.output = flow.run(env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN})
     return flow

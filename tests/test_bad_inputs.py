@@ -24,6 +24,7 @@ from conftest import (
     QUANTIZE_SETTINGS,
     REPO,
     embedded_default,
+    reference_config,
     run_stage,
     stage_env,
 )
@@ -34,7 +35,6 @@ from test_config import validated
 from test_gguf_import import reference_model, write_foreign_gguf, write_gguf
 from test_quantize import rewrite
 from test_quantize_gptq import SETTINGS as GPTQ_SETTINGS
-from test_workflow import small_config
 from workflow_copy import Workflow
 
 from workflow_scripts.calibration import write_shard
@@ -205,7 +205,7 @@ def snakemake_start(write):
     """Arrange a SnakemakeStart: ``write(workflow)`` puts the bad config file in the copy's working folder and
     returns its name."""
     def arrange(bench):
-        workflow = Workflow(bench.root, small_config())
+        workflow = Workflow(bench.root, reference_config())
         return SnakemakeStart(workflow, write(workflow))
     return arrange
 
@@ -217,7 +217,7 @@ def malformed_yaml(workflow):
 
 
 def seq_in_not_a_multiple_of_16(workflow):
-    config = small_config()
+    config = reference_config()
     config["models"]["tiny-a"]["vamc"] = {"seq_in": 1000}
     return workflow.write_config(config, "bad.yaml").name
 
@@ -453,7 +453,7 @@ CASES = [
          r"config: models\.demo-mistral\.source\.revision is required for a hub source"),
     Case("config-unknown-target", "a target that is not under `models`",
          config_with(lambda config: config["targets"].append("mistral-7b")),
-         r"config: targets\[3\] names model 'mistral-7b', which is not under models"),
+         r"config: targets\[1\] names model 'mistral-7b', which is not under models"),
     Case("config-calibration-not-positive",
          "`nsamples`/`seqlen` not positive, beyond 65536 / 131072, or a product beyond 2^28 tokens",
          config_with(lambda config: config.update(datasets={"c4": {"nsamples": 0}})),

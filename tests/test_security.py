@@ -155,10 +155,10 @@ def test_an_index_cannot_point_a_stage_outside_the_checkpoint(tmp_path, shard):
 
 
 @pytest.mark.workflow
-def test_the_hf_token_reaches_no_file_of_a_run(default_run):
-    """Logs, benchmarks, manifests, the report and Snakemake's own records (.snakemake/) of the default run."""
-    assert (default_run.work / ".snakemake").is_dir() and (default_run.work / "results" / "report").is_dir()
-    assert files_containing(default_run.work, FAKE_HF_TOKEN) == []
+def test_the_hf_token_reaches_no_file_of_a_run(reference_run):
+    """Logs, benchmarks, manifests, the report and Snakemake's own records (.snakemake/) of a whole run."""
+    assert (reference_run.work / ".snakemake").is_dir() and (reference_run.work / "results" / "report").is_dir()
+    assert files_containing(reference_run.work, FAKE_HF_TOKEN) == []
 
 
 def test_the_hf_token_reaches_no_file_of_a_hub_download_nor_its_errors(tmp_path, tiny_checkpoints):

@@ -1,5 +1,5 @@
-"""The embedded default's demo models on a real one-node SLURM cluster, through the executor plugin and
-profiles/slurm.
+"""The reference config (every stage, tiny models) on a real one-node SLURM cluster, through the executor
+plugin and profiles/slurm.
 
 The cluster (tests/slurm_cluster.py) needs Debian's slurmctld, slurmd,
 slurm-client and munge, and root. Where they are missing the tests are
@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_HF_TOKEN, embedded_default_of, files_containing, output_digests
+from conftest import FAKE_HF_TOKEN, files_containing, output_digests, reference_config
 from slurm_cluster import TEST_FLAGS, Cluster, why_unavailable
 from workflow_copy import Workflow, processes_running, wait_for
 
@@ -46,7 +46,7 @@ def slurm_run(flow, *args):
 
 @pytest.fixture(scope="module")
 def slurm_flow(cluster, tmp_path_factory):
-    flow = Workflow(tmp_path_factory.mktemp("slurm-default"), embedded_default_of("demo"))
+    flow = Workflow(tmp_path_factory.mktemp("slurm-reference"), reference_config())
     output = slurm_run(flow)
     return flow, output
 
@@ -67,9 +67,9 @@ def test_every_job_of_the_default_ran_as_a_slurm_job(cluster, slurm_flow):
     assert set(SUBMITTED.findall(main_log)) == set(submitted)
 
 
-def test_slurm_outputs_are_byte_identical_to_the_local_run(slurm_flow, default_run):
+def test_slurm_outputs_are_byte_identical_to_the_local_run(slurm_flow, reference_run):
     flow, _ = slurm_flow
-    local, remote = output_digests(default_run.work), output_digests(flow.work)
+    local, remote = output_digests(reference_run.work), output_digests(flow.work)
     assert sorted(local) == sorted(remote)
     differing = [path for path in local if local[path] != remote[path]]
     assert not differing
@@ -98,16 +98,16 @@ def test_jobs_ask_slurm_for_what_the_rules_declare(cluster, slurm_flow):
         assert granted == (threads, mem_mb, f"{runtime // 60:02d}:{runtime % 60:02d}:00"), rule
 
 
-def test_a_job_killed_like_an_out_of_memory_job_is_retried_with_more_memory(cluster, slurm_flow, default_run):
+def test_a_job_killed_like_an_out_of_memory_job_is_retried_with_more_memory(cluster, slurm_flow, reference_run):
     """SIGKILL (what the kernel's OOM killer sends) on attempt 1; the profile's retries resubmit it with 1.5x."""
     flow, _ = slurm_flow
-    target = "results/demo-mistral/patched/verify.json"
+    target = "results/tiny-b/patched/verify.json"
     process = subprocess.Popen(
         flow.command("--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "1", *TEST_FLAGS,
                        "--force", target),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = cluster.wait_for_running("verify")
-    wait_for(lambda: processes_running("workflow_scripts.verify --model demo-mistral "), "the verify stage")
+    wait_for(lambda: processes_running("workflow_scripts.verify --model tiny-b "), "the verify stage")
     subprocess.run(["scancel", "--signal=KILL", str(first)], check=True)
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output[-3000:]
@@ -115,4 +115,4 @@ def test_a_job_killed_like_an_out_of_memory_job_is_retried_with_more_memory(clus
     assert attempts[0] == first and len(attempts) == 2, output[-3000:]
     memory = [cluster.memory_mb(i) for i in attempts]
     assert memory[1] == pytest.approx(1.5 * memory[0], abs=2)
-    assert output_digests(flow.work)[target] == output_digests(default_run.work)[target]
+    assert output_digests(flow.work)[target] == output_digests(reference_run.work)[target]

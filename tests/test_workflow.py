@@ -1,4 +1,4 @@
-"""Snakemake end to end on a small config: a full run, then what each kind of change reruns."""
+"""Snakemake end to end on the reference config: a full run, then what each kind of change reruns."""
 import json
 import os
 import shutil
@@ -7,40 +7,10 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, TINY_SHAPES
+from conftest import REPO, TIED, TINY_SHAPES, reference_config
 from workflow_copy import Workflow
 
 pytestmark = pytest.mark.workflow
-
-
-def small_gptq(*aoti_variants):
-    """Small GPTQ settings; AOTInductor compiles only the named variants (each takes about 30 s here)."""
-    return {"quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}},
-            "aoti": {"variants": list(aoti_variants), "seq_in": 64, "seq_total": 80},
-            # random weights: near-uniform distributions make top-1 agreement meaningless (config.yaml says why)
-            "gates": {"min_top1_agreement": None}}
-
-
-TIED = {**TINY_SHAPES["mistral"], "tie_word_embeddings": True}
-
-
-def small_config():
-    """Three tiny models, two of which (a, c) share a tokenizer; small calibration sizes. tiny-a ties its
-    embeddings (no lm_head.weight), as Llama-style models do, through every stage."""
-    return {
-        "targets": ["tiny-a", "tiny-b", "tiny-c"],
-        "models": {
-            "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TIED},
-                       **small_gptq("rtn-int8")},
-            "tiny-b": {"source": {"demo": "ministral", "seed": 2, "shape": TINY_SHAPES["ministral"]},
-                       "verify": {"greedy_tokens": 8}, **small_gptq()},
-            "tiny-c": {"source": {"demo": "mistral", "seed": 3, "shape": TINY_SHAPES["mistral"]},
-                       "verify": {"greedy_tokens": 4}, **small_gptq()},
-        },
-        "datasets": {"c4": {"nsamples": 12, "seqlen": 256}, "alpaca": {"nsamples": 8, "seqlen": 128},
-                     "ceval": {"nsamples": 8, "seqlen": 64}},
-        "evaluation": {"c4": {"nsamples": 4, "seqlen": 256}},
-    }
 
 
 def rules_by_model(jobs):
@@ -61,13 +31,10 @@ def model_jobs(jobs):
 
 
 @pytest.fixture(scope="module")
-def workflow(tmp_path_factory):
-    flow = Workflow(tmp_path_factory.mktemp("flow"), small_config())
-    start = time.monotonic()
-    output = flow.run()
-    print(f"full run of the test config: {time.monotonic() - start:.1f} s")
-    assert "Using workflow specific profile" in output
-    return flow
+def workflow(reference_run, tmp_path_factory):
+    """A copy of the session's reference run, which these tests may add to."""
+    assert "Using workflow specific profile" in reference_run.output
+    return Workflow.copy_of(reference_run, tmp_path_factory.mktemp("flow"))
 
 
 def test_full_run_builds_verified_checkpoints(workflow):
@@ -100,7 +67,7 @@ def test_a_failed_verification_stops_that_models_branch_only(tmp_path):
               "models": {"tied": {"source": {"demo": "mistral", "seed": 1, "shape": TIED}, **lean_model()},
                          "untied": {"source": {"demo": "mistral", "seed": 2, "shape": TINY_SHAPES["mistral"]},
                                     **lean_model()}},
-              "datasets": small_config()["datasets"], "evaluation": small_config()["evaluation"]}
+              "datasets": reference_config()["datasets"], "evaluation": reference_config()["evaluation"]}
     flow = Workflow(tmp_path, config)
     modeling = flow.code / "workflow_scripts" / "checkpoint_files" / "modeling_mistral_vacc.py"
     source = modeling.read_text()
@@ -128,7 +95,7 @@ def test_dry_run_after_a_full_run_schedules_nothing(workflow):
 
 
 def test_changing_one_models_settings_reruns_that_model_only(workflow):
-    config = small_config()
+    config = reference_config()
     config["models"]["tiny-b"]["verify"]["greedy_tokens"] = 9
     workflow.write_config(config, "changed.yaml")
     # the stage-timing plot shows every job of the model, so it follows them
@@ -141,7 +108,7 @@ def test_changing_one_models_settings_reruns_that_model_only(workflow):
 
 
 def test_changing_one_models_scheme_settings_reruns_its_quantize_only(workflow):
-    config = small_config()
+    config = reference_config()
     config["models"]["tiny-c"]["quantize"]["rtn-int8"] = {"modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     workflow.write_config(config, "scheme.yaml")
     reported = [("evaluate", "model=tiny-c, evaluation=rtn-int8"), ("gate", "model=tiny-c"),
@@ -186,7 +153,7 @@ def test_editing_a_shipped_checkpoint_file_reruns_patch_jobs(workflow):
 
 
 def test_a_model_builds_alone_by_its_target_rule(workflow, tmp_path):
-    fresh = Workflow(tmp_path, small_config())
+    fresh = Workflow(tmp_path, reference_config())
     # Calibration jobs appear once the download checkpoint tells the tokenizer.
     assert rules_by_model(fresh.planned("tiny_b")) == {
         "tiny-b": {"download", "patch", "quantize", "quantize_gptq", "vamc_config", "verify"} | REPORTED}
@@ -229,7 +196,7 @@ def test_models_with_one_tokenizer_share_one_set_of_shards(workflow):
 
 
 def test_a_new_calibration_seed_rebuilds_only_those_shards(workflow):
-    config = small_config()
+    config = reference_config()
     config["datasets"]["c4"]["seed"] = 7
     workflow.write_config(config, "seed.yaml")
     assert workflow.planned(config="seed.yaml") == sorted(
@@ -248,7 +215,7 @@ def test_vacc_compile_joins_the_targets_where_vamc_is_found(workflow, fake_vamc)
         ("vacc_compile", f"model={model}, dtype={dtype}") for model in ("tiny-a", "tiny-b", "tiny-c")
         for dtype in ("fp16", "int8")]
     assert "VACC compile: on (compile.vacc: auto; vamc at" in workflow.run("--dry-run", env=env)
-    config = small_config()
+    config = reference_config()
     config["compile"] = {"vacc": "off"}
     workflow.write_config(config, "off.yaml")
     assert workflow.planned(config="off.yaml", env=env) == []
@@ -261,7 +228,7 @@ def test_vacc_compile_joins_the_targets_where_vamc_is_found(workflow, fake_vamc)
 
 
 def test_with_vacc_on_and_no_vamc_the_job_says_what_to_install(workflow, tmp_path):
-    config = small_config()
+    config = reference_config()
     config["compile"] = {"vacc": "on"}
     workflow.write_config(config, "on.yaml")
     output = workflow.run("results/tiny-b/vacc/fp16/MANIFEST.json", config="on.yaml", check=False)

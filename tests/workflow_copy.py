@@ -29,6 +29,15 @@ class Workflow:
                 shutil.copy2(source, self.code / part)
         self.write_config(config)
 
+    @classmethod
+    def copy_of(cls, reference, root):
+        """A second working folder with the reference's outputs and Snakemake records, mtimes kept. It runs the
+        reference's code folder: the code inputs' paths are part of what Snakemake compares."""
+        flow = cls.__new__(cls)
+        flow.code, flow.work = reference.code, root / "work"
+        shutil.copytree(reference.work, flow.work, symlinks=True)
+        return flow
+
     def write_config(self, config, name="test.yaml"):
         path = self.work / name
         path.write_text(yaml.safe_dump(config))
