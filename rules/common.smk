@@ -104,9 +104,11 @@ def code(stage):
 
 
 def verified_checkpoint():
-    """The input that makes a stage wait for its model's verification, so that a checkpoint that fails it
-    yields nothing downstream. ancient: re-verifying (new verify settings) that passes again does not make
-    every stage after it rebuild; one that fails leaves no verify.json, so the next run stops at verify."""
+    """The input that makes a stage wait for its model's verification: a failing checkpoint yields nothing.
+
+    ancient: re-verifying (new verify settings) that passes again does not rebuild every stage after it;
+    one that fails leaves no verify.json, so the next run stops at verify.
+    """
     return ancient("results/{model}/patched/verify.json")
 
 

@@ -163,7 +163,7 @@ def test_shipped_python_docs_dataset_and_a_model_using_it_validate():
     config = validated(smollm2_like(embedded_default()))
     docs = config["datasets"]["python-docs"]
     assert docs == {"format": "c4", "source": {"python_docs": True}, "split": "train", "nsamples": 144,
-                    "seqlen": 512, "seed": 0, "evaluation": {"nsamples": 32, "seqlen": 512}}
+                    "seqlen": 512, "seed": 0, "evaluation": {"nsamples": 16, "seqlen": 512}}
     assert [config["datasets"][d]["format"] for d in ("c4", "alpaca", "ceval")] == ["c4", "alpaca", "ceval"]
     assert config["models"]["demo-mistral"]["evaluate"]["dataset"] == "c4"
     # a new id takes its format's defaults

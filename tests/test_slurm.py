@@ -1,5 +1,5 @@
-"""The reference config (every stage, tiny models) on a real one-node SLURM cluster, through the executor
-plugin and profiles/slurm.
+"""One model of the reference config (every stage, tiny) on a real one-node SLURM cluster, through the
+executor plugin and profiles/slurm.
 
 The cluster (tests/slurm_cluster.py) needs Debian's slurmctld, slurmd,
 slurm-client and munge, and root. Where they are missing the tests are
@@ -44,14 +44,20 @@ def slurm_run(flow, *args):
                     *args, env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN})
 
 
+# tiny-a alone reaches every stage (tied embeddings, both quantizers, a compiled package) in half the jobs
+SLURM_TARGET = "tiny-a"
+# the summary covers every target of a run, so it is the one output that differs from the reference's
+RUN_WIDE = ("results/summary.md", "results/report/summary.html")
+
+
 @pytest.fixture(scope="module")
 def slurm_flow(cluster, tmp_path_factory):
-    flow = Workflow(tmp_path_factory.mktemp("slurm-reference"), reference_config())
+    flow = Workflow(tmp_path_factory.mktemp("slurm-reference"), {**reference_config(), "targets": [SLURM_TARGET]})
     output = slurm_run(flow)
     return flow, output
 
 
-def test_every_job_of_the_default_ran_as_a_slurm_job(cluster, slurm_flow):
+def test_every_job_ran_as_a_slurm_job(cluster, slurm_flow):
     flow, output = slurm_flow
     submitted = SUBMITTED.findall(output)
     finished = FINISHED.findall(output)
@@ -70,8 +76,11 @@ def test_every_job_of_the_default_ran_as_a_slurm_job(cluster, slurm_flow):
 def test_slurm_outputs_are_byte_identical_to_the_local_run(slurm_flow, reference_run):
     flow, _ = slurm_flow
     local, remote = output_digests(reference_run.work), output_digests(flow.work)
-    assert sorted(local) == sorted(remote)
-    differing = [path for path in local if local[path] != remote[path]]
+    assert set(RUN_WIDE) <= remote.keys()
+    compared = remote.keys() - set(RUN_WIDE)
+    own = {path for path in local if path.startswith((f"results/{SLURM_TARGET}/", f"resources/models/{SLURM_TARGET}/"))}
+    assert own and own <= compared and compared <= local.keys(), sorted(compared ^ own)[:20]
+    differing = [path for path in compared if local[path] != remote[path]]
     assert not differing
 
 
@@ -101,13 +110,13 @@ def test_jobs_ask_slurm_for_what_the_rules_declare(cluster, slurm_flow):
 def test_a_job_killed_like_an_out_of_memory_job_is_retried_with_more_memory(cluster, slurm_flow, reference_run):
     """SIGKILL (what the kernel's OOM killer sends) on attempt 1; the profile's retries resubmit it with 1.5x."""
     flow, _ = slurm_flow
-    target = "results/tiny-b/patched/verify.json"
+    target = f"results/{SLURM_TARGET}/patched/verify.json"
     process = subprocess.Popen(
         flow.command("--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "1", *TEST_FLAGS,
                        "--force", target),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = cluster.wait_for_running("verify")
-    wait_for(lambda: processes_running("workflow_scripts.verify --model tiny-b "), "the verify stage")
+    wait_for(lambda: processes_running(f"workflow_scripts.verify --model {SLURM_TARGET} "), "the verify stage")
     subprocess.run(["scancel", "--signal=KILL", str(first)], check=True)
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output[-3000:]

@@ -219,6 +219,8 @@ def test_vacc_compile_joins_the_targets_where_vamc_is_found(workflow, fake_vamc)
     config["compile"] = {"vacc": "off"}
     workflow.write_config(config, "off.yaml")
     assert workflow.planned(config="off.yaml", env=env) == []
+    # a vamc config names its workspace by absolute path: this copy's configs still name the reference's folder
+    workflow.run("--force", "results/tiny-a/vamc/int8.yaml")
     workflow.run("results/tiny-a/vacc/int8/MANIFEST.json", env=env)
     log = (workflow.work / "logs" / "tiny-a" / "vacc-compile-int8.log").read_text()
     assert "fake vamc: compiling tiny-a-int8-tp4-1024-2048" in log
