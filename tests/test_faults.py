@@ -53,7 +53,7 @@ def demo_run(tmp_path_factory):
 
 @pytest.fixture()
 def run_copy(demo_run, tmp_path):
-    """A copy of the reference run, removed after the test (each copy is about 1.7 GB)."""
+    """A copy of demo_run, removed after the test."""
     flow = Workflow.copy_of(demo_run, tmp_path)
     yield flow
     shutil.rmtree(flow.work)

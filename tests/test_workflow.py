@@ -63,11 +63,12 @@ def test_full_run_builds_verified_checkpoints(workflow):
 def test_a_failed_verification_stops_that_models_branch_only(tmp_path):
     """A patch that leaves a tied lm_head untied (random) fails verify: nothing downstream of that model is
     built, while the other model builds completely."""
+    reference = reference_config()
     config = {"targets": ["tied", "untied"],
               "models": {"tied": {"source": {"demo": "mistral", "seed": 1, "shape": TIED}, **lean_model()},
                          "untied": {"source": {"demo": "mistral", "seed": 2, "shape": TINY_SHAPES["mistral"]},
                                     **lean_model()}},
-              "datasets": reference_config()["datasets"], "evaluation": reference_config()["evaluation"]}
+              "datasets": reference["datasets"], "evaluation": reference["evaluation"]}
     flow = Workflow(tmp_path, config)
     modeling = flow.code / "workflow_scripts" / "checkpoint_files" / "modeling_mistral_vacc.py"
     source = modeling.read_text()
