@@ -16,7 +16,9 @@ configfile: "config/config.yaml"
 report: "rules/report/workflow.rst"
 
 
-include: "rules/common.smk"
+include: "rules/validation.smk"
+include: "rules/inputs.smk"
+include: "rules/resources.smk"
 
 
 rule all:

@@ -3,7 +3,7 @@
 
 rule fetch_dataset:
     input:
-        code=lambda wildcards: code(dataset_fetch_stage(wildcards.dataset)),
+        code=lambda wildcards: code(fetch_dataset_stage(wildcards.dataset)),
     output:
         "resources/datasets/{dataset}/MANIFEST.json",
     log:
@@ -16,13 +16,13 @@ rule fetch_dataset:
     resources:
         **NEEDS["fetch_dataset"].resources(),
     params:
-        stage=lambda wildcards: dataset_fetch_stage(wildcards.dataset),
+        stage=lambda wildcards: fetch_dataset_stage(wildcards.dataset),
         source=lambda wildcards: json.dumps(
             DATASETS[wildcards.dataset]["source"], sort_keys=True
         ),
         format=lambda wildcards: DATASETS[wildcards.dataset]["format"],
     shell:
-        "python3 -m workflow_scripts.{params.stage} --dataset {wildcards.dataset}"
+        "python3 -m workflow_scripts.stages.{params.stage} --dataset {wildcards.dataset}"
         " --format {params.format} --source {params.source:q} --manifest {output:q} > {log:q} 2>&1"
 
 
@@ -41,7 +41,7 @@ rule tokenizer_store:
     resources:
         **SMALL_JOB.resources(),
     shell:
-        "python3 -m workflow_scripts.tokenizer_store --fingerprint {wildcards.tokenizer}"
+        "python3 -m workflow_scripts.stages.tokenizer_store --fingerprint {wildcards.tokenizer}"
         " --models resources/models --output {output:q} > {log:q} 2>&1"
 
 
@@ -63,10 +63,10 @@ rule calibration_shard:
     resources:
         **NEEDS["calibration_shard"].resources(),
     params:
-        settings=dataset_settings,
+        settings=calibration_shard_settings,
         format=lambda wildcards: DATASETS[wildcards.dataset]["format"],
     shell:
-        "python3 -m workflow_scripts.calibration --dataset {wildcards.dataset} --format {params.format}"
+        "python3 -m workflow_scripts.stages.calibration --dataset {wildcards.dataset} --format {params.format}"
         " --files resources/datasets/{wildcards.dataset} --tokenizer $(dirname {input.tokenizer:q})"
         " --fingerprint {wildcards.tokenizer} --settings {params.settings:q}"
         " --shard {output.shard:q} --record {output.record:q} > {log:q} 2>&1"
@@ -93,9 +93,9 @@ rule c4_evaluation_windows:
     resources:
         **NEEDS["c4_windows"].resources(),
     params:
-        settings=windows_settings,
+        settings=c4_evaluation_windows_settings,
     shell:
-        "python3 -m workflow_scripts.evaluation_sets c4-windows --files resources/datasets/{wildcards.dataset}"
+        "python3 -m workflow_scripts.stages.evaluation_sets c4-windows --files resources/datasets/{wildcards.dataset}"
         " --tokenizer $(dirname {input.tokenizer:q}) --fingerprint {wildcards.tokenizer}"
         " --settings {params.settings:q} --output {output.windows:q} --record {output.record:q}"
         " > {log:q} 2>&1"
@@ -120,6 +120,6 @@ rule ceval_evaluation_set:
     params:
         settings=json.dumps(config["evaluation"]["ceval"], sort_keys=True),
     shell:
-        "python3 -m workflow_scripts.evaluation_sets ceval --files resources/datasets/ceval"
+        "python3 -m workflow_scripts.stages.evaluation_sets ceval --files resources/datasets/ceval"
         " --tokenizer $(dirname {input.tokenizer:q}) --fingerprint {wildcards.tokenizer}"
         " --settings {params.settings:q} --output {output:q} > {log:q} 2>&1"

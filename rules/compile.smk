@@ -7,7 +7,7 @@ rule vamc_config:
         code=code("vamc_config"),
         patched="results/{model}/patched/MANIFEST.json",
         verified=verified_checkpoint(),
-        dataset=vamc_dataset_manifest,
+        dataset=vamc_config_dataset_manifest,
     output:
         "results/{model}/vamc/{dtype}.yaml",
     log:
@@ -20,10 +20,10 @@ rule vamc_config:
     resources:
         **SMALL_JOB.resources(),
     params:
-        settings=vamc_settings,
-        calibration=vamc_calibration_arguments,
+        settings=vamc_config_settings,
+        calibration=vamc_config_calibration_arguments,
     shell:
-        "python3 -m workflow_scripts.vamc_config --model {wildcards.model:q} --dtype {wildcards.dtype}"
+        "python3 -m workflow_scripts.stages.vamc_config --model {wildcards.model:q} --dtype {wildcards.dtype}"
         " --patched results/{wildcards.model:q}/patched --settings {params.settings:q} {params.calibration}"
         " --workspace results/{wildcards.model:q}/vacc/{wildcards.dtype} --output {output:q} > {log:q} 2>&1"
 
@@ -46,7 +46,7 @@ rule vacc_compile:
     resources:
         **NEEDS["vacc_compile"].resources(),
     shell:
-        "python3 -m workflow_scripts.vacc_compile --model {wildcards.model:q} --config {input.config:q}"
+        "python3 -m workflow_scripts.stages.vacc_compile --model {wildcards.model:q} --config {input.config:q}"
         " --patched results/{wildcards.model:q}/patched --manifest {output:q} > {log:q} 2>&1"
 
 
@@ -55,7 +55,7 @@ rule aoti_compile:
         code=code("aoti_compile"),
         patched="results/{model}/patched/MANIFEST.json",
         verified=verified_checkpoint(),
-        checkpoint=aoti_checkpoint_manifest,
+        checkpoint=aoti_compile_checkpoint_manifest,
     output:
         "results/{model}/aoti/{variant}/MANIFEST.json",
     log:
@@ -68,11 +68,11 @@ rule aoti_compile:
     resources:
         **NEEDS["aoti_compile"].resources(),
     params:
-        settings=aoti_settings,
-        verify=aoti_verify_settings,
+        settings=aoti_compile_settings,
+        verify=aoti_compile_verify_settings,
         checkpoint=lambda wildcards, input: os.path.dirname(input.checkpoint),
     shell:
-        "python3 -m workflow_scripts.aoti_compile --model {wildcards.model:q} --variant {wildcards.variant}"
+        "python3 -m workflow_scripts.stages.aoti_compile --model {wildcards.model:q} --variant {wildcards.variant}"
         " --patched results/{wildcards.model:q}/patched --checkpoint {params.checkpoint:q}"
         " --settings {params.settings:q} --verify {params.verify:q}"
         " --output results/{wildcards.model:q}/aoti/{wildcards.variant} > {log:q} 2>&1"

@@ -5,8 +5,8 @@
 
 checkpoint download:
     input:
-        code=lambda wildcards: code(fetch_stage(wildcards.model)),
-        local=local_source_files,
+        code=lambda wildcards: code(download_stage(wildcards.model)),
+        local=download_source_files,
     output:
         "resources/models/{model}/MANIFEST.json",
     log:
@@ -19,8 +19,8 @@ checkpoint download:
     resources:
         **NEEDS["download"].resources(),
     params:
-        stage=lambda wildcards: fetch_stage(wildcards.model),
-        source=settings("source"),
+        stage=lambda wildcards: download_stage(wildcards.model),
+        source=model_settings("source"),
     shell:
-        "python3 -m workflow_scripts.{params.stage} --model {wildcards.model:q}"
+        "python3 -m workflow_scripts.stages.{params.stage} --model {wildcards.model:q}"
         " --source {params.source:q} --manifest {output:q} > {log:q} 2>&1"

@@ -6,9 +6,9 @@ rule evaluate:
         code=code("evaluate"),
         patched="results/{model}/patched/MANIFEST.json",
         verified=verified_checkpoint(),
-        checkpoint=evaluation_checkpoint_manifest,
-        windows=evaluation_windows,
-        ceval=lambda wildcards: evaluation_set(wildcards, "ceval.json"),
+        checkpoint=evaluate_checkpoint_manifest,
+        windows=evaluate_windows,
+        ceval=lambda wildcards: evaluate_set(wildcards, "ceval.json"),
     output:
         report(
             "results/{model}/eval/{evaluation}.json",
@@ -28,7 +28,7 @@ rule evaluate:
         settings=evaluate_settings,
         checkpoint=lambda wildcards, input: os.path.dirname(input.checkpoint),
     shell:
-        "python3 -m workflow_scripts.evaluate --model {wildcards.model:q} --variant {wildcards.evaluation}"
+        "python3 -m workflow_scripts.stages.evaluate --model {wildcards.model:q} --variant {wildcards.evaluation}"
         " --patched results/{wildcards.model:q}/patched --checkpoint {params.checkpoint:q}"
         " --windows {input.windows:q} --ceval {input.ceval:q} --settings {params.settings:q}"
         " --output {output:q} > {log:q} 2>&1"
@@ -50,9 +50,9 @@ rule gate:
     resources:
         **SMALL_JOB.resources(),
     params:
-        settings=settings("gates"),
+        settings=model_settings("gates"),
     shell:
-        "python3 -m workflow_scripts.gates --model {wildcards.model:q} --evaluations {input.evaluations:q}"
+        "python3 -m workflow_scripts.stages.gates --model {wildcards.model:q} --evaluations {input.evaluations:q}"
         " --settings {params.settings:q} --output {output:q} > {log:q} 2>&1"
 
 
@@ -60,7 +60,7 @@ rule plots:
     input:
         code=code("report"),
         evaluations=lambda wildcards: model_evaluations(wildcards.model),
-        gptq=lambda wildcards: gptq_manifest(wildcards.model),
+        gptq=lambda wildcards: report_gptq_manifest(wildcards.model),
         # every other job of the model first, so that its benchmark files are all there
         built=lambda wildcards: model_outputs([wildcards.model], reported=False),
     output:
@@ -94,7 +94,7 @@ rule plots:
     params:
         gptq=lambda wildcards, input: f"--gptq {input.gptq}" if input.gptq else "",
     shell:
-        "python3 -m workflow_scripts.report plots --model {wildcards.model:q}"
+        "python3 -m workflow_scripts.stages.report plots --model {wildcards.model:q}"
         " --evaluations {input.evaluations:q} {params.gptq} --benchmarks benchmarks/{wildcards.model:q}"
         " --output results/report/{wildcards.model:q} > {log:q} 2>&1"
 
@@ -105,7 +105,7 @@ rule summary:
         evaluations=[
             path for model in config["targets"] for path in model_evaluations(model)
         ],
-        gptq=[gptq_manifest(model) for model in config["targets"]],
+        gptq=[report_gptq_manifest(model) for model in config["targets"]],
     output:
         markdown="results/summary.md",
         html=report(
@@ -128,9 +128,9 @@ rule summary:
         ),
         gates=json.dumps({model: MODELS[model]["gates"] for model in config["targets"]}),
         gptq=json.dumps(
-            {model: gptq_manifest(model) or None for model in config["targets"]}
+            {model: report_gptq_manifest(model) or None for model in config["targets"]}
         ),
     shell:
-        "python3 -m workflow_scripts.report summary --evaluations {params.evaluations:q}"
+        "python3 -m workflow_scripts.stages.report summary --evaluations {params.evaluations:q}"
         " --gates {params.gates:q} --gptq {params.gptq:q} --markdown {output.markdown:q}"
         " --html {output.html:q} > {log:q} 2>&1"

@@ -17,9 +17,9 @@ rule patch:
     resources:
         **NEEDS["patch"].resources(),
     params:
-        settings=settings("patch"),
+        settings=model_settings("patch"),
     shell:
-        "python3 -m workflow_scripts.patch --model {wildcards.model:q} --source resources/models/{wildcards.model:q}"
+        "python3 -m workflow_scripts.stages.patch --model {wildcards.model:q} --source resources/models/{wildcards.model:q}"
         " --manifest {output:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
@@ -40,8 +40,8 @@ rule verify:
     resources:
         **NEEDS["verify"].resources(),
     params:
-        settings=settings("verify"),
+        settings=model_settings("verify"),
     shell:
-        "python3 -m workflow_scripts.verify --model {wildcards.model:q} --patched results/{wildcards.model:q}/patched"
+        "python3 -m workflow_scripts.stages.verify --model {wildcards.model:q} --patched results/{wildcards.model:q}/patched"
         " --upstream resources/models/{wildcards.model:q} --output {output:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"

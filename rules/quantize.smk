@@ -20,9 +20,9 @@ rule quantize:
     resources:
         **NEEDS["quantize"].resources(),
     params:
-        settings=settings("quantize", "{scheme}"),
+        settings=model_settings("quantize", "{scheme}"),
     shell:
-        "python3 -m workflow_scripts.quantize --model {wildcards.model:q} --scheme {wildcards.scheme}"
+        "python3 -m workflow_scripts.stages.quantize --model {wildcards.model:q} --scheme {wildcards.scheme}"
         " --patched results/{wildcards.model:q}/patched --manifest {output:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"
 
@@ -32,7 +32,7 @@ rule quantize_gptq:
         code=code("quantize_gptq"),
         patched="results/{model}/patched/MANIFEST.json",
         verified=verified_checkpoint(),
-        calibration=gptq_calibration,
+        calibration=quantize_gptq_calibration,
     output:
         "results/{model}/quantized/gptq-int8/MANIFEST.json",
     log:
@@ -47,8 +47,8 @@ rule quantize_gptq:
             gpu=lambda wildcards: int(gptq_uses_gpu(wildcards.model))
         ),
     params:
-        settings=settings("quantize", "gptq-int8"),
+        settings=model_settings("quantize", "gptq-int8"),
     shell:
-        "python3 -m workflow_scripts.quantize_gptq --model {wildcards.model:q}"
+        "python3 -m workflow_scripts.stages.quantize_gptq --model {wildcards.model:q}"
         " --patched results/{wildcards.model:q}/patched --calibration {input.calibration:q}"
         " --manifest {output:q} --settings {params.settings:q} > {log:q} 2>&1"

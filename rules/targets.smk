@@ -1,5 +1,5 @@
 # One target rule per configured model, named after its id: `snakemake demo_mistral`.
-from workflow_scripts.config import rule_name
+from workflow_scripts.planning.config import rule_name
 
 for model_id in MODELS:
 

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny checkpoints, a hub-format cache, and running the stages' entry points."""
+
 import hashlib
 import json
 import os
@@ -14,24 +15,39 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_copy import Workflow  # noqa: E402
+from workflow_scripts.quantization.rtn import quantize_checkpoint  # noqa: E402
+from workflow_scripts.stages.demo import write_demo_checkpoint  # noqa: E402
+from workflow_scripts.stages.patch import patch_checkpoint  # noqa: E402
 
-from workflow_scripts.demo import write_demo_checkpoint  # noqa: E402
-from workflow_scripts.patch import patch_checkpoint  # noqa: E402
-from workflow_scripts.quantize import quantize_checkpoint  # noqa: E402
+from workflow_copy import Workflow  # noqa: E402
 
 # Small enough for fast tests, with the presets' ratios (GQA 4:1; explicit
 # head_dim unequal to hidden/heads for the Ministral-like one).
 TINY_SHAPES = {
-    "mistral": {"hidden_size": 64, "intermediate_size": 224, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 1, "sliding_window": 8},
-    "ministral": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32},
+    "mistral": {
+        "hidden_size": 64,
+        "intermediate_size": 224,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "sliding_window": 8,
+    },
+    "ministral": {
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+    },
 }
 
 
 PATCH_SETTINGS = {"insert_slice": True, "iter_num": 0}
-QUANTIZE_SETTINGS = {"bits": 8, "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+QUANTIZE_SETTINGS = {
+    "bits": 8,
+    "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 
 
 def stage_env(**extra):
@@ -42,9 +58,15 @@ def stage_env(**extra):
 
 
 def run_stage(module, *args, env=None, check=True):
-    """Run ``python -m workflow_scripts.<module>`` as the rules do; return the completed process."""
-    result = subprocess.run([sys.executable, "-m", f"workflow_scripts.{module}", *map(str, args)],
-                            capture_output=True, text=True, env=env or stage_env())
+    """Run ``python -m workflow_scripts.stages.<module>`` as the rules do (or a module by its full name, such as
+    ``workflow_scripts.run_compiled``); return the completed process."""
+    module = module if module.startswith("workflow_scripts.") else f"workflow_scripts.stages.{module}"
+    result = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env or stage_env(),
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stderr}")
     return result
@@ -83,10 +105,12 @@ def add_to_hub_cache(cache, repo, files, commit, ref="main", kind="models"):
 @pytest.fixture()
 def copy_checkpoint(tmp_path):
     """Copy a checkpoint folder so a test can alter it."""
+
     def copy(folder, name="altered"):
         target = tmp_path / name
         shutil.copytree(folder, target)
         return target
+
     return copy
 
 
@@ -97,8 +121,9 @@ def downloaded(tiny_checkpoints, tmp_path_factory):
     folders = {}
     for preset, checkpoint in tiny_checkpoints.items():
         manifest = root / preset / "MANIFEST.json"
-        run_stage("download", "--model", preset, "--source", json.dumps({"local": str(checkpoint)}),
-                  "--manifest", manifest)
+        run_stage(
+            "download", "--model", preset, "--source", json.dumps({"local": str(checkpoint)}), "--manifest", manifest
+        )
         folders[preset] = manifest.parent
     return folders
 
@@ -126,7 +151,7 @@ def quantized(patched, tmp_path_factory):
 
 
 # What a fake vamc accepts: the documented keys (VAMC_KEYS mirrors vacc-reference.md) and their rules.
-FAKE_VAMC = r'''#!{python}
+FAKE_VAMC = r"""#!{python}
 import json, os, sys
 import yaml
 
@@ -161,7 +186,7 @@ for rank in range(document["frontend"]["model_kwargs"]["tp"]):
         folder = os.path.join(document["workspace"]["path"], document["name"], f"{{stage}}_rank{{rank}}")
         os.makedirs(folder)
         open(os.path.join(folder, "mod.so"), "wb").write(b"fake")
-'''
+"""
 
 
 @pytest.fixture()
@@ -171,7 +196,7 @@ def fake_vamc(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     vamc = bin_dir / "vamc"
-    from workflow_scripts.vamc_config import VAMC_KEYS
+    from workflow_scripts.compilation.vamc import VAMC_KEYS
 
     vamc.write_text(FAKE_VAMC.format(python=sys.executable, keys=json.dumps(VAMC_KEYS)))
     vamc.chmod(vamc.stat().st_mode | stat.S_IXUSR)
@@ -194,9 +219,12 @@ def output_digests(work):
     there and only there.
     """
     folder_path = str(Path(work).resolve()).encode()
-    return {str(path.relative_to(work)): hashlib.sha256(path.read_bytes().replace(folder_path, b"<work>")).hexdigest()
-            for folder in OUTPUT_FOLDERS for path in sorted((Path(work) / folder).rglob("*"))
-            if path.is_file() and not any(path.relative_to(work).match(record) for record in RUN_RECORDS)}
+    return {
+        str(path.relative_to(work)): hashlib.sha256(path.read_bytes().replace(folder_path, b"<work>")).hexdigest()
+        for folder in OUTPUT_FOLDERS
+        for path in sorted((Path(work) / folder).rglob("*"))
+        if path.is_file() and not any(path.relative_to(work).match(record) for record in RUN_RECORDS)
+    }
 
 
 def files_containing(root, secret):
@@ -227,10 +255,12 @@ def embedded_default_of(kind):
 
 def small_gptq(*aoti_variants):
     """Small GPTQ settings; AOTInductor compiles only the named variants (each takes about 30 s here)."""
-    return {"quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}},
-            "aoti": {"variants": list(aoti_variants), "seq_in": 64, "seq_total": 80},
-            # random weights: near-uniform distributions make top-1 agreement meaningless (config.yaml says why)
-            "gates": {"min_top1_agreement": None}}
+    return {
+        "quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}},
+        "aoti": {"variants": list(aoti_variants), "seq_in": 64, "seq_total": 80},
+        # random weights: near-uniform distributions make top-1 agreement meaningless (config.yaml says why)
+        "gates": {"min_top1_agreement": None},
+    }
 
 
 TIED = {**TINY_SHAPES["mistral"], "tie_word_embeddings": True}
@@ -243,15 +273,23 @@ def reference_config():
     return {
         "targets": ["tiny-a", "tiny-b", "tiny-c"],
         "models": {
-            "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TIED},
-                       **small_gptq("rtn-int8")},
-            "tiny-b": {"source": {"demo": "ministral", "seed": 2, "shape": TINY_SHAPES["ministral"]},
-                       "verify": {"greedy_tokens": 8}, **small_gptq()},
-            "tiny-c": {"source": {"demo": "mistral", "seed": 3, "shape": TINY_SHAPES["mistral"]},
-                       "verify": {"greedy_tokens": 4}, **small_gptq()},
+            "tiny-a": {"source": {"demo": "mistral", "seed": 1, "shape": TIED}, **small_gptq("rtn-int8")},
+            "tiny-b": {
+                "source": {"demo": "ministral", "seed": 2, "shape": TINY_SHAPES["ministral"]},
+                "verify": {"greedy_tokens": 8},
+                **small_gptq(),
+            },
+            "tiny-c": {
+                "source": {"demo": "mistral", "seed": 3, "shape": TINY_SHAPES["mistral"]},
+                "verify": {"greedy_tokens": 4},
+                **small_gptq(),
+            },
         },
-        "datasets": {"c4": {"nsamples": 12, "seqlen": 256}, "alpaca": {"nsamples": 8, "seqlen": 128},
-                     "ceval": {"nsamples": 8, "seqlen": 64}},
+        "datasets": {
+            "c4": {"nsamples": 12, "seqlen": 256},
+            "alpaca": {"nsamples": 8, "seqlen": 128},
+            "ceval": {"nsamples": 8, "seqlen": 64},
+        },
         "evaluation": {"c4": {"nsamples": 4, "seqlen": 256}},
     }
 

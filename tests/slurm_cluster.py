@@ -7,6 +7,7 @@ executor plugin strips ``SLURM_CONF`` from a job's environment before its
 ``srun``, so that path is the only one that works. The cluster writes it only
 where it is absent, marks it as its own and removes it when it stops.
 """
+
 import os
 import shutil
 import signal
@@ -21,8 +22,15 @@ SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 MARK = "# written by the vacc workflow's tests (tests/slurm_cluster.py)\n"
 # No accounting: job states come from squeue. Successful jobs keep their SLURM logs, in which the job step
 # prints what the job declared.
-TEST_FLAGS = ("--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
-              "--seconds-between-status-checks", "5", "--slurm-keep-successful-logs")
+TEST_FLAGS = (
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "5",
+    "--seconds-between-status-checks",
+    "5",
+    "--slurm-keep-successful-logs",
+)
 
 
 def missing_binaries():
@@ -32,8 +40,7 @@ def missing_binaries():
 def why_unavailable():
     """Why a cluster cannot start here, or None."""
     if missing_binaries():
-        return (f"{', '.join(missing_binaries())} not found: install Debian's {' '.join(PACKAGES)} "
-                f"(.ci/run does)")
+        return f"{', '.join(missing_binaries())} not found: install Debian's {' '.join(PACKAGES)} (.ci/run does)"
     if os.geteuid() != 0:
         return "starting slurmctld and slurmd needs root"
     if SYSTEM_CONF.exists() and not SYSTEM_CONF.read_text().startswith(MARK):
@@ -56,35 +63,42 @@ class Cluster:
 
     def conf(self):
         root = self.root
-        return MARK + "\n".join([
-            "ClusterName=vacctest",
-            "SlurmctldHost=localhost(127.0.0.1)",
-            f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
-            "SlurmUser=root",
-            "AuthType=auth/munge",
-            f"AuthInfo=socket={root}/munge.sock",
-            "CredType=cred/munge",
-            f"StateSaveLocation={root}/state",
-            f"SlurmdSpoolDir={root}/spool",
-            f"SlurmctldPidFile={root}/slurmctld.pid",
-            f"SlurmdPidFile={root}/slurmd.pid",
-            f"SlurmctldLogFile={root}/slurmctld.log",
-            f"SlurmdLogFile={root}/slurmd.log",
-            "MpiDefault=none",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "JobCompType=jobcomp/none",
-            "MinJobAge=3600",
-            "ReturnToService=2",
-            "SchedulerType=sched/backfill",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core_Memory",
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.node_memory_mb} State=UNKNOWN",
-            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
-        ]) + "\n"
+        return (
+            MARK
+            + "\n".join(
+                [
+                    "ClusterName=vacctest",
+                    "SlurmctldHost=localhost(127.0.0.1)",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
+                    "SlurmUser=root",
+                    "AuthType=auth/munge",
+                    f"AuthInfo=socket={root}/munge.sock",
+                    "CredType=cred/munge",
+                    f"StateSaveLocation={root}/state",
+                    f"SlurmdSpoolDir={root}/spool",
+                    f"SlurmctldPidFile={root}/slurmctld.pid",
+                    f"SlurmdPidFile={root}/slurmd.pid",
+                    f"SlurmctldLogFile={root}/slurmctld.log",
+                    f"SlurmdLogFile={root}/slurmd.log",
+                    "MpiDefault=none",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobCompType=jobcomp/none",
+                    "MinJobAge=3600",
+                    "ReturnToService=2",
+                    "SchedulerType=sched/backfill",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core_Memory",
+                    f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.node_memory_mb}"
+                    " State=UNKNOWN",
+                    "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                ]
+            )
+            + "\n"
+        )
 
     def start(self):
         for folder in ("state", "spool"):
@@ -92,13 +106,24 @@ class Cluster:
         SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
         SYSTEM_CONF.write_text(self.conf())
         root = self.root
-        subprocess.run(["munged", "--force", f"--socket={root}/munge.sock", f"--pid-file={root}/munged.pid",
-                        f"--log-file={root}/munged.log", f"--seed-file={root}/munge.seed"], check=True)
+        subprocess.run(
+            [
+                "munged",
+                "--force",
+                f"--socket={root}/munge.sock",
+                f"--pid-file={root}/munged.pid",
+                f"--log-file={root}/munged.log",
+                f"--seed-file={root}/munge.seed",
+            ],
+            check=True,
+        )
         subprocess.run(["slurmctld"], check=True)
         subprocess.run(["slurmd"], check=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], check=False, capture_output=True, text=True).stdout
+            state = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%T"], check=False, capture_output=True, text=True
+            ).stdout
             if state.strip() == "idle":
                 return
             time.sleep(1)
@@ -109,27 +134,30 @@ class Cluster:
 
     def jobs(self):
         """``{job id: (name, state)}`` of every job the controller remembers."""
-        lines = subprocess.run(["squeue", "-t", "all", "-h", "-o", "%i|%j|%T"], capture_output=True, text=True,
-                               check=True).stdout.split()
+        lines = subprocess.run(
+            ["squeue", "-t", "all", "-h", "-o", "%i|%j|%T"], capture_output=True, text=True, check=True
+        ).stdout.split()
         return {int(i): (name, state) for i, name, state in (line.split("|") for line in lines)}
 
     def job_field(self, job_id, field):
         """A ``scontrol show job`` field, e.g. ``TimeLimit``."""
-        shown = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
-                               check=True).stdout
+        shown = subprocess.run(
+            ["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, check=True
+        ).stdout
         return dict(item.split("=", 1) for item in shown.split() if "=" in item)[field]
 
     def memory_mb(self, job_id):
         """The job's memory request in MB (scontrol writes 2048 MB as 2G)."""
         value = self.job_field(job_id, "MinMemoryNode")
-        return round(float(value[:-1]) * {"M": 1, "G": 1024, "T": 1024 ** 2}[value[-1]])
+        return round(float(value[:-1]) * {"M": 1, "G": 1024, "T": 1024**2}[value[-1]])
 
     def wait_for_running(self, rule, timeout=300):
         """The id of the first running job of ``rule`` (the plugin puts the rule in the job's comment)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            lines = subprocess.run(["squeue", "-t", "running", "-h", "-o", "%i|%k"], capture_output=True, text=True,
-                                   check=True).stdout.split()
+            lines = subprocess.run(
+                ["squeue", "-t", "running", "-h", "-o", "%i|%k"], capture_output=True, text=True, check=True
+            ).stdout.split()
             for line in lines:
                 job_id, comment = line.split("|", 1)
                 if comment.startswith(f"rule_{rule}_"):

@@ -1,4 +1,5 @@
 """Calibration data: fetching, reading, sampling and tokenizing, and every kind of bad input."""
+
 import gzip
 import io
 import json
@@ -6,19 +7,25 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import add_to_hub_cache, run_stage, stage_env
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from workflow_scripts import dataset_demo
-from workflow_scripts.calibration import build_shard, load_tokenizer, write_shard
-from workflow_scripts.common import InputError, sha256_file
-from workflow_scripts.dataset_fetch import DATASET_FILES, assemble_dataset
-from workflow_scripts.dataset_readers import C4Lines, read_alpaca, read_ceval
+from workflow_scripts.core.errors import InputError
+from workflow_scripts.core.files import sha256_file
+from workflow_scripts.data.assemble import assemble_dataset
+from workflow_scripts.data.datasets import DATASET_FILES
+from workflow_scripts.data.readers import C4Lines, read_alpaca, read_ceval
+from workflow_scripts.data.tokenizers import load_tokenizer
+from workflow_scripts.stages import dataset_demo
+from workflow_scripts.stages.calibration import build_shard, write_shard
 
-SMALL = {"c4": {"split": "train", "nsamples": 16, "seqlen": 256, "seed": 0},
-         "alpaca": {"split": "train", "nsamples": 16, "seqlen": 128, "seed": 0},
-         "ceval": {"split": "dev", "nsamples": 16, "seqlen": 96, "seed": 0}}
+from conftest import add_to_hub_cache, run_stage, stage_env
+
+SMALL = {
+    "c4": {"split": "train", "nsamples": 16, "seqlen": 256, "seed": 0},
+    "alpaca": {"split": "train", "nsamples": 16, "seqlen": 128, "seed": 0},
+    "ceval": {"split": "dev", "nsamples": 16, "seqlen": 96, "seed": 0},
+}
 
 
 @pytest.fixture(scope="session")
@@ -51,11 +58,11 @@ def test_c4_windows_follow_the_gptq_recipe(demo_datasets, tokenizers, preset):
     assert mask.all()
     tokenizer = Tokenizer.from_file(str(tokenizers[preset][0] / "tokenizer.json"))
     documents = dict(C4Lines(demo_datasets / "c4" / DATASET_FILES["c4"][1]["train"]))
-    for row, sample in zip(ids, record["samples"]):
+    for row, sample in zip(ids, record["samples"], strict=True):
         full = tokenizer.encode(documents[sample["record"]]).ids
         assert len(full) == sample["tokens"] > 256
         assert 0 <= sample["offset"] < len(full) - 256
-        assert row.tolist() == full[sample["offset"]:sample["offset"] + 256]
+        assert row.tolist() == full[sample["offset"] : sample["offset"] + 256]
     assert len({sample["record"] for sample in record["samples"]}) == 16
     stats = record["stats"]
     assert stats["records_total"] == 320 and 16 <= stats["records_eligible"] < 320
@@ -67,7 +74,7 @@ def test_record_datasets_are_formatted_truncated_and_padded(demo_datasets, token
     tensors, record = shard(demo_datasets, tokenizers, "alpaca", seqlen=128)
     tokenizer = Tokenizer.from_file(str(tokenizers["mistral"][0] / "tokenizer.json"))
     records = read_alpaca(demo_datasets / "alpaca" / "alpaca_data_cleaned.json")
-    for row, mask, sample in zip(tensors["input_ids"], tensors["attention_mask"], record["samples"]):
+    for row, mask, sample in zip(tensors["input_ids"], tensors["attention_mask"], record["samples"], strict=True):
         kept = min(sample["tokens"], 128)
         assert mask[:kept].all() and not mask[kept:].any()
         assert (row[kept:] == record["stats"]["pad_token_id"]).all()
@@ -99,25 +106,55 @@ def test_same_seed_gives_byte_identical_shards_and_a_new_seed_does_not(demo_data
 
 def test_demo_dataset_files_are_deterministic(tmp_path, demo_datasets):
     assemble_dataset("ceval", {"demo": True}, tmp_path / "ceval", dataset_demo.generate)
-    assert (tmp_path / "ceval" / "ceval-exam.zip").read_bytes() == (demo_datasets / "ceval" / "ceval-exam.zip").read_bytes()
+    assert (tmp_path / "ceval" / "ceval-exam.zip").read_bytes() == (
+        demo_datasets / "ceval" / "ceval-exam.zip"
+    ).read_bytes()
 
 
 def test_evaluation_sets(demo_datasets, tokenizers, tmp_path):
     folder, print_ = tokenizers["ministral"]
     windows, record = tmp_path / "c4.safetensors", tmp_path / "c4.json"
-    run_stage("evaluation_sets", "c4-windows", "--files", demo_datasets / "c4", "--tokenizer", folder,
-              "--fingerprint", print_, "--settings", json.dumps({"nsamples": 8, "seqlen": 512}),
-              "--output", windows, "--record", record)
+    run_stage(
+        "evaluation_sets",
+        "c4-windows",
+        "--files",
+        demo_datasets / "c4",
+        "--tokenizer",
+        folder,
+        "--fingerprint",
+        print_,
+        "--settings",
+        json.dumps({"nsamples": 8, "seqlen": 512}),
+        "--output",
+        windows,
+        "--record",
+        record,
+    )
     ids = load_file(windows)["input_ids"]
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     documents = [text for _, text in C4Lines(demo_datasets / "c4" / DATASET_FILES["c4"][1]["validation"])]
-    stream = [token for text in documents[:json.loads(record.read_text())["documents_used"]]
-              for token in tokenizer.encode(text).ids]
-    assert ids.shape == (8, 512) and ids.reshape(-1).tolist() == stream[:8 * 512]
+    stream = [
+        token
+        for text in documents[: json.loads(record.read_text())["documents_used"]]
+        for token in tokenizer.encode(text).ids
+    ]
+    assert ids.shape == (8, 512) and ids.reshape(-1).tolist() == stream[: 8 * 512]
 
     ceval = tmp_path / "ceval.json"
-    run_stage("evaluation_sets", "ceval", "--files", demo_datasets / "ceval", "--tokenizer", folder,
-              "--fingerprint", print_, "--settings", json.dumps({"split": "val", "shots": 5}), "--output", ceval)
+    run_stage(
+        "evaluation_sets",
+        "ceval",
+        "--files",
+        demo_datasets / "ceval",
+        "--tokenizer",
+        folder,
+        "--fingerprint",
+        print_,
+        "--settings",
+        json.dumps({"split": "val", "shots": 5}),
+        "--output",
+        ceval,
+    )
     data = json.loads(ceval.read_text())
     assert len(data["questions"]) == 30 * 8
     prompt = tokenizer.decode(data["questions"][0]["input_ids"])
@@ -139,23 +176,40 @@ def test_fetch_from_a_hub_cache_of_the_named_files(tmp_path, demo_datasets):
     add_to_hub_cache(cache, "allenai/c4", files, commit, kind="datasets")
     manifest = tmp_path / "resources" / "c4" / "MANIFEST.json"
     env = stage_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    run_stage("dataset_fetch", "--dataset", "c4", "--source", json.dumps({"hub": "allenai/c4", "revision": "main"}),
-              "--manifest", manifest, env=env)
+    run_stage(
+        "dataset_fetch",
+        "--dataset",
+        "c4",
+        "--source",
+        json.dumps({"hub": "allenai/c4", "revision": "main"}),
+        "--manifest",
+        manifest,
+        env=env,
+    )
     data = json.loads(manifest.read_text())
     assert data["origin"] == {"hub": "allenai/c4", "revision": "main", "commit": commit}
     assert sorted(data["files"]) == sorted(DATASET_FILES["c4"][1].values())
     for path, entry in data["files"].items():
         assert entry["sha256"] == sha256_file(files[path])
 
-    missing = run_stage("dataset_fetch", "--dataset", "ceval", "--source",
-                        json.dumps({"hub": "ceval/ceval-exam", "revision": "main"}),
-                        "--manifest", tmp_path / "resources" / "ceval" / "MANIFEST.json", env=env, check=False)
+    missing = run_stage(
+        "dataset_fetch",
+        "--dataset",
+        "ceval",
+        "--source",
+        json.dumps({"hub": "ceval/ceval-exam", "revision": "main"}),
+        "--manifest",
+        tmp_path / "resources" / "ceval" / "MANIFEST.json",
+        env=env,
+        check=False,
+    )
     assert missing.returncode == 1
     assert "dataset ceval: ceval-exam.zip of ceval/ceval-exam@main is not in the local hub cache" in missing.stderr
     assert not (tmp_path / "resources" / "ceval").exists()
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
+
 
 def gz(lines):
     buffer = io.BytesIO()
@@ -216,8 +270,11 @@ def test_zip_members_leaving_the_archive_root_are_refused(tmp_path, member):
 
 
 def test_fewer_usable_documents_than_nsamples_gives_both_counts(demo_datasets, tokenizers):
-    with pytest.raises(InputError, match=r"only \d+ of 320 documents are longer than seqlen=2048 tokens, "
-                                         r"fewer than nsamples=300"):
+    with pytest.raises(
+        InputError,
+        match=r"only \d+ of 320 documents are longer than seqlen=2048 tokens, "
+        r"fewer than nsamples=300",
+    ):
         shard(demo_datasets, tokenizers, "c4", nsamples=300, seqlen=2048)
     with pytest.raises(InputError, match="has 300 records, fewer than nsamples=301"):
         shard(demo_datasets, tokenizers, "alpaca", nsamples=301)
@@ -231,8 +288,23 @@ def test_non_positive_sizes_are_refused(demo_datasets, tokenizers):
 def test_a_failed_shard_leaves_no_partial_output(demo_datasets, tokenizers, tmp_path):
     folder, print_ = tokenizers["mistral"]
     settings = {**SMALL["c4"], "nsamples": 300, "seqlen": 2048}
-    result = run_stage("calibration", "--dataset", "c4", "--files", demo_datasets / "c4", "--tokenizer", folder,
-                       "--fingerprint", print_, "--settings", json.dumps(settings),
-                       "--shard", tmp_path / "c4.safetensors", "--record", tmp_path / "c4.json", check=False)
+    result = run_stage(
+        "calibration",
+        "--dataset",
+        "c4",
+        "--files",
+        demo_datasets / "c4",
+        "--tokenizer",
+        folder,
+        "--fingerprint",
+        print_,
+        "--settings",
+        json.dumps(settings),
+        "--shard",
+        tmp_path / "c4.safetensors",
+        "--record",
+        tmp_path / "c4.json",
+        check=False,
+    )
     assert result.returncode == 1 and "error: " in result.stderr and "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,5 @@
 """Compiled artifacts: vamc build configs, `vamc compile` through a fake vamc, and the AOTInductor packages."""
+
 import json
 import os
 import sys
@@ -6,23 +7,48 @@ import sys
 import pytest
 import torch
 import yaml
+
+from workflow_scripts.compilation.aoti_package import load_compiled
+from workflow_scripts.compilation.vamc import build_environment, check_lengths, check_overrides
+from workflow_scripts.core.errors import InputError
+from workflow_scripts.quantization.rtn import quantize_checkpoint
+from workflow_scripts.stages.aoti_compile import compile_variant
+from workflow_scripts.stages.vamc_config import render
+
 from conftest import QUANTIZE_SETTINGS, run_stage, stage_env
 
-from workflow_scripts.aoti_compile import compile_variant
-from workflow_scripts.aoti_runner import load_compiled
-from workflow_scripts.common import InputError
-from workflow_scripts.quantize import quantize_checkpoint
-from workflow_scripts.vamc_config import build_environment, check_lengths, check_overrides, render
-
-VAMC = {"tp": 4, "seq_in": 1024, "seq_total": 2048, "b2s": True, "workers": 4, "dataset": "c4", "overrides": {},
-        "name": "Tiny-Mistral"}
+VAMC = {
+    "tp": 4,
+    "seq_in": 1024,
+    "seq_total": 2048,
+    "b2s": True,
+    "workers": 4,
+    "dataset": "c4",
+    "overrides": {},
+    "name": "Tiny-Mistral",
+}
 CALIBRATION = {"name": "c4", "nsamples": 128, "seqlen": 1024}
+
 
 def write_vamc_config(patched, tmp_path, dtype, settings=VAMC):
     output = tmp_path / "vamc" / f"{dtype}.yaml"
     extra = ["--dataset-dir", str(tmp_path), "--calibration", json.dumps(CALIBRATION)] if dtype == "int8" else []
-    run_stage("vamc_config", "--model", "tiny", "--patched", patched, "--dtype", dtype, "--settings",
-              json.dumps(settings), "--workspace", tmp_path / "vacc" / dtype, "--output", output, *extra)
+    run_stage(
+        "vamc_config",
+        "--model",
+        "tiny",
+        "--patched",
+        patched,
+        "--dtype",
+        dtype,
+        "--settings",
+        json.dumps(settings),
+        "--workspace",
+        tmp_path / "vacc" / dtype,
+        "--output",
+        output,
+        *extra,
+    )
     return output
 
 
@@ -31,16 +57,27 @@ def test_build_configs_have_the_vendor_keys_and_int8_differs_only_where_document
     int8 = yaml.safe_load(write_vamc_config(patched["mistral"], tmp_path, "int8").read_text())
     assert fp16["name"] == "Tiny-Mistral-fp16-tp4-1024-2048" and int8["name"] == "Tiny-Mistral-int8-tp4-1024-2048"
     assert fp16["frontend"] == {
-        "checkpoint": str(patched["mistral"].resolve()), "type": "huggingface",
+        "checkpoint": str(patched["mistral"].resolve()),
+        "type": "huggingface",
         "shape": {"input_ids": [[1024], [2048]]},
         # the tiny model has 1 kv head: 4 dies need the q/k/v alignment
-        "model_kwargs": {"tp": 4, "b2s": True, "model_arch": "vacc", "align_qkv": True}}
-    assert fp16["backend"] == {"type": "tvm_vacc", "dtype": "fp16", "merge_params": True,
-                               "compile": {"data_type": 0, "gather_data_vccl_dsp_enable": True}}
+        "model_kwargs": {"tp": 4, "b2s": True, "model_arch": "vacc", "align_qkv": True},
+    }
+    assert fp16["backend"] == {
+        "type": "tvm_vacc",
+        "dtype": "fp16",
+        "merge_params": True,
+        "compile": {"data_type": 0, "gather_data_vccl_dsp_enable": True},
+    }
     assert fp16["workspace"] == {"path": str((tmp_path / "vacc" / "fp16").resolve()), "workers": 4}
     assert int8["frontend"]["quantize"] == {"type": "w8a16_gptq"}
-    assert int8["dataset"] == {"type": "huggingface", "name": "c4", "path": str(tmp_path.resolve()),
-                               "nsamples": 128, "seqlen": 1024}
+    assert int8["dataset"] == {
+        "type": "huggingface",
+        "name": "c4",
+        "path": str(tmp_path.resolve()),
+        "nsamples": 128,
+        "seqlen": 1024,
+    }
     differing = {key for key in int8 if int8[key] != fp16.get(key)}
     assert differing == {"name", "frontend", "backend", "dataset", "workspace"}
     assert {k for k in int8["frontend"] if int8["frontend"][k] != fp16["frontend"].get(k)} == {"quantize"}
@@ -51,19 +88,24 @@ def test_overrides_merge_and_only_documented_keys_pass(patched):
     config = json.loads((patched["mistral"] / "config.json").read_text())
     settings = {**VAMC, "tp": 2, "overrides": {"backend": {"compile": {"ffn_split_num": 2}}}}
     document = render("tiny", config, settings, "fp16", patched["mistral"], "/w")
-    assert document["backend"]["compile"] == {"data_type": 0, "gather_data_vccl_dsp_enable": True,
-                                              "ffn_split_num": 2}
+    assert document["backend"]["compile"] == {"data_type": 0, "gather_data_vccl_dsp_enable": True, "ffn_split_num": 2}
     assert document["frontend"]["model_kwargs"] == {"tp": 2, "b2s": True, "model_arch": "vacc", "align_qkv": True}
     with pytest.raises(InputError, match=r"models\.x\.vamc\.overrides\.backend\.compile\.ffn_splits is not a vamc"):
         check_overrides("models.x.vamc.overrides", {"backend": {"compile": {"ffn_splits": 2}}})
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"seq_in": 1000}, r"models\.tiny\.vamc\.seq_in = 1000 is not a multiple of 16"),
-    ({"seq_in": 4096, "seq_total": 4096 + 16}, r"seq_total = 4112 exceeds the model's max_position_embeddings = 4096"),
-    ({"seq_in": 2048, "seq_total": 1024}, r"seq_in = 2048 exceeds seq_total = 1024"),
-    ({"tp": 3}, r"models\.tiny\.vamc\.tp = 3 does not divide the model's 4 attention heads"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seq_in": 1000}, r"models\.tiny\.vamc\.seq_in = 1000 is not a multiple of 16"),
+        (
+            {"seq_in": 4096, "seq_total": 4096 + 16},
+            r"seq_total = 4112 exceeds the model's max_position_embeddings = 4096",
+        ),
+        ({"seq_in": 2048, "seq_total": 1024}, r"seq_in = 2048 exceeds seq_total = 1024"),
+        ({"tp": 3}, r"models\.tiny\.vamc\.tp = 3 does not divide the model's 4 attention heads"),
+    ],
+)
 def test_bad_lengths_and_tp_are_refused_naming_the_key(patched, change, message):
     config = {**json.loads((patched["mistral"] / "config.json").read_text()), "max_position_embeddings": 4096}
     with pytest.raises(InputError, match=message):
@@ -74,23 +116,42 @@ def test_bad_lengths_and_tp_are_refused_naming_the_key(patched, change, message)
 
 
 def test_models_of_32b_parameters_get_the_larger_stack():
-    seven_b = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-               "num_attention_heads": 32, "num_key_value_heads": 8}
+    seven_b = {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    }
     assert build_environment(seven_b) == {}
-    assert build_environment({**seven_b, "hidden_size": 8192, "intermediate_size": 28672,
-                              "num_hidden_layers": 64, "num_attention_heads": 64}) == {"VACC_STACK_SIZE": "256"}
+    assert build_environment(
+        {**seven_b, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 64, "num_attention_heads": 64}
+    ) == {"VACC_STACK_SIZE": "256"}
 
 
 def test_vamc_compile_runs_the_real_call_and_adds_the_tokenizer(patched, tmp_path, fake_vamc):
     env, calls = fake_vamc
     config = write_vamc_config(patched["mistral"], tmp_path, "int8")
     manifest = tmp_path / "vacc" / "int8" / "MANIFEST.json"
-    result = run_stage("vacc_compile", "--model", "tiny", "--config", config, "--patched", patched["mistral"],
-                       "--manifest", manifest, env=env, check=False)
+    result = run_stage(
+        "vacc_compile",
+        "--model",
+        "tiny",
+        "--config",
+        config,
+        "--patched",
+        patched["mistral"],
+        "--manifest",
+        manifest,
+        env=env,
+        check=False,
+    )
     log = result.stdout + result.stderr  # the rule sends both to its log
     assert result.returncode == 0, log
     assert [json.loads(line) for line in calls.read_text().splitlines()] == [
-        {"argv": ["compile", str(config)], "stack": None}]
+        {"argv": ["compile", str(config)], "stack": None}
+    ]
     assert "fake vamc: compiling Tiny-Mistral-int8-tp4-1024-2048" in log and "vamc compile" in log
     recorded = json.loads(manifest.read_text())
     artifact = tmp_path / "vacc" / "int8" / "Tiny-Mistral-int8-tp4-1024-2048"
@@ -103,8 +164,17 @@ def test_a_failed_or_missing_vamc_leaves_nothing(patched, tmp_path, fake_vamc):
     env, _ = fake_vamc
     config = write_vamc_config(patched["mistral"], tmp_path, "fp16")
     manifest = tmp_path / "vacc" / "fp16" / "MANIFEST.json"
-    args = ("vacc_compile", "--model", "tiny", "--config", config, "--patched", patched["mistral"],
-            "--manifest", manifest)
+    args = (
+        "vacc_compile",
+        "--model",
+        "tiny",
+        "--config",
+        config,
+        "--patched",
+        patched["mistral"],
+        "--manifest",
+        manifest,
+    )
     failed = run_stage(*args, env={**env, "FAKE_VAMC_FAIL": "1"}, check=False)
     assert failed.returncode == 1 and "exited with status 3" in failed.stderr
     assert not manifest.exists() and not (tmp_path / "vacc" / "fp16" / "Tiny-Mistral-fp16-tp4-1024-2048").exists()
@@ -113,8 +183,13 @@ def test_a_failed_or_missing_vamc_leaves_nothing(patched, tmp_path, fake_vamc):
     assert "VAMC_WHEEL_DIR" in missing.stderr and not manifest.exists()
 
 
-AOTI = {"batch": 2, "seq_in": 32, "seq_total": 48, "dtype": "float32",
-        "max_abs_logit_diff": {"float32": 1e-4, "bfloat16": 0.05}}
+AOTI = {
+    "batch": 2,
+    "seq_in": 32,
+    "seq_total": 48,
+    "dtype": "float32",
+    "max_abs_logit_diff": {"float32": 1e-4, "bfloat16": 0.05},
+}
 VERIFY = {"prompts": ["The capital of France is", "def fibonacci(n):"], "greedy_tokens": 16}
 
 
@@ -128,6 +203,7 @@ def compiled(patched, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # compiles AOTInductor packages
 def test_compiled_packages_match_eager_and_run_alone(compiled):
     for variant in ("float", "rtn-int8"):
         folder = compiled / "aoti" / variant
@@ -142,12 +218,13 @@ def test_compiled_packages_match_eager_and_run_alone(compiled):
     assert len(tokens) == 16 and logits.shape == (17, 131072) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow  # compiles AOTInductor packages
 def test_int8_graph_holds_int8_constants(compiled, patched):
     """The weights are baked into the package's shared object: int8 projections make it smaller by about
     3 bytes per projection weight (float32 -> int8, plus one float32 scale per row)."""
     import zipfile
 
-    from workflow_scripts.mistral_layout import tensor_shapes
+    from workflow_scripts.checkpoint.layout import tensor_shapes
 
     def package_bytes(variant):
         with zipfile.ZipFile(compiled / "aoti" / variant / "decode.pt2") as package:
@@ -159,48 +236,79 @@ def test_int8_graph_holds_int8_constants(compiled, patched):
     assert 0.8 * saving < package_bytes("float") - package_bytes("rtn-int8") < 1.2 * saving
 
 
+@pytest.mark.slow  # compiles AOTInductor packages
 def test_the_runner_cli_generates_text(compiled):
-    result = run_stage("aoti_runner", compiled / "aoti" / "float", "The capital of France is",
-                       "--max-new-tokens", "4", check=False)
+    result = run_stage(
+        "workflow_scripts.run_compiled",
+        compiled / "aoti" / "float",
+        "The capital of France is",
+        "--max-new-tokens",
+        "4",
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("The capital of France is") and json.loads(lines[-1])["prompt_tokens"] > 0
 
 
+@pytest.mark.slow  # compiles AOTInductor packages
 def test_a_quantized_checkpoint_of_another_patched_model_is_refused(patched, compiled, tmp_path):
     with pytest.raises(InputError, match="was quantized from a patched checkpoint with manifest sha256"):
-        compile_variant("mistral", "rtn-int8", patched["mistral"], compiled / "rtn-int8", AOTI, VERIFY,
-                        tmp_path / "out")
+        compile_variant(
+            "mistral", "rtn-int8", patched["mistral"], compiled / "rtn-int8", AOTI, VERIFY, tmp_path / "out"
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_a_prompt_longer_than_the_prefill_graph_is_refused(patched, tmp_path):
-    with pytest.raises(InputError, match=r"models\.mistral\.verify\.prompts\[0\] has \d+ tokens, more than "
-                                         r"models\.mistral\.aoti\.seq_in = 4"):
-        compile_variant("mistral", "float", patched["mistral"], patched["mistral"], {**AOTI, "seq_in": 4}, VERIFY,
-                        tmp_path / "out")
+    with pytest.raises(
+        InputError,
+        match=r"models\.mistral\.verify\.prompts\[0\] has \d+ tokens, more than "
+        r"models\.mistral\.aoti\.seq_in = 4",
+    ):
+        compile_variant(
+            "mistral", "float", patched["mistral"], patched["mistral"], {**AOTI, "seq_in": 4}, VERIFY, tmp_path / "out"
+        )
 
 
+@pytest.mark.slow  # compiles AOTInductor packages
 def test_packages_that_disagree_with_eager_fail_the_check(compiled, patched):
     """The float packages checked against the int8 model as 'eager': the rounding moves logits past 1e-4."""
-    from workflow_scripts.aoti_compile import encode_prompts, verify_compiled
-    from workflow_scripts.vacc_code import load_vacc_model
-    from workflow_scripts.common import CheckFailed
+    from workflow_scripts.checkpoint.vacc_code import load_vacc_model
+    from workflow_scripts.core.errors import CheckFailed
+    from workflow_scripts.data.tokenizers import encode_prompts
+    from workflow_scripts.stages.aoti_compile import verify_compiled
 
     torch.set_grad_enabled(False)
     int8_model = load_vacc_model(compiled / "rtn-int8", torch.float32)
-    prompts = encode_prompts("ministral", patched["ministral"], VERIFY["prompts"], AOTI["seq_in"])
+    prompts = encode_prompts(patched["ministral"], VERIFY["prompts"])
     with pytest.raises(CheckFailed, match=r"compiled vs eager: prompt 0: max \|logit diff\| .* \(bound 0\.0001\)"):
         verify_compiled(int8_model, compiled / "aoti" / "float", prompts, AOTI, 4)
 
 
+@pytest.mark.slow  # compiles AOTInductor packages
 def test_compiling_again_elsewhere_writes_the_same_bytes(compiled, patched):
     """A private inductor cache, no size asserts and a pinned serialization id: the package is a function of its
     inputs, not of the process, the folder it is built in or earlier compiles (float: the frozen graph)."""
     first = compiled / "aoti" / "float"
     again = compiled / "elsewhere" / "float"
-    run_stage("aoti_compile", "--model", "ministral", "--variant", "float", "--patched", patched["ministral"],
-              "--checkpoint", patched["ministral"], "--settings", json.dumps(AOTI), "--verify", json.dumps(VERIFY),
-              "--output", again)
-    assert {path.name: path.read_bytes() for path in again.iterdir()} == \
-        {path.name: path.read_bytes() for path in first.iterdir()}
+    run_stage(
+        "aoti_compile",
+        "--model",
+        "ministral",
+        "--variant",
+        "float",
+        "--patched",
+        patched["ministral"],
+        "--checkpoint",
+        patched["ministral"],
+        "--settings",
+        json.dumps(AOTI),
+        "--verify",
+        json.dumps(VERIFY),
+        "--output",
+        again,
+    )
+    assert {path.name: path.read_bytes() for path in again.iterdir()} == {
+        path.name: path.read_bytes() for path in first.iterdir()
+    }

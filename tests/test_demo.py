@@ -1,18 +1,25 @@
 """Demo checkpoints: deterministic, hub-shaped, with the real Mistral tokenizers."""
+
 import json
 
 import pytest
-from conftest import TINY_SHAPES
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from workflow_scripts.demo import PRESETS, demo_config, write_demo_checkpoint
-from workflow_scripts.mistral_layout import tensor_shapes
-from workflow_scripts.tokenizer_files import MISTRAL_COMMON_DATA, TOKENIZERS
+from workflow_scripts.checkpoint.demo_presets import PRESETS, demo_config
+from workflow_scripts.checkpoint.layout import tensor_shapes
+from workflow_scripts.data.tokenizer_files import MISTRAL_COMMON_DATA, TOKENIZERS
+from workflow_scripts.stages.demo import write_demo_checkpoint
 
-TEXTS = ["Hello world, bonjour le monde!", "  leading spaces\nand\ttabs", "数学考试 ceval 123456789",
-         "def f(x):\n\treturn x ** 2 # émoji 🚀"]
+from conftest import TINY_SHAPES
+
+TEXTS = [
+    "Hello world, bonjour le monde!",
+    "  leading spaces\nand\ttabs",
+    "数学考试 ceval 123456789",
+    "def f(x):\n\treturn x ** 2 # émoji 🚀",
+]
 # Inside runs of two or more spaces, BPE as the tokenizers library runs it
 # merges the SentencePiece vocabulary in another order than SentencePiece
 # does; the hub's own Mistral-7B tokenizer.json behaves the same way.
@@ -28,8 +35,9 @@ def test_generation_is_byte_identical_for_the_same_seed(tmp_path):
     assert names == sorted(p.name for p in second.iterdir())
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
-    assert (first / "model-00001-of-00002.safetensors").read_bytes() != \
-        (other / "model-00001-of-00002.safetensors").read_bytes()
+    assert (first / "model-00001-of-00002.safetensors").read_bytes() != (
+        other / "model-00001-of-00002.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -62,7 +70,7 @@ def test_presets_keep_the_real_models_ratios():
 @pytest.mark.parametrize("kind", sorted(TOKENIZERS))
 def test_saved_tokenizer_encodes_like_mistral_common(tmp_path, kind):
     """The HF tokenizer written for the demo gives the ids of the real Mistral tokenizer."""
-    from workflow_scripts.tokenizer_files import write_tokenizer
+    from workflow_scripts.data.tokenizer_files import write_tokenizer
 
     write_tokenizer(kind, tmp_path)
     reference = MistralTokenizer.from_file(str(MISTRAL_COMMON_DATA / TOKENIZERS[kind]["source"]))

@@ -1,12 +1,14 @@
 """The download stage against a hub-format cache built here, offline, through the real hub client."""
+
 import hashlib
 import json
 import os
 
 import pytest
 import torch
-from conftest import add_to_hub_cache, run_stage, stage_env
 from safetensors.torch import load_file
+
+from conftest import add_to_hub_cache, run_stage, stage_env
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO_ID = "test-org/Tiny-Mistral"
@@ -32,14 +34,24 @@ def hub_cache(tmp_path, tiny_checkpoints):
 
 def fetch(tmp_path, cache, source, model="tiny", check=True, **env):
     manifest = tmp_path / "resources" / "models" / model / "MANIFEST.json"
-    result = run_stage("download", "--model", model, "--source", json.dumps(source), "--manifest", manifest,
-                       env=stage_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", **env), check=check)
+    result = run_stage(
+        "download",
+        "--model",
+        model,
+        "--source",
+        json.dumps(source),
+        "--manifest",
+        manifest,
+        env=stage_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", **env),
+        check=check,
+    )
     return manifest, result
 
 
 def test_offline_fetch_links_the_snapshot_and_writes_the_manifest(tmp_path, hub_cache, tiny_checkpoints):
-    manifest_path, result = fetch(tmp_path, hub_cache, {"hub": REPO_ID, "revision": "main"},
-                                  HF_TOKEN="hf_secret_never_written")
+    manifest_path, result = fetch(
+        tmp_path, hub_cache, {"hub": REPO_ID, "revision": "main"}, HF_TOKEN="hf_secret_never_written"
+    )
     manifest = json.loads(manifest_path.read_text())
     folder = manifest_path.parent
     assert manifest["origin"] == {"hub": REPO_ID, "revision": "main", "commit": COMMIT}
@@ -51,8 +63,9 @@ def test_offline_fetch_links_the_snapshot_and_writes_the_manifest(tmp_path, hub_
     for name, entry in manifest["files"].items():
         data = (folder / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    blob = (hub_cache / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / COMMIT /
-            "model-00001-of-00002.safetensors").resolve()
+    blob = (
+        hub_cache / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / COMMIT / "model-00001-of-00002.safetensors"
+    ).resolve()
     assert os.path.samefile(blob, folder / "model-00001-of-00002.safetensors")
     for path in [*tmp_path.joinpath("resources").rglob("*")]:
         if path.is_file():
@@ -65,11 +78,16 @@ def test_revision_pinned_to_a_commit(tmp_path, hub_cache):
     assert json.loads(manifest_path.read_text())["origin"]["commit"] == COMMIT
 
 
-@pytest.mark.parametrize("source, message", [
-    ({"hub": "test-org/Missing", "revision": "main"},
-     "model tiny: hub repo test-org/Missing@main is not in the local hub cache with HF_HUB_OFFLINE=1"),
-    ({"hub": REPO_ID, "revision": "f" * 40}, f"hub repo {REPO_ID}@{'f' * 40} is not in the local hub cache"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (
+            {"hub": "test-org/Missing", "revision": "main"},
+            "model tiny: hub repo test-org/Missing@main is not in the local hub cache with HF_HUB_OFFLINE=1",
+        ),
+        ({"hub": REPO_ID, "revision": "f" * 40}, f"hub repo {REPO_ID}@{'f' * 40} is not in the local hub cache"),
+    ],
+)
 def test_missing_repo_or_revision_is_named_and_leaves_nothing(tmp_path, hub_cache, source, message):
     manifest_path, result = fetch(tmp_path, hub_cache, source, check=False)
     assert result.returncode == 1
@@ -86,8 +104,9 @@ def test_pickle_only_checkpoint_is_refused_unless_allowed(tmp_path, tiny_checkpo
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     torch.save(state, pickled / "pytorch_model.bin")
-    files = {name: path for name, path in hub_files(tiny_checkpoints["ministral"]).items()
-             if not name.startswith("model")}
+    files = {
+        name: path for name, path in hub_files(tiny_checkpoints["ministral"]).items() if not name.startswith("model")
+    }
     files["pytorch_model.bin"] = pickled / "pytorch_model.bin"
     add_to_hub_cache(cache, "test-org/Pickled", files, COMMIT)
 

@@ -1,4 +1,5 @@
 """Metrics against hand-computed values, the gates' verdicts, the evaluation inputs' checks and the report files."""
+
 import json
 import math
 
@@ -6,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from workflow_scripts.common import CheckFailed, InputError
-from workflow_scripts.evaluate import load_ceval, load_windows
-from workflow_scripts.gates import check_variants
-from workflow_scripts.gates import main as gates_main
-from workflow_scripts.metrics import TokenMetrics, choice_accuracy
-from workflow_scripts.report import write_plots, write_summary
+from workflow_scripts.core.errors import CheckFailed, InputError
+from workflow_scripts.evaluation.gates import check_variants
+from workflow_scripts.evaluation.metrics import TokenMetrics, choice_accuracy
+from workflow_scripts.stages.evaluate import load_ceval, load_windows
+from workflow_scripts.stages.gates import main as gates_main
+from workflow_scripts.stages.report import write_plots, write_summary
 
 
 def test_perplexity_of_known_distributions():
@@ -60,58 +61,100 @@ def test_ceval_scoring_picks_the_highest_letter():
 
 
 def record(perplexity, reference=100.0, kl=1e-4, top1=0.99, non_finite=0, backend="eager"):
-    return {"backend": backend, "c4": {"perplexity": perplexity, "reference_perplexity": reference,
-                                       "kl_divergence": kl, "top1_agreement": top1,
-                                       "non_finite_positions": non_finite, "positions": 100},
-            "ceval": {"accuracy": 0.25, "questions": 8}}
+    return {
+        "backend": backend,
+        "c4": {
+            "perplexity": perplexity,
+            "reference_perplexity": reference,
+            "kl_divergence": kl,
+            "top1_agreement": top1,
+            "non_finite_positions": non_finite,
+            "positions": 100,
+        },
+        "ceval": {"accuracy": 0.25, "questions": 8},
+    }
 
 
 GATES = {"max_perplexity_increase": 0.01, "min_top1_agreement": 0.98, "max_kl_divergence": 0.005}
 
 
 def test_gates_name_the_variant_the_metric_and_both_values(tmp_path):
-    evaluations = {"float": record(100.0, kl=None, top1=None), "rtn-int8": record(100.5),
-                   "gptq-int8": record(102.0, top1=0.95), "aoti-float": record(None, kl=None, non_finite=7)}
+    evaluations = {
+        "float": record(100.0, kl=None, top1=None),
+        "rtn-int8": record(100.5),
+        "gptq-int8": record(102.0, top1=0.95),
+        "aoti-float": record(None, kl=None, non_finite=7),
+    }
     checks = check_variants(evaluations, GATES)
     assert {c["variant"] for c in checks if not c["passed"]} == {"gptq-int8", "aoti-float"}
     assert all(c["passed"] for c in checks if c["variant"] == "rtn-int8")
     assert [c["metric"] for c in checks if c["variant"] == "rtn-int8"] == [
-        "perplexity_increase", "top1_agreement", "kl_divergence"]
+        "perplexity_increase",
+        "top1_agreement",
+        "kl_divergence",
+    ]
     paths = []
     for name, value in evaluations.items():
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(value))
     with pytest.raises(CheckFailed) as failure:
-        gates_main(["--model", "m", "--evaluations", *map(str, paths), "--settings", json.dumps(GATES),
-                    "--output", str(tmp_path / "gate.json")])
+        gates_main(
+            [
+                "--model",
+                "m",
+                "--evaluations",
+                *map(str, paths),
+                "--settings",
+                json.dumps(GATES),
+                "--output",
+                str(tmp_path / "gate.json"),
+            ]
+        )
     message = str(failure.value)
     assert "gptq-int8: perplexity_increase 0.02, required <= 0.01" in message
     assert "gptq-int8: top1_agreement 0.95, required >= 0.98" in message
-    assert "aoti-float: perplexity_increase not finite, required <= 0.01 (7 positions with non-finite logits)" in message
+    assert (
+        "aoti-float: perplexity_increase not finite, required <= 0.01 (7 positions with non-finite logits)" in message
+    )
     assert not (tmp_path / "gate.json").exists()
-    assert check_variants(evaluations, {**GATES, "min_top1_agreement": None, "max_perplexity_increase": None})[0][
-        "metric"] == "kl_divergence"
+    assert (
+        check_variants(evaluations, {**GATES, "min_top1_agreement": None, "max_perplexity_increase": None})[0]["metric"]
+        == "kl_divergence"
+    )
 
 
 def test_summary_and_plots_still_build_when_a_variant_is_broken(tmp_path):
-    evaluations = {"float": record(100.0, kl=None, top1=None), "rtn-int8": record(100.2),
-                   "aoti-rtn-int8": record(None, kl=None, non_finite=3, backend="aoti")}
+    evaluations = {
+        "float": record(100.0, kl=None, top1=None),
+        "rtn-int8": record(100.2),
+        "aoti-rtn-int8": record(None, kl=None, non_finite=3, backend="aoti"),
+    }
     paths = []
     for name, value in evaluations.items():
         paths.append(str(tmp_path / f"{name}.json"))
         (tmp_path / f"{name}.json").write_text(json.dumps(value))
-    evaluations["rtn-int8"]["generations"] = [{"prompt": "The capital | of France is", "completion": " Paris.\nIt",
-                                               "token_ids": [1, 2, 3]}]
+    evaluations["rtn-int8"]["generations"] = [
+        {"prompt": "The capital | of France is", "completion": " Paris.\nIt", "token_ids": [1, 2, 3]}
+    ]
     paths = []
     for name, value in evaluations.items():
         paths.append(str(tmp_path / f"{name}.json"))
         (tmp_path / f"{name}.json").write_text(json.dumps(value))
     manifest = tmp_path / "gptq.json"
-    manifest.write_text(json.dumps({"layers": {str(i): {
-        "matrices": {"w": {"output_error_rtn": 2.0 + i, "output_error_gptq": 1.0}},
-        "heldout_output_error": {"rtn": 0.02, "gptq": 0.01}} for i in range(3)}}))
-    write_summary({"m": paths}, {"m": GATES}, {"m": str(manifest)}, tmp_path / "summary.md",
-                  tmp_path / "summary.html")
+    manifest.write_text(
+        json.dumps(
+            {
+                "layers": {
+                    str(i): {
+                        "matrices": {"w": {"output_error_rtn": 2.0 + i, "output_error_gptq": 1.0}},
+                        "heldout_output_error": {"rtn": 0.02, "gptq": 0.01},
+                    }
+                    for i in range(3)
+                }
+            }
+        )
+    )
+    write_summary({"m": paths}, {"m": GATES}, {"m": str(manifest)}, tmp_path / "summary.md", tmp_path / "summary.html")
     markdown = (tmp_path / "summary.md").read_text()
     assert "| m | rtn-int8 | eager | 100.2 | +0.200% | 0.0001 | 0.99 | 0.25 (8 q) | pass |" in markdown
     assert "| m | aoti-rtn-int8 | aoti | n/a | n/a |" in markdown and "FAIL: aoti-rtn-int8" in markdown

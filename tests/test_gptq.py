@@ -1,12 +1,10 @@
 """The GPTQ core: exact on a diagonal Hessian, better than round-to-nearest on correlated inputs."""
+
 import pytest
 import torch
 
-from workflow_scripts.checkpoint_files.quantization_vacc import (
-    per_channel_scale,
-    quantize_per_channel,
-)
-from workflow_scripts.gptq import (
+from workflow_scripts.checkpoint.vacc_files.quantization_vacc import per_channel_scale, quantize_per_channel
+from workflow_scripts.quantization.gptq import (
     Hessian,
     gptq_quantize,
     inverse_factor,
@@ -17,9 +15,10 @@ from workflow_scripts.gptq import (
 
 def correlated_inputs(rows, columns, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(columns, columns, generator=generator) / columns ** 0.5
-    return torch.randn(rows, columns, generator=generator) @ mixing + 0.1 * torch.randn(rows, columns,
-                                                                                          generator=generator)
+    mixing = torch.randn(columns, columns, generator=generator) / columns**0.5
+    return torch.randn(rows, columns, generator=generator) @ mixing + 0.1 * torch.randn(
+        rows, columns, generator=generator
+    )
 
 
 def test_hessian_is_the_running_mean_of_2_x_xt():
@@ -64,8 +63,10 @@ def test_dead_inputs_get_zero_weights_and_no_nan():
 def test_stacked_projections_round_as_if_alone():
     hessian = Hessian(64)
     hessian.add(correlated_inputs(512, 64))
-    parts = [(0.02 * torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))).to(torch.bfloat16)
-             for rows in (32, 8, 8)]
+    parts = [
+        (0.02 * torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))).to(torch.bfloat16)
+        for rows in (32, 8, 8)
+    ]
     q, scale = gptq_quantize(torch.cat(parts), hessian.matrix, block_size=16)
     alone = [gptq_quantize(part, hessian.matrix, block_size=16) for part in parts]
     assert torch.equal(scale, torch.cat([s for _, s in alone]))
@@ -75,9 +76,9 @@ def test_stacked_projections_round_as_if_alone():
 
 FUSED_CHECK = """
 import torch
-from workflow_scripts.checkpoint_files.quantization_vacc import per_channel_scale
-from workflow_scripts.gptq import Hessian, inverse_factor, round_block_reference
-from workflow_scripts.gptq_kernels import round_block_fused
+from workflow_scripts.checkpoint.vacc_files.quantization_vacc import per_channel_scale
+from workflow_scripts.quantization.gptq import Hessian, inverse_factor, round_block_reference
+from workflow_scripts.quantization.gptq_kernels import round_block_fused
 
 generator = torch.Generator().manual_seed(0)
 for rows, width in ((37, 40), (5, 160)):
@@ -106,15 +107,20 @@ def test_fused_block_kernel_matches_the_reference_loop():
 
     from conftest import REPO
 
-    result = subprocess.run([sys.executable, "-c", FUSED_CHECK], capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-c", FUSED_CHECK],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(result.stdout.splitlines()) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_the_fused_kernel_matches_the_reference_and_the_cpu_result():
-    from workflow_scripts.gptq_kernels import round_block_fused
+    from workflow_scripts.quantization.gptq_kernels import round_block_fused
 
     hessian = Hessian(256)
     hessian.add(correlated_inputs(4096, 256))

@@ -1,10 +1,12 @@
 """What jobs ask a scheduler for: sized by the model, grown on every retry."""
-import pytest
-from conftest import embedded_default
 
-from workflow_scripts import job_resources
-from workflow_scripts.demo_presets import demo_config
-from workflow_scripts.job_resources import ModelSize, planned_size
+import pytest
+
+from workflow_scripts.checkpoint.demo_presets import demo_config
+from workflow_scripts.planning import job_resources
+from workflow_scripts.planning.job_resources import ModelSize, planned_size
+
+from conftest import embedded_default
 
 REAL = embedded_default()["models"]
 DEMO = planned_size({"source": {"demo": "mistral"}})

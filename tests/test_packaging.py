@@ -1,10 +1,10 @@
 """The declared environments agree with each other and with what the rules use."""
+
 import re
 
 import yaml
-from conftest import REPO
 
-from workflow_scripts.sources import module_sources
+from conftest import REPO
 
 
 def requirement_lines(name):
@@ -30,17 +30,6 @@ def test_every_rule_declares_a_conda_env_that_exists():
     for rules in (REPO / "rules").glob("*.smk"):
         for env in re.findall(r'conda:\s*"\.\./(envs/[^"]+)"', rules.read_text()):
             assert (REPO / env).exists(), f"{rules.name}: {env}"
-
-
-def test_stage_sources_follow_imports_and_package_data():
-    patch = {path.split("workflow_scripts/")[1] for path in module_sources("workflow_scripts.patch")}
-    assert {"patch.py", "common.py", "checkpoint.py", "checkpoint_files/modeling_mistral_vacc.py",
-            "checkpoint_files/configuration_mistral_vacc.py", "checkpoint_files/quantization_vacc.py"} <= patch
-    assert "verify.py" not in patch and "demo.py" not in patch
-    download = {path.split("workflow_scripts/")[1] for path in module_sources("workflow_scripts.download")}
-    assert "demo.py" not in download and "tokenizer_files.py" not in download
-    demo = {path.split("workflow_scripts/")[1] for path in module_sources("workflow_scripts.demo")}
-    assert {"demo.py", "download.py", "tokenizer_files.py", "common.py"} <= demo
 
 
 def test_the_package_never_imports_snakemake():

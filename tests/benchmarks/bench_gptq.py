@@ -2,7 +2,7 @@
 
 Builds a decoder layer of the chosen shape with random bf16 weights and random
 calibration hidden states, then runs the stage's own per-layer step
-(``quantize_gptq.process_layer``: Hessian pass, GPTQ of the four groups, the
+(``stages.quantize_gptq.process_layer``: Hessian pass, GPTQ of the four groups, the
 held-out check, the partial file, and the pass that moves the samples on) for
 a few layers, timing each part. Layer 1 includes one-off costs (kernel
 compilation, library warm-up); the figures are the mean of the later layers.
@@ -13,6 +13,7 @@ each of the seven projections on its own (no stacking, no fused block).
 Usage: python tests/benchmarks/bench_gptq.py --shape 7b --device cuda --samples 128 --seqlen 1024
        python tests/benchmarks/bench_gptq.py --shape mid --device cpu --samples 32 --seqlen 512
 """
+
 import argparse
 import json
 import resource
@@ -26,21 +27,38 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts import gptq, quantize_gptq
-from workflow_scripts.checkpoint_files.configuration_mistral_vacc import MistralConfig
-from workflow_scripts.checkpoint_files.modeling_mistral_vacc import (
-    MistralDecoderLayer,
-    MistralStaticRotary,
-)
+from workflow_scripts.checkpoint.vacc_files.configuration_mistral_vacc import MistralConfig  # noqa: E402
+from workflow_scripts.checkpoint.vacc_files.modeling_mistral_vacc import MistralDecoderLayer, MistralStaticRotary  # noqa: E402
+from workflow_scripts.quantization import gptq  # noqa: E402
+from workflow_scripts.stages import quantize_gptq  # noqa: E402
 
 SHAPES = {
-    "7b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-           "head_dim": 128, "rope_theta": 1e6},
-    "mid": {"hidden_size": 1024, "intermediate_size": 3584, "num_attention_heads": 8, "num_key_value_heads": 2,
-            "head_dim": 128, "rope_theta": 1e6},
+    "7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rope_theta": 1e6,
+    },
+    "mid": {
+        "hidden_size": 1024,
+        "intermediate_size": 3584,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 128,
+        "rope_theta": 1e6,
+    },
 }
-SETTINGS = {"bits": 8, "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            "block_size": 128, "damp": 0.01, "act_order": True, "first_token_weight": 256, "holdout": 16}
+SETTINGS = {
+    "bits": 8,
+    "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "block_size": 128,
+    "damp": 0.01,
+    "act_order": True,
+    "first_token_weight": 256,
+    "holdout": 16,
+}
 
 
 class Timers:
@@ -72,9 +90,10 @@ def random_layer(config, seed, device, dtype):
     torch.manual_seed(seed)
     layer = MistralDecoderLayer(config)
     with torch.no_grad():
-        for name, parameter in layer.named_parameters():
-            parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter) if parameter.dim() == 1
-                            else 0.02 * torch.randn_like(parameter))
+        for _name, parameter in layer.named_parameters():
+            parameter.copy_(
+                1.0 + 0.1 * torch.randn_like(parameter) if parameter.dim() == 1 else 0.02 * torch.randn_like(parameter)
+            )
     return layer.to(device, dtype).eval()
 
 
@@ -112,9 +131,10 @@ def main():
     ids = torch.randint(0, config.vocab_size, (args.samples + SETTINGS["holdout"], args.seqlen), generator=generator)
     masks = torch.ones_like(ids)
     rotary = MistralStaticRotary(config)
-    calibration = quantize_gptq.Samples(embeddings, ids[:args.samples], masks[:args.samples], rotary, args.device,
-                                        dtype)
-    holdout = quantize_gptq.Samples(embeddings, ids[args.samples:], masks[args.samples:], rotary, args.device, dtype)
+    calibration = quantize_gptq.Samples(
+        embeddings, ids[: args.samples], masks[: args.samples], rotary, args.device, dtype
+    )
+    holdout = quantize_gptq.Samples(embeddings, ids[args.samples :], masks[args.samples :], rotary, args.device, dtype)
     timers = Timers(args.device)
     timers.wrap(quantize_gptq, "collect_hessians", "hessian pass (forward + X^T X)")
     timers.wrap(quantize_gptq, "quantize_group", "GPTQ + RTN of the 4 groups (incl. error figures)")
@@ -126,7 +146,8 @@ def main():
     captured = {}
     original_collect = quantize_gptq.collect_hessians
     quantize_gptq.collect_hessians = lambda layer, samples, weight: captured.setdefault(
-        "h", original_collect(layer, samples, weight))
+        "h", original_collect(layer, samples, weight)
+    )
     per_layer, baseline = [], []
     with tempfile.TemporaryDirectory() as folder:
         for index in range(args.layers):
@@ -135,28 +156,46 @@ def main():
             captured.clear()
             timers.sync()
             start = time.perf_counter()
-            figures = quantize_gptq.process_layer(layer, index, calibration, holdout, SETTINGS, torch.bfloat16,
-                                                     Path(folder) / f"layer-{index}.safetensors", "bench")
+            figures = quantize_gptq.process_layer(
+                layer,
+                index,
+                calibration,
+                holdout,
+                SETTINGS,
+                torch.bfloat16,
+                Path(folder) / f"layer-{index}.safetensors",
+                "bench",
+            )
             timers.sync()
             parts = {k: v - before.get(k, 0.0) for k, v in timers.seconds.items()}
             total = time.perf_counter() - start
             nested = "  of which GPTQ rounding"
-            per_layer.append({"total": total, **parts,
-                              "rest (held-out forwards, bookkeeping)": total - sum(
-                                  v for k, v in parts.items() if k != nested),
-                              "heldout": figures["heldout_output_error"]})
+            per_layer.append(
+                {
+                    "total": total,
+                    **parts,
+                    "rest (held-out forwards, bookkeeping)": total - sum(v for k, v in parts.items() if k != nested),
+                    "heldout": figures["heldout_output_error"],
+                }
+            )
             if not args.no_baseline and index > 0:
-                baseline.append(baseline_rounding(random_layer(config, index, args.device, dtype), captured["h"],
-                                                  timers))
+                baseline.append(
+                    baseline_rounding(random_layer(config, index, args.device, dtype), captured["h"], timers)
+                )
             print(f"layer {index}: {per_layer[-1]['total']:.3f} s", flush=True)
     warm = per_layer[1:] or per_layer
-    report = {"shape": args.shape, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "torch": torch.__version__, "tokens": f"{args.samples} x {args.seqlen}",
-              "first layer s": round(per_layer[0]["total"], 3),
-              "per layer s (mean of later layers)": {k: round(sum(layer[k] for layer in warm) / len(warm), 4)
-                                                      for k in per_layer[0] if k != "heldout"},
-              "heldout output error (last layer)": per_layer[-1]["heldout"],
-              "peak host RSS GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
+    report = {
+        "shape": args.shape,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "tokens": f"{args.samples} x {args.seqlen}",
+        "first layer s": round(per_layer[0]["total"], 3),
+        "per layer s (mean of later layers)": {
+            k: round(sum(layer[k] for layer in warm) / len(warm), 4) for k in per_layer[0] if k != "heldout"
+        },
+        "heldout output error (last layer)": per_layer[-1]["heldout"],
+        "peak host RSS GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+    }
     if args.device == "cuda":
         report["peak GPU memory GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     if baseline:
@@ -164,8 +203,11 @@ def main():
         report["baseline plain PyTorch GPTQ rounding s"] = round(sum(baseline) / len(baseline), 3)
         report["rounding speed-up vs baseline"] = round(report["baseline plain PyTorch GPTQ rounding s"] / rounding, 1)
         report["layer s with the baseline rounding"] = round(
-            report["per layer s (mean of later layers)"]["total"] - rounding + report[
-                "baseline plain PyTorch GPTQ rounding s"], 3)
+            report["per layer s (mean of later layers)"]["total"]
+            - rounding
+            + report["baseline plain PyTorch GPTQ rounding s"],
+            3,
+        )
     print(json.dumps(report, indent=1))
 
 

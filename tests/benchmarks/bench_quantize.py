@@ -7,7 +7,7 @@ of it under ``.cache/bench/mistral-7b-shape/`` (14.5 GB of disk; each run
 below writes and deletes up to 7.6 GB more). Then, in one run, each as its own
 process, timed with its peak RSS:
 
-* stage: ``python -m workflow_scripts.quantize`` as the workflow runs it;
+* stage: ``python -m workflow_scripts.stages.quantize`` as the workflow runs it;
 * copy: read the same tensors and write as many bytes as the stage writes, no compute
   (stage and copy alternate, twice each, since the disk's speed drifts);
 * vendor: ``AutoModelForCausalLM.from_pretrained`` of the whole model, ``quantize(8)``, ``save_pretrained``;
@@ -19,6 +19,7 @@ stage >= 3x Q8_0 and >= 0.4x copy.
 
 Usage: python tests/benchmarks/bench_quantize.py [--skip-vendor]   (needs `pip install gguf`)
 """
+
 import argparse
 import json
 import os
@@ -32,11 +33,25 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 ROOT = REPO / ".cache" / "bench" / "mistral-7b-shape"
 MISTRAL_7B = {
-    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "attention_dropout": 0.0, "bos_token_id": 1,
-    "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
-    "intermediate_size": 14336, "max_position_embeddings": 32768, "num_attention_heads": 32,
-    "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
-    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
     "vocab_size": 32000,
 }
 SHARD_BYTES = 5_000_000_000
@@ -47,10 +62,10 @@ def synthesize(folder):
     """Write the checkpoint tensor by tensor (never all in memory), sharded as save_pretrained does at 5 GB."""
     import torch
 
-    from workflow_scripts.common import atomic_write_json
-    from workflow_scripts.mistral_layout import tensor_shapes
-    from workflow_scripts.safetensors_stream import SafetensorsWriter
-    from workflow_scripts.tokenizer_files import write_tokenizer
+    from workflow_scripts.checkpoint.layout import tensor_shapes
+    from workflow_scripts.checkpoint.safetensors_stream import SafetensorsWriter
+    from workflow_scripts.core.files import atomic_write_json
+    from workflow_scripts.data.tokenizer_files import write_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     shapes = list(tensor_shapes(MISTRAL_7B).items())
@@ -69,8 +84,9 @@ def synthesize(folder):
         shard = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
         writer = SafetensorsWriter(folder / shard, [(n, torch.bfloat16, s) for n, s in tensors], {"format": "pt"})
         for name, shape in tensors:
-            writer.write((torch.randn(shape, generator=generator) * (1.0 if len(shape) == 1 else 0.02))
-                         .to(torch.bfloat16))
+            writer.write(
+                (torch.randn(shape, generator=generator) * (1.0 if len(shape) == 1 else 0.02)).to(torch.bfloat16)
+            )
             weight_map[name] = shard
         writer.close()
     atomic_write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
@@ -86,19 +102,47 @@ def prepare():
         synthesize(ROOT / "source")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     resources = ROOT / "resources" / "MANIFEST.json"
-    subprocess.run([sys.executable, "-m", "workflow_scripts.download", "--model", "bench-7b", "--source",
-                    json.dumps({"local": str(ROOT / "source")}), "--manifest", str(resources)], check=True, env=env)
-    subprocess.run([sys.executable, "-m", "workflow_scripts.patch", "--model", "bench-7b", "--source",
-                    str(resources.parent), "--manifest", str(patched / "MANIFEST.json"), "--settings",
-                    json.dumps({"insert_slice": True, "iter_num": 0})], check=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workflow_scripts.stages.download",
+            "--model",
+            "bench-7b",
+            "--source",
+            json.dumps({"local": str(ROOT / "source")}),
+            "--manifest",
+            str(resources),
+        ],
+        check=True,
+        env=env,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workflow_scripts.stages.patch",
+            "--model",
+            "bench-7b",
+            "--source",
+            str(resources.parent),
+            "--manifest",
+            str(patched / "MANIFEST.json"),
+            "--settings",
+            json.dumps({"insert_slice": True, "iter_num": 0}),
+        ],
+        check=True,
+        env=env,
+    )
     return patched
 
 
 def timed(command):
     """Run ``command``; return (seconds, peak RSS in GB) of that process alone."""
     start = time.monotonic()
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.monotonic() - start
     if status != 0:
@@ -123,8 +167,8 @@ def gguf_q8_0(patched):
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    from workflow_scripts.quantize import projection_of
-    from workflow_scripts.safetensors_stream import SafetensorsFile
+    from workflow_scripts.checkpoint.safetensors_stream import SafetensorsFile
+    from workflow_scripts.quantization.int8_checkpoint import projection_of
 
     for shard in sorted(patched.glob("model-*.safetensors")):
         with SafetensorsFile(shard) as handle:
@@ -142,8 +186,9 @@ def kernels():
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    from workflow_scripts.checkpoint_files.quantization_vacc import quantize_per_channel
-    from workflow_scripts.quantize import CHUNK_ELEMENTS, MatrixError, keep_freed_chunks
+    from workflow_scripts.checkpoint.vacc_files.quantization_vacc import quantize_per_channel
+    from workflow_scripts.quantization.int8_checkpoint import MatrixError, keep_freed_chunks
+    from workflow_scripts.quantization.rtn import CHUNK_ELEMENTS
 
     keep_freed_chunks()
     generator = torch.Generator().manual_seed(0)
@@ -158,15 +203,17 @@ def kernels():
                 if label == "stage":
                     error = MatrixError()
                     for first in range(0, shape[0], rows):
-                        chunk = weight[first:first + rows]
+                        chunk = weight[first : first + rows]
                         q, scale = quantize_per_channel(chunk)
                         error.add(chunk, q, scale)
                 else:
                     quantize(np.ascontiguousarray(weight.float().numpy()), GGMLQuantizationType.Q8_0)
                 best = min(best, time.perf_counter() - start)
             timings[label] = weight.numel() * 2 / best / 1e9
-        print(f"in memory {shape}: stage {timings['stage']:.2f} GB/s, gguf Q8_0 {timings['gguf Q8_0']:.2f} GB/s, "
-              f"ratio {timings['stage'] / timings['gguf Q8_0']:.1f}")
+        print(
+            f"in memory {shape}: stage {timings['stage']:.2f} GB/s, gguf Q8_0 {timings['gguf Q8_0']:.2f} GB/s, "
+            f"ratio {timings['stage'] / timings['gguf Q8_0']:.1f}"
+        )
 
 
 def vendor(patched, target):
@@ -201,14 +248,28 @@ def main():
     patched = ROOT / "results" / "patched"
     weights = sum(p.stat().st_size for p in patched.glob("model-*.safetensors"))
     projections = sum(4096 * 4096 + 2 * 1024 * 4096 + 4096 * 4096 + 3 * 14336 * 4096 for _ in range(32)) * 2
-    print(f"checkpoint: {weights / 1e9:.2f} GB of bf16 safetensors in {len(list(patched.glob('model-*')))} "
-          f"shards, projections {projections / 1e9:.2f} GB (ready in {time.monotonic() - start:.0f} s)")
+    print(
+        f"checkpoint: {weights / 1e9:.2f} GB of bf16 safetensors in {len(list(patched.glob('model-*')))} "
+        f"shards, projections {projections / 1e9:.2f} GB (ready in {time.monotonic() - start:.0f} s)"
+    )
     out = ROOT / "out"
     shutil.rmtree(out, ignore_errors=True)
     results = {}
-    stage = [sys.executable, "-m", "workflow_scripts.quantize", "--model", "bench-7b", "--scheme", "rtn-int8",
-             "--patched", str(patched), "--manifest", str(out / "stage" / "MANIFEST.json"),
-             "--settings", json.dumps(SETTINGS)]
+    stage = [
+        sys.executable,
+        "-m",
+        "workflow_scripts.stages.quantize",
+        "--model",
+        "bench-7b",
+        "--scheme",
+        "rtn-int8",
+        "--patched",
+        str(patched),
+        "--manifest",
+        str(out / "stage" / "MANIFEST.json"),
+        "--settings",
+        json.dumps(SETTINGS),
+    ]
     me = [sys.executable, __file__]
     out_bytes = None
     # Stage and copy alternate, twice each: this disk's speed drifts with the page cache's state, and a
@@ -218,8 +279,10 @@ def main():
         out_bytes = sum(p.stat().st_size for p in (out / "stage").glob("model-*.safetensors"))
         shutil.rmtree(out / "stage")
         out.mkdir(exist_ok=True)
-        results[f"copy #{attempt}"] = (*timed([*me, "copy", str(patched), str(out_bytes), str(out / "copy.bin")]),
-                                       weights)
+        results[f"copy #{attempt}"] = (
+            *timed([*me, "copy", str(patched), str(out_bytes), str(out / "copy.bin")]),
+            weights,
+        )
         (out / "copy.bin").unlink()
     results["gguf Q8_0"] = (*timed([*me, "gguf", str(patched)]), projections)
     subprocess.run([*me, "kernels"], check=True)
@@ -233,8 +296,10 @@ def main():
         print(f"{label:12} {seconds:8.1f} {nbytes / seconds / 1e9:6.2f} {rss:12.2f}")
     rate = {label: nbytes / seconds for label, (seconds, _, nbytes) in results.items()}
     for attempt in (1, 2):
-        print(f"pair {attempt}: stage / copy {rate[f'stage #{attempt}'] / rate[f'copy #{attempt}']:.2f}   "
-              f"stage / gguf Q8_0 {rate[f'stage #{attempt}'] / rate['gguf Q8_0']:.2f}")
+        print(
+            f"pair {attempt}: stage / copy {rate[f'stage #{attempt}'] / rate[f'copy #{attempt}']:.2f}   "
+            f"stage / gguf Q8_0 {rate[f'stage #{attempt}'] / rate['gguf Q8_0']:.2f}"
+        )
 
 
 if __name__ == "__main__":

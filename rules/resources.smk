@@ -1,0 +1,113 @@
+# Job resources: threads, mem_mb and runtime of each rule from workflow_scripts.planning.job_resources.
+
+
+class Needs:
+    """A job's threads and resources (mem_mb, runtime) from a job_resources estimate of its wildcards and attempt."""
+
+    def __init__(self, estimate):
+        self.estimate = estimate
+
+    def threads(self, wildcards):
+        return self.estimate(wildcards, 1)["threads"]
+
+    def resources(self, **extra):
+        return {
+            key: lambda wildcards, attempt, key=key: self.estimate(wildcards, attempt)[
+                key
+            ]
+            for key in ("mem_mb", "runtime")
+        } | extra
+
+
+def model_size(model):
+    """From the downloaded config.json once it exists; before that, what the config says (job_resources)."""
+    downloaded = f"resources/models/{model}/config.json"
+    if os.path.exists(downloaded):
+        return job_resources.ModelSize(read_json(downloaded))
+    return job_resources.planned_size(MODELS[model])
+
+
+def per_model(stage, figures=lambda model: {}):
+    """Needs of a per-model job: job_resources.<stage>(size, attempt, **figures(model))."""
+    estimate = getattr(job_resources, stage)
+    return Needs(
+        lambda wildcards, attempt: estimate(
+            model_size(wildcards.model), attempt, **figures(wildcards.model)
+        )
+    )
+
+
+def gptq_figures(model):
+    gptq = MODELS[model]["quantize"]["gptq-int8"]
+    return {
+        "samples": (gptq["nsamples"] + gptq["holdout"]) * len(gptq["datasets"]),
+        "seqlen": max(DATASETS[d]["seqlen"] for d in gptq["datasets"]),
+        "device": "cuda" if gptq_uses_gpu(model) else "cpu",
+    }
+
+
+def verify_tokens(model):
+    """Each prompt (at most a token per character) and its greedy continuation."""
+    verify = MODELS[model]["verify"]
+    return {
+        "tokens": sum(
+            len(prompt) + verify["greedy_tokens"] for prompt in verify["prompts"]
+        )
+    }
+
+
+def evaluation_tokens(model):
+    """Perplexity windows and ceval prompts (each with its shots) that every variant scores."""
+    windows = window_settings(config, MODELS[model]["evaluate"]["dataset"])
+    questions = (
+        MODELS[model]["evaluate"]["ceval_questions"]
+        or job_resources.CEVAL_VAL_QUESTIONS
+    )
+    shots = config["evaluation"]["ceval"]["shots"]
+    return {
+        "tokens": (MODELS[model]["evaluate"]["c4_windows"] or windows["nsamples"])
+        * windows["seqlen"]
+        + questions * (shots + 1) * job_resources.CEVAL_TOKENS_PER_SHOT
+    }
+
+
+def tokenized(tokens_of):
+    """Needs of a per-tokenizer or per-dataset job that tokenizes ``tokens_of(wildcards)`` tokens."""
+    return Needs(
+        lambda wildcards, attempt: job_resources.tokenize(attempt, tokens_of(wildcards))
+    )
+
+
+def dataset_tokens(dataset):
+    return DATASETS[dataset]["nsamples"] * DATASETS[dataset]["seqlen"]
+
+
+SMALL_JOB = Needs(lambda wildcards, attempt: job_resources.small(attempt))
+NEEDS = {
+    "download": per_model(
+        "download",
+        lambda model: job_resources.download_figures(MODELS[model]["source"]),
+    ),
+    "patch": per_model("patch"),
+    "verify": per_model("verify", verify_tokens),
+    "quantize": per_model("quantize"),
+    "gptq": per_model("gptq", gptq_figures),
+    "vacc_compile": per_model(
+        "vacc_compile", lambda model: {"workers": MODELS[model]["vamc"]["workers"]}
+    ),
+    "aoti_compile": per_model("aoti_compile", verify_tokens),
+    "evaluate": per_model("evaluate", evaluation_tokens),
+    "fetch_dataset": Needs(
+        lambda wildcards, attempt: job_resources.download_dataset(attempt)
+    ),
+    "calibration_shard": tokenized(lambda wildcards: dataset_tokens(wildcards.dataset)),
+    "c4_windows": tokenized(
+        lambda wildcards: window_settings(config, wildcards.dataset)["nsamples"]
+        * window_settings(config, wildcards.dataset)["seqlen"]
+    ),
+    "ceval_set": tokenized(
+        lambda wildcards: job_resources.CEVAL_VAL_QUESTIONS
+        * (config["evaluation"]["ceval"]["shots"] + 1)
+        * job_resources.CEVAL_TOKENS_PER_SHOT
+    ),
+}

@@ -1,0 +1,162 @@
+# Config validation, the job environment, what each model and tokenizer builds, and the code each stage runs.
+import json
+import os
+import re
+import shlex
+import shutil
+
+from snakemake.logging import logger
+from snakemake.settings.types import DeploymentMethod
+from snakemake.utils import validate
+
+from workflow_scripts.checkpoint import gguf as gguf_source
+from workflow_scripts.core.code_inputs import module_sources
+from workflow_scripts.core.errors import StageError
+from workflow_scripts.core.files import read_json
+from workflow_scripts.data.tokenizers import tokenizer_fingerprint
+from workflow_scripts.planning import job_resources
+from workflow_scripts.planning.config import (
+    DATASET_SOURCE_KEYS,
+    check_config,
+    source_kind,
+    window_settings,
+)
+
+validate(config, "../config/schema.yaml")
+try:
+    check_config(config)
+except StageError as error:
+    raise ValueError(str(error)) from None
+
+MODELS = config["models"]
+DATASETS = config["datasets"]
+VAMC_DTYPES = ("fp16", "int8")
+VAMC_FOUND = shutil.which("vamc")
+VACC_COMPILE = config["compile"]["vacc"] == "on" or (
+    config["compile"]["vacc"] == "auto" and VAMC_FOUND is not None
+)
+logger.info(
+    f"VACC compile: {'on' if VACC_COMPILE else 'off'} (compile.vacc: {config['compile']['vacc']}; "
+    + (f"vamc at {VAMC_FOUND})" if VAMC_FOUND else "vamc not on PATH)")
+)
+
+# Jobs run `python3 -m workflow_scripts.stages.<stage>` from this checkout
+# (PYTHONPATH) with the interpreter that runs Snakemake, or under --use-conda
+# with the environment's own. The prefix is formatted like a shell command,
+# hence the doubled braces.
+JOB_PATH = (
+    ""
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    else (f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH; ")
+)
+shell.prefix(
+    f"{JOB_PATH}export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)
+
+
+wildcard_constraints:
+    model="|".join(re.escape(model) for model in MODELS),
+    dataset="|".join(DATASETS),
+    tokenizer="[0-9a-f]{16}",
+    scheme="rtn-int8|gptq-int8",
+    dtype="fp16|int8",
+    variant="float|rtn-int8|gptq-int8",
+    evaluation="float|rtn-int8|gptq-int8|aoti-float|aoti-rtn-int8|aoti-gptq-int8",
+
+
+def code(stage):
+    """The source files of a stage's entry point and of everything it imports."""
+    return module_sources(f"workflow_scripts.stages.{stage}")
+
+
+def model_tokenizer(model):
+    """A model's tokenizer fingerprint, known once its download (a checkpoint) has run."""
+    manifest = checkpoints.download.get(model=model).output[0]
+    return tokenizer_fingerprint(read_json(manifest), f"model {model}")
+
+
+def model_datasets(model):
+    """The datasets a model's shards and perplexity windows come from: its GPTQ datasets, its evaluate.dataset.
+
+    (vamc.dataset's raw files are read by vamc itself, untokenized.)
+    """
+    quantize = MODELS[model]["quantize"]
+    gptq = (
+        quantize["gptq-int8"]["datasets"] if "gptq-int8" in quantize["schemes"] else []
+    )
+    return gptq, MODELS[model]["evaluate"]["dataset"]
+
+
+def tokenizer_outputs(fingerprint, models):
+    """Calibration shards and evaluation sets of one tokenizer: those of the datasets its ``models`` use."""
+    shards = sorted({d for model in models for d in model_datasets(model)[0]})
+    windows = sorted({model_datasets(model)[1] for model in models})
+    return (
+        [
+            f"results/calibration/{fingerprint}/{dataset}.{ext}"
+            for dataset in shards
+            for ext in ("safetensors", "json")
+        ]
+        + [
+            f"results/evaluation-sets/{fingerprint}/{dataset}-validation.safetensors"
+            for dataset in windows
+        ]
+        + [f"results/evaluation-sets/{fingerprint}/ceval.json"]
+    )
+
+
+def model_outputs(models, reported=True):
+    """The final per-model files of each model; with ``reported``, also its gate and report plots."""
+    return [
+        path
+        for model in models
+        for path in [f"results/{model}/patched/verify.json"]
+        + [
+            f"results/{model}/quantized/{scheme}/MANIFEST.json"
+            for scheme in MODELS[model]["quantize"]["schemes"]
+        ]
+        + [f"results/{model}/vamc/{dtype}.yaml" for dtype in VAMC_DTYPES]
+        + [
+            f"results/{model}/aoti/{variant}/MANIFEST.json"
+            for variant in MODELS[model]["aoti"]["variants"]
+        ]
+        + (
+            [f"results/{model}/vacc/{dtype}/MANIFEST.json" for dtype in VAMC_DTYPES]
+            if VACC_COMPILE
+            else []
+        )
+        + model_evaluations(model)
+        + (
+            [f"results/{model}/gate.json"]
+            + [
+                f"results/report/{model}/{plot}.png"
+                for plot in ("metrics", "stages", "quantization-error")
+            ]
+            if reported
+            else []
+        )
+    ]
+
+
+def model_evaluations(model):
+    """The evaluation of every variant of a model: eager checkpoints and compiled packages."""
+    variants = ["float", *MODELS[model]["quantize"]["schemes"]] + [
+        f"aoti-{variant}" for variant in MODELS[model]["aoti"]["variants"]
+    ]
+    return [f"results/{model}/eval/{variant}.json" for variant in variants]
+
+
+def shared_outputs(models):
+    """Input function: the calibration and evaluation files of each of these models' tokenizers."""
+
+    def outputs(wildcards):
+        by_tokenizer = {}
+        for model in models:
+            by_tokenizer.setdefault(model_tokenizer(model), []).append(model)
+        return [
+            path
+            for fingerprint in sorted(by_tokenizer)
+            for path in tokenizer_outputs(fingerprint, by_tokenizer[fingerprint])
+        ]
+
+    return outputs

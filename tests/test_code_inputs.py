@@ -1,0 +1,133 @@
+"""A stage's code inputs are exactly the code it runs: its entry point and the libraries it imports.
+
+Rules declare ``module_sources`` of their stage as inputs, so an edit reruns
+exactly the stages whose code it is. These tests pin every stage's set, and
+the import graph that keeps the sets narrow: stages import libraries, never
+other stages; nothing a stage runs imports the Snakefile's planning code.
+"""
+
+import ast
+
+import pytest
+
+from workflow_scripts.core.code_inputs import PACKAGE, ROOT, module_sources
+
+CLI = {"core/cli.py", "core/errors.py", "core/files.py"}
+MANIFEST = CLI | {"core/manifest.py", "core/progress.py"}
+FETCH = MANIFEST | {"core/fetch.py"}
+# the VACC files are package data of vacc_code: copied into patched checkpoints, and loaded from there
+VACC = {
+    "checkpoint/vacc_code.py",
+    "checkpoint/vacc_files/__init__.py",
+    "checkpoint/vacc_files/configuration_mistral_vacc.py",
+    "checkpoint/vacc_files/modeling_mistral_vacc.py",
+    "checkpoint/vacc_files/quantization_vacc.py",
+}
+INT8_WRITER = (
+    MANIFEST
+    | VACC
+    | {
+        "checkpoint/folder.py",
+        "checkpoint/layout.py",
+        "checkpoint/safetensors_stream.py",
+        "core/code_inputs.py",
+        "quantization/int8_checkpoint.py",
+    }
+)
+DATASET_FOLDER = FETCH | {"data/assemble.py", "data/datasets.py"}
+TOKEN_WINDOWS = MANIFEST | {"data/datasets.py", "data/readers.py", "data/tokenizers.py", "data/windows.py"}
+
+EXPECTED = {
+    "download": FETCH | {"checkpoint/assemble.py", "checkpoint/folder.py"},
+    "demo": FETCH
+    | {
+        "checkpoint/assemble.py",
+        "checkpoint/demo_presets.py",
+        "checkpoint/folder.py",
+        "checkpoint/layout.py",
+        "data/tokenizer_files.py",
+    },
+    "gguf_import": FETCH
+    | {
+        "checkpoint/assemble.py",
+        "checkpoint/folder.py",
+        "checkpoint/gguf.py",
+        "checkpoint/layout.py",
+        "checkpoint/safetensors_stream.py",
+    },
+    "patch": MANIFEST | VACC | {"checkpoint/folder.py", "data/tokenizers.py"},
+    "verify": MANIFEST | VACC | {"data/tokenizers.py", "evaluation/decode.py"},
+    "dataset_fetch": DATASET_FOLDER,
+    "dataset_demo": DATASET_FOLDER,
+    "dataset_python_docs": DATASET_FOLDER,
+    "tokenizer_store": CLI | {"data/tokenizers.py"},
+    "calibration": TOKEN_WINDOWS,
+    "evaluation_sets": TOKEN_WINDOWS,
+    "quantize": INT8_WRITER | {"quantization/rtn.py"},
+    "quantize_gptq": INT8_WRITER | {"data/tokenizers.py", "quantization/gptq.py", "quantization/gptq_kernels.py"},
+    "vamc_config": CLI | {"checkpoint/folder.py", "checkpoint/layout.py", "compilation/vamc.py"},
+    "vacc_compile": MANIFEST | {"checkpoint/folder.py", "checkpoint/layout.py", "compilation/vamc.py"},
+    "aoti_compile": MANIFEST
+    | VACC
+    | {
+        "checkpoint/folder.py",
+        "checkpoint/layout.py",
+        "compilation/aoti_graphs.py",
+        "compilation/aoti_package.py",
+        "core/code_inputs.py",
+        "data/tokenizers.py",
+        "evaluation/decode.py",
+    },
+    "evaluate": MANIFEST
+    | VACC
+    | {"compilation/aoti_package.py", "data/tokenizers.py", "evaluation/decode.py", "evaluation/metrics.py"},
+    "gates": CLI | {"evaluation/gates.py"},
+    "report": CLI | {"evaluation/gates.py"},
+}
+STAGES = sorted(path.stem for path in (ROOT / "stages").glob("*.py") if path.stem != "__init__")
+
+
+def code_inputs(stage):
+    return {path.removeprefix(f"{ROOT}/") for path in module_sources(f"{PACKAGE}.stages.{stage}")}
+
+
+def test_every_stage_has_its_expected_code_inputs():
+    assert sorted(EXPECTED) == STAGES, "a stage was added or removed: list its code inputs here"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stages_code_inputs_are_the_code_it_runs(stage):
+    assert code_inputs(stage) == EXPECTED[stage] | {f"stages/{stage}.py"}
+
+
+def imports_of(path):
+    """The package modules ``path`` imports, by dotted name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith(PACKAGE):
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith(PACKAGE))
+    return found
+
+
+def package_modules():
+    return [path for path in ROOT.rglob("*.py") if "__pycache__" not in path.parts]
+
+
+def test_no_module_imports_a_stage():
+    """Stages import libraries; a library or another stage importing a stage would make it a code input."""
+    for path in package_modules():
+        stages = {name for name in imports_of(path) if name.startswith(f"{PACKAGE}.stages.")}
+        assert not stages, f"{path.relative_to(ROOT)} imports {sorted(stages)}"
+
+
+def test_planning_code_is_no_stages_code_input():
+    """Retuning job sizes or config checks (planning/) must rerun nothing."""
+    for stage in STAGES:
+        assert not {path for path in code_inputs(stage) if path.startswith("planning/")}, stage
+    for path in package_modules():
+        if "planning" not in path.relative_to(ROOT).parts:
+            planning = {name for name in imports_of(path) if name.startswith(f"{PACKAGE}.planning")}
+            assert not planning, f"{path.relative_to(ROOT)} imports {sorted(planning)}"

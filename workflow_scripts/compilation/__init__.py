@@ -1,0 +1,1 @@
+"""Compilation: vamc build configs and PyTorch AOTInductor graphs and packages."""

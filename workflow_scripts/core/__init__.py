@@ -1,0 +1,1 @@
+"""Shared plumbing of every stage: errors, the command-line wrapper, atomic files, manifests, progress, code inputs."""

@@ -1,0 +1,1 @@
+"""Calibration and evaluation text: dataset files, their readers, tokenizers and fixed-length token windows."""

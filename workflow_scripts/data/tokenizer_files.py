@@ -1,0 +1,70 @@
+"""Real Mistral tokenizers from the ``mistral-common`` package, saved as Hugging Face tokenizers.
+
+The demo checkpoints carry the tokenizers of the real models: the v1
+SentencePiece model (Mistral-7B v0.1/v0.2) and the Tekken tokenizer of the
+2024-09 generation (Ministral-8B-2410). Each is written the way the hub repos
+ship it: the native file plus ``tokenizer.json`` and ``tokenizer_config.json``.
+"""
+
+import shutil
+from pathlib import Path
+
+import mistral_common
+from tokenizers import normalizers, processors
+
+from workflow_scripts.core.files import atomic_write_json
+
+MISTRAL_COMMON_DATA = Path(mistral_common.__file__).parent / "data"
+TOKENIZERS = {
+    "sentencepiece-v1": {"source": "tokenizer.model.v1", "native_name": "tokenizer.model"},
+    "tekken-240911": {"source": "tekken_240911.json", "native_name": "tekken.json"},
+}
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def _backend_tokenizer(kind, native_path):
+    if kind == "sentencepiece-v1":
+        from transformers import LlamaTokenizer
+
+        backend = LlamaTokenizer.from_pretrained(native_path.parent).backend_tokenizer
+        # As in the hub's own Mistral-7B tokenizer.json: SentencePiece's dummy
+        # prefix and space marking as a normalizer, which (unlike a Metaspace
+        # pre-tokenizer) also matches SentencePiece on text that starts with spaces.
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = None
+        return backend
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    return convert_tekken_tokenizer(str(native_path), chat_template="").backend_tokenizer
+
+
+def write_tokenizer(kind, folder):
+    """Write tokenizer ``kind`` into ``folder``; return the names of the files written."""
+    spec = TOKENIZERS[kind]
+    folder = Path(folder)
+    native = folder / spec["native_name"]
+    shutil.copyfile(MISTRAL_COMMON_DATA / spec["source"], native)
+    backend = _backend_tokenizer(kind, native)
+    bos_id = backend.token_to_id(SPECIAL_TOKENS["bos_token"])
+    # Both hub repos prepend BOS when encoding, as mistral-common does.
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL_TOKENS['bos_token']} $A",
+        pair=f"{SPECIAL_TOKENS['bos_token']} $A {SPECIAL_TOKENS['bos_token']} $B",
+        special_tokens=[(SPECIAL_TOKENS["bos_token"], bos_id)],
+    )
+    backend.save(str(folder / "tokenizer.json"))
+    atomic_write_json(
+        folder / "tokenizer_config.json",
+        {
+            # The generic class loads tokenizer.json as written; transformers 5's
+            # LlamaTokenizer would rebuild the normalizer from its own defaults.
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "legacy": False,
+            "model_max_length": 32768,
+            **SPECIAL_TOKENS,
+        },
+    )
+    return [native.name, "tokenizer.json", "tokenizer_config.json"]

@@ -1,0 +1,1 @@
+"""Evaluation: greedy decoding, token metrics and the quality gates."""

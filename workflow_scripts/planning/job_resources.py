@@ -1,0 +1,211 @@
+"""What each job asks a scheduler for, computed without importing torch, so that the Snakefile stays fast.
+
+Every figure follows from the model's shape (its ``config.json``: bytes of
+weights, parameters, layer sizes), the calibration and evaluation sizes, and the
+attempt: a retried job asks for ``RETRY_GROWTH`` times more memory and time
+than the attempt before, so a job killed for memory or time comes back bigger.
+Before the download exists, the shape comes from the config (a demo preset or
+a model's ``shape``), else an 8B-class guess; Snakemake evaluates resources
+again when a job is ready, so jobs after the download are sized from the real
+``config.json``.
+"""
+
+import math
+from dataclasses import dataclass
+
+from workflow_scripts.checkpoint import gguf as gguf_source
+from workflow_scripts.checkpoint.demo_presets import demo_config
+from workflow_scripts.checkpoint.layout import head_dim, parameter_count, tensor_shapes
+from workflow_scripts.quantization.gptq import GPTQ_BATCH
+
+RUNTIME_BYTES = 500 * 10**6  # the interpreter, torch and a stage's own code
+CUDA_RUNTIME_BYTES = 2000 * 10**6  # the same with the CUDA libraries loaded
+RETRY_GROWTH = 1.5
+GB = 10**9
+# Throughputs, kept at about half of what was measured (docs/figures.md), so
+# that a slow node still finishes inside the request.
+NETWORK_BYTES_PER_S = 20 * 10**6  # a hub download
+DISK_BYTES_PER_S = 200 * 10**6  # hashing, copying, streaming safetensors
+CPU_FLOPS_PER_THREAD = 25 * 10**9  # measured: 50 GFLOP/s per core in GPTQ's mid-shape bench
+GPU_FLOPS = 50 * 10**12  # measured: about 220 TFLOP/s effective in GPTQ on an H100
+TOKENS_PER_S = 20_000  # tokenizing calibration text, per job
+DEQUANTIZE_PARAMETERS_PER_S = 30 * 10**6  # measured: about 70 M/s for SmolLM2's Q4_1 (gguf's numpy code)
+CEVAL_TOKENS_PER_SHOT = 200  # a question with its four choices
+CEVAL_VAL_QUESTIONS = 1346  # ceval-exam's val split, all 52 subjects
+# Sizes a hub model whose config sets no `shape`: the larger figure of the two real models for each key.
+DEFAULT_SHAPE = {
+    "vocab_size": 131072,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The figures of a model that its jobs' needs scale with."""
+
+    config: dict
+
+    @property
+    def parameters(self):
+        return parameter_count(self.config)
+
+    @property
+    def weight_bytes(self):
+        """Bytes of the bf16 checkpoint."""
+        return 2 * self.parameters
+
+    @property
+    def layers(self):
+        return self.config["num_hidden_layers"]
+
+    @property
+    def layer_parameters(self):
+        return parameter_count(self.config, prefix=f"model.layers.{self.layers - 1}.")
+
+    @property
+    def compute_threads(self):
+        """Threads for stages that run the model: 2, plus 1 per 2 GB of weights, at most 16."""
+        return min(16, max(2, math.ceil(self.weight_bytes / (2 * GB))))
+
+
+def planned_size(model_settings):
+    """The size of a model before its download exists: demo preset, a GGUF file's header, the config's
+    ``shape``, else 8B-class."""
+    source = model_settings["source"]
+    if "demo" in source:
+        return ModelSize(demo_config(source["demo"], source.get("shape")))
+    planned = gguf_source.planned(source) if "gguf" in source else None
+    if planned is not None:
+        return ModelSize(planned[1])
+    return ModelSize({**DEFAULT_SHAPE, **model_settings.get("shape", {})})
+
+
+def request(memory_bytes, seconds, attempt, threads=1):
+    """``{"threads", "mem_mb", "runtime"}`` (runtime in minutes), grown for a retry."""
+    growth = RETRY_GROWTH ** (attempt - 1)
+    return {
+        "threads": threads,
+        "mem_mb": math.ceil(growth * memory_bytes / 10**6),
+        "runtime": math.ceil(growth * (10 + seconds / 60)),
+    }
+
+
+def forward_seconds(size, tokens, threads, passes=1):
+    """Seconds for ``passes`` forward passes of the whole model over ``tokens`` on the CPU."""
+    return passes * 2 * size.parameters * tokens / (CPU_FLOPS_PER_THREAD * threads)
+
+
+def download_figures(source):
+    """The figures of :func:`download` for a model's source."""
+    figures = {"generated": "demo" in source}
+    if "gguf" in source:
+        planned = gguf_source.planned(source)
+        # an unreadable file fails the import at once; its size is a guess from the model's bf16 weights
+        figures["gguf_bytes"] = planned[0] if planned else 0
+    return figures
+
+
+def download(size, attempt, generated, gguf_bytes=None):
+    """Streamed from the hub to disk; a demo model is generated in memory (float32, then bf16). A GGUF import
+    reads the file, dequantizes one tensor at a time (float32, the gguf package's temporaries, the bf16
+    copy: 16 bytes per element of the largest tensor) and writes the bf16 shards, then hashes them."""
+    if gguf_bytes is not None:
+        largest = max(math.prod(shape) for shape in tensor_shapes(size.config).values())
+        seconds = (
+            gguf_bytes + 2 * size.weight_bytes
+        ) / DISK_BYTES_PER_S + size.parameters / DEQUANTIZE_PARAMETERS_PER_S
+        return request(GB + 16 * largest, seconds, attempt)
+    if generated:
+        return request(GB + 3 * size.weight_bytes, size.weight_bytes / DISK_BYTES_PER_S, attempt)
+    return request(GB, size.weight_bytes / NETWORK_BYTES_PER_S, attempt)
+
+
+def download_dataset(attempt):
+    """A calibration dataset's files (c4's validation shard is the largest, about 40 MB)."""
+    return request(GB, 1800, attempt)
+
+
+def patch(size, attempt):
+    return request(GB, size.weight_bytes / DISK_BYTES_PER_S, attempt)
+
+
+def verify(size, attempt, tokens):
+    """Upstream and patched, one at a time in float32 (twice the bf16 bytes), over the verify prompts."""
+    threads = size.compute_threads
+    seconds = 2 * size.weight_bytes / DISK_BYTES_PER_S + forward_seconds(size, tokens, threads, passes=2)
+    return request(2 * GB + 2.2 * size.weight_bytes, seconds, attempt, threads)
+
+
+def quantize(size, attempt):
+    """Streamed: a few chunks and the largest tensor in float32, never the model."""
+    largest = max(math.prod(shape) for shape in tensor_shapes(size.config).values())
+    return request(1.5 * GB + 3 * 4 * largest, 3 * size.weight_bytes / DISK_BYTES_PER_S, attempt, threads=2)
+
+
+def gptq(size, attempt, samples, seqlen, device):
+    """Host memory at GPTQ's peak plus 15%; time from the layer's FLOPs on the CPU or GPU."""
+    peak = gptq_memory_bytes(size.config, samples, seqlen, device)["host"]
+    hidden, inter = size.config["hidden_size"], size.config["intermediate_size"]
+    attention_out = size.config["num_attention_heads"] * head_dim(size.config)
+    # float and quantized forward passes, the Hessian products and the rounding, per layer
+    layer_flops = 2 * samples * seqlen * (3 * size.layer_parameters + 2 * hidden**2 + attention_out**2 + inter**2)
+    threads = size.compute_threads
+    rate = GPU_FLOPS if device == "cuda" else CPU_FLOPS_PER_THREAD * threads
+    seconds = size.layers * layer_flops / rate + 2 * size.weight_bytes / DISK_BYTES_PER_S
+    return request(1.15 * peak, seconds, attempt, threads)
+
+
+def vacc_compile(size, attempt, workers):
+    """vamc loads the whole checkpoint, and the int8 build calibrates it; 10 minutes per GB of weights."""
+    return request(8 * GB + 3 * size.weight_bytes, 600 * size.weight_bytes / GB, attempt, threads=workers)
+
+
+def aoti_compile(size, attempt, tokens):
+    """The float32 model, its exported copy and the compiler; the check runs eager and compiled."""
+    threads = size.compute_threads
+    seconds = 240 * size.weight_bytes / GB + forward_seconds(size, tokens, threads, passes=2)
+    return request(3 * GB + 6 * size.weight_bytes, seconds, attempt, threads)
+
+
+def evaluate(size, attempt, tokens):
+    """The float32 reference and the variant, and a window's logits; every evaluation token through both."""
+    threads = size.compute_threads
+    seconds = 4 * size.weight_bytes / DISK_BYTES_PER_S + forward_seconds(size, tokens, threads, passes=2)
+    return request(4 * GB + 5 * size.weight_bytes, seconds, attempt, threads)
+
+
+def tokenize(attempt, tokens):
+    """A tokenizer (Tekken's is the largest), the raw records and the token ids."""
+    return request(2 * GB + 16 * tokens, tokens / TOKENS_PER_S, attempt, threads=2)
+
+
+def small(attempt):
+    """Jobs that read and write JSON: configs, gates, plots, the summary."""
+    return request(GB, 0, attempt)
+
+
+def gptq_memory_bytes(config, samples, seqlen, device):
+    """``{"host": bytes, "gpu": bytes}`` at GPTQ's peak: the formula of docs/gptq.md, "Memory".
+
+    ``config`` is the model's config.json, ``samples`` the calibration plus
+    held-out samples. The peak is either a batch's attention during a forward
+    pass or the factorisation of the largest Hessian plus the rounding of the
+    stacked gate/up projections, on top of the activations, the layer and its
+    four Hessians.
+    """
+    on_cpu = device == "cpu"
+    value, hessian = (4, 8) if on_cpu else (2, 4)  # bytes per activation or weight, per Hessian entry
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    parameters = 4 * hidden * hidden + 3 * hidden * inter
+    activations = 2 * samples * seqlen * hidden * value
+    attention = 3 * GPTQ_BATCH * config["num_attention_heads"] * seqlen**2 * 4
+    rounding = 4 * inter**2 * hessian + 3 * 4 * 2 * inter * hidden
+    compute = activations + parameters * value + (3 * hidden**2 + inter**2) * hessian + max(attention, rounding)
+    if on_cpu:
+        return {"host": RUNTIME_BYTES + compute, "gpu": 0}
+    return {"host": CUDA_RUNTIME_BYTES + samples * seqlen * hidden * value + parameters, "gpu": compute}
