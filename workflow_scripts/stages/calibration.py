@@ -47,7 +47,7 @@ def c4_windows(path, tokenizer, nsamples, seqlen, seed):
     chosen = []  # max-heap by key of the nsamples smallest-key eligible documents: (-key, line, ids)
     documents = eligible = 0
     lines = C4Lines(path)
-    progress = Progress(f"c4 {path.name}", lines.size / 1e6, " MB compressed")
+    progress = Progress(f"c4 {path.name}", lines.size, " MB compressed", 1e6)
     records = tokens = 0
     stream = iter(lines)
     while batch := list(itertools.islice(stream, BATCH_SIZE)):
@@ -63,7 +63,7 @@ def c4_windows(path, tokenizer, nsamples, seqlen, seed):
             elif entry > chosen[0]:
                 heapq.heapreplace(chosen, entry)
         records, tokens = records + len(batch), tokens + sum(map(len, encoded))
-        progress.reach(lines.position / 1e6, f", {records} records, {tokens} tokens")
+        progress.reach(lines.position, f", {records} records, {tokens} tokens")
     if eligible < nsamples:
         raise InputError(
             f"{path}: only {eligible} of {documents} documents are longer than seqlen={seqlen} "
