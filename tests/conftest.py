@@ -1,5 +1,6 @@
 """Shared fixtures: tiny checkpoints, a hub-format cache, and running the stages' entry points."""
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +21,36 @@ from workflow_scripts.stages.demo import write_demo_checkpoint  # noqa: E402
 from workflow_scripts.stages.patch import patch_checkpoint  # noqa: E402
 
 from workflow_copy import Workflow  # noqa: E402
+
+# The README's test command runs two pytest-xdist workers (--dist loadgroup). Tests that share a module-scoped
+# fixture (a Snakemake run, the SLURM cluster, compiled packages, a second virtual environment) run on one
+# worker, so that it is built once; so do the tests on copies of the reference run, since some of them edit its
+# code folder while they plan. The longest groups come first, so that the two workers start on them at once and
+# the short tests fill in around them.
+REFERENCE_CODE_FIXTURES = {"workflow", "run_copy"}
+LONGEST_FIRST = ("test_real_model", "test_slurm", "reference_code", "test_compile", "test_transformers445")
+
+
+def shared_fixture_group(item):
+    if REFERENCE_CODE_FIXTURES & set(item.fixturenames):
+        return "reference_code"
+    for name in item.fixturenames:
+        definitions = item._fixtureinfo.name2fixturedefs.get(name)
+        if definitions and definitions[-1].scope == "module":
+            return item.module.__name__
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    groups = {}
+    for item in items:
+        groups[item] = shared_fixture_group(item)
+        if groups[item]:
+            item.add_marker(pytest.mark.xdist_group(groups[item]))
+    order = {group: rank for rank, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(groups[item], len(order)))
+
 
 # Small enough for fast tests, with the presets' ratios (GQA 4:1; explicit
 # head_dim unequal to hidden/heads for the Ministral-like one).
@@ -297,7 +328,20 @@ def reference_config():
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
     """reference_config built locally from scratch, once per session, with a fake HF_TOKEN in the environment:
-    what the workflow tests plan against (on copies), and what the SLURM run must reproduce byte for byte."""
-    flow = Workflow(tmp_path_factory.mktemp("reference"), reference_config())
-    flow.output = flow.run(env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN})
+    what the workflow tests plan against (on copies), and what the SLURM run must reproduce byte for byte.
+
+    Under pytest-xdist the session's workers share one: the first to ask builds it, the others wait for it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    with open(root / "reference.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        built = root / "reference" / "snakemake-output.log"
+        if built.exists():
+            flow = Workflow.existing(built.parent)
+            flow.output = built.read_text()
+        else:
+            flow = Workflow(built.parent, reference_config())
+            flow.output = flow.run(env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN})
+            built.write_text(flow.output)
     return flow

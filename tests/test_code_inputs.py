@@ -7,6 +7,9 @@ other stages; nothing a stage runs imports the Snakefile's planning code.
 """
 
 import ast
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -64,7 +67,8 @@ EXPECTED = {
     "calibration": TOKEN_WINDOWS,
     "evaluation_sets": TOKEN_WINDOWS,
     "quantize": INT8_WRITER | {"quantization/rtn.py"},
-    "quantize_gptq": INT8_WRITER | {"data/tokenizers.py", "quantization/gptq.py", "quantization/gptq_kernels.py"},
+    "quantize_gptq": INT8_WRITER
+    | {"data/tokenizers.py", "quantization/__init__.py", "quantization/gptq.py", "quantization/gptq_kernels.py"},
     "vamc_config": CLI | {"checkpoint/folder.py", "checkpoint/layout.py", "compilation/vamc.py"},
     "vacc_compile": MANIFEST | {"checkpoint/folder.py", "checkpoint/layout.py", "compilation/vamc.py"},
     "aoti_compile": MANIFEST
@@ -131,3 +135,20 @@ def test_planning_code_is_no_stages_code_input():
         if "planning" not in path.relative_to(ROOT).parts:
             planning = {name for name in imports_of(path) if name.startswith(f"{PACKAGE}.planning")}
             assert not planning, f"{path.relative_to(ROOT)} imports {sorted(planning)}"
+
+
+def test_the_snakefile_plans_without_importing_torch():
+    """Snakemake parses the workflow for every run, dry-run and cluster job step: the modules it imports keep
+    torch, transformers and the tokenizers out (importing them costs seconds each time)."""
+    workflow_files = [ROOT.parent / "Snakefile", *sorted((ROOT.parent / "rules").glob("*.smk"))]
+    imports = [
+        match.group(0)
+        for path in workflow_files
+        for match in re.finditer(rf"^from {PACKAGE}[\w.]* import (?:\([^)]*\)|.*)$", path.read_text(), re.MULTILINE)
+    ]
+    assert f"from {PACKAGE}.planning import job_resources" in imports, imports
+    probe = "\n".join(["import sys", *imports, "print(' '.join(sorted(sys.modules)))"])
+    loaded = set(
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    )
+    assert not loaded & {"torch", "transformers", "mistral_common", "safetensors"}

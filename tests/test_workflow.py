@@ -209,7 +209,7 @@ def test_editing_a_library_module_reruns_only_the_stages_that_import_it(workflow
         assert {rule for rule, _ in workflow.planned()} == {"gate", "plots"}
 
 
-def test_a_model_builds_alone_by_its_target_rule(workflow, tmp_path):
+def test_a_model_builds_alone_by_its_target_rule(tmp_path):
     fresh = Workflow(tmp_path, reference_config())
     # Calibration jobs appear once the download checkpoint tells the tokenizer.
     assert rules_by_model(fresh.planned("tiny_b")) == {

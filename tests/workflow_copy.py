@@ -31,6 +31,13 @@ class Workflow:
         self.write_config(config)
 
     @classmethod
+    def existing(cls, root):
+        """The workflow that ``Workflow(root, config)`` made, run before (by another test process)."""
+        flow = cls.__new__(cls)
+        flow.code, flow.work = root / "workflow", root / "work"
+        return flow
+
+    @classmethod
     def copy_of(cls, reference, root):
         """A second working folder with the reference's outputs and Snakemake records, mtimes kept. It runs the
         reference's code folder: the code inputs' paths are part of what Snakemake compares."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from workflow_scripts.checkpoint import gguf as gguf_source
 from workflow_scripts.checkpoint.demo_presets import demo_config
 from workflow_scripts.checkpoint.layout import head_dim, parameter_count, tensor_shapes
-from workflow_scripts.quantization.gptq import GPTQ_BATCH
+from workflow_scripts.quantization import GPTQ_BATCH
 
 RUNTIME_BYTES = 500 * 10**6  # the interpreter, torch and a stage's own code
 CUDA_RUNTIME_BYTES = 2000 * 10**6  # the same with the CUDA libraries loaded

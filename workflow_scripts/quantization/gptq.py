@@ -125,6 +125,3 @@ def output_error(weight, q, scale, hessian):
     delta = weight.to(hessian.dtype) - q.to(hessian.dtype) * scale.to(hessian.dtype).unsqueeze(1)
     with figure_precision(delta.device):
         return float(((delta @ hessian) * delta).sum())
-
-
-GPTQ_BATCH = 8  # samples per forward pass in GPTQ

@@ -169,10 +169,16 @@ def private_inductor_cache(model_id, variant):
     is. A lock keeps two builds of the same name (two workflow folders on one
     machine) from sharing it at once.
     """
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
     root = Path(tempfile.gettempdir()) / f"vacc-workflow-inductor-{os.getuid()}"
     root.mkdir(exist_ok=True)
+    # Which vector instructions the machine runs is probed by building and loading seven small libraries (about
+    # 15 s); the answer depends on the machine alone, and torch remembers it for the process. So it is probed
+    # in a cache kept between compiles, and each compile's emptied cache starts with the answer.
+    with temporary_cache_dir(str(root / "vector-isa-probe")):
+        pick_vec_isa()
     cache = root / f"{model_id}-{variant}"
     with open(root / f"{model_id}-{variant}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -48,7 +48,7 @@ from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_path, sha256_file
 from workflow_scripts.core.manifest import MANIFEST_NAME
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE, file_fingerprint
-from workflow_scripts.quantization.gptq import GPTQ_BATCH as BATCH
+from workflow_scripts.quantization import GPTQ_BATCH as BATCH
 from workflow_scripts.quantization.gptq import Hessian, gptq_quantize, output_error
 from workflow_scripts.quantization.int8_checkpoint import (
     MatrixError,
