@@ -16,40 +16,54 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from workflow_scripts.checkpoint.demo_checkpoint import write_demo_checkpoint  # noqa: E402
+from workflow_scripts.checkpoint.patch import PatchSettings, patch_checkpoint  # noqa: E402
+from workflow_scripts.quantization.int8_checkpoint import PROJECTIONS, QuantizeSettings  # noqa: E402
 from workflow_scripts.quantization.rtn import quantize_checkpoint  # noqa: E402
-from workflow_scripts.stages.demo import write_demo_checkpoint  # noqa: E402
-from workflow_scripts.stages.patch import patch_checkpoint  # noqa: E402
 
 from workflow_copy import Workflow  # noqa: E402
 
-# The README's test command runs two pytest-xdist workers (--dist loadgroup). Tests that share a module-scoped
-# fixture (a Snakemake run, the SLURM cluster, compiled packages, a second virtual environment) run on one
-# worker, so that it is built once; so do the tests on copies of the reference run, since some of them edit its
-# code folder while they plan. The longest groups come first, so that the two workers start on them at once and
-# the short tests fill in around them.
-REFERENCE_CODE_FIXTURES = {"workflow", "run_copy"}
-LONGEST_FIRST = ("test_real_model", "test_slurm", "reference_code", "test_compile", "test_transformers445")
+# The README's test command runs two pytest-xdist workers. The tests of a file that shares a module-scoped
+# fixture (a Snakemake run, the SLURM cluster, compiled packages, a second virtual environment) run on one worker,
+# so that it is built once; so do the tests on copies of the reference run, since some of them edit its code
+# folder while they plan. The longest groups come first, so that the two workers start on them at once and the
+# short tests fill in around them; every other test goes to whichever worker is free. (Files, not xdist_group
+# marks: pytest-xdist 3.8's loadgroup does not group under pytest 9.)
+SHARED_FIXTURE_FILES = {
+    "test_real_model.py": "real model run",
+    "test_slurm.py": "SLURM cluster",
+    "test_faults.py": "reference run's code",
+    "test_workflow.py": "reference run's code",
+    "test_compile.py": "compiled packages",
+    "test_transformers445.py": "transformers 4.45 venv",
+    "test_gguf_import.py": "SmolLM2 import",
+    "test_quantize_gptq.py": "GPTQ model",
+    "test_real_text.py": "python-docs dataset",
+    "test_docs.py": "schema and docs",
+}
+LONGEST_FIRST = ("real model run", "SLURM cluster", "reference run's code", "compiled packages")
 
 
-def shared_fixture_group(item):
-    if REFERENCE_CODE_FIXTURES & set(item.fixturenames):
-        return "reference_code"
-    for name in item.fixturenames:
-        definitions = item._fixtureinfo.name2fixturedefs.get(name)
-        if definitions and definitions[-1].scope == "module":
-            return item.module.__name__
-    return None
+def shared_fixture_group(nodeid):
+    return SHARED_FIXTURE_FILES.get(nodeid.split("::")[0].rsplit("/", 1)[-1])
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    groups = {}
-    for item in items:
-        groups[item] = shared_fixture_group(item)
-        if groups[item]:
-            item.add_marker(pytest.mark.xdist_group(groups[item]))
     order = {group: rank for rank, group in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: order.get(groups[item], len(order)))
+    items.sort(key=lambda item: order.get(shared_fixture_group(item.nodeid), len(order)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        """Work units in collection order (``--no-loadscope-reorder``): a group per shared-fixture file, one
+        test for any other."""
+
+        def _split_scope(self, nodeid):
+            return shared_fixture_group(nodeid) or nodeid
+
+    return SharedFixtureScheduling(config, log)
 
 
 # Small enough for fast tests, with the presets' ratios (GQA 4:1; explicit
@@ -74,11 +88,8 @@ TINY_SHAPES = {
 }
 
 
-PATCH_SETTINGS = {"insert_slice": True, "iter_num": 0}
-QUANTIZE_SETTINGS = {
-    "bits": 8,
-    "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
+PATCH_SETTINGS = PatchSettings(insert_slice=True, iter_num=0)
+QUANTIZE_SETTINGS = QuantizeSettings(bits=8, modules=PROJECTIONS)
 
 
 def stage_env(**extra):

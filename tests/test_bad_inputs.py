@@ -8,6 +8,7 @@ or the config check Snakemake runs at start (in-process, as tests/test_config.py
 that names what to fix, and leave nothing behind: no output and no temporary file.
 """
 
+import dataclasses
 import gzip
 import json
 import os
@@ -29,15 +30,15 @@ from test_quantize import rewrite
 from test_quantize_gptq import SETTINGS as GPTQ_SETTINGS
 
 from workflow_scripts.checkpoint.assemble import assemble_checkpoint
+from workflow_scripts.checkpoint.patch import patch_checkpoint
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import sha256_file
 from workflow_scripts.core.manifest import MANIFEST_NAME
 from workflow_scripts.data.assemble import assemble_dataset
+from workflow_scripts.data.calibration import write_shard
 from workflow_scripts.data.datasets import DATASET_FILES
-from workflow_scripts.stages.calibration import write_shard
 from workflow_scripts.stages.dataset_fetch import fetch_local as fetch_local_dataset
 from workflow_scripts.stages.download import fetch_local
-from workflow_scripts.stages.patch import patch_checkpoint
 
 from conftest import (
     PATCH_SETTINGS,
@@ -302,7 +303,7 @@ def patch(bench, alter_source=lambda source: None, alter_download=lambda folder:
             "--manifest",
             PATCHED / MANIFEST_NAME,
             "--settings",
-            json.dumps(PATCH_SETTINGS),
+            json.dumps(PATCH_SETTINGS.record()),
         ),
         (PATCHED,),
     )
@@ -436,7 +437,7 @@ def quantize(bench, alter):
             "--manifest",
             output / MANIFEST_NAME,
             "--settings",
-            json.dumps(QUANTIZE_SETTINGS),
+            json.dumps(QUANTIZE_SETTINGS.record()),
         ),
         (output,),
     )
@@ -538,9 +539,9 @@ def aoti_compile(bench, variant, checkpoint, settings):
             "--checkpoint",
             checkpoint,
             "--settings",
-            json.dumps(settings),
+            json.dumps(settings.record()),
             "--verify",
-            json.dumps(VERIFY),
+            json.dumps(VERIFY.record()),
             "--output",
             output,
         ),
@@ -550,14 +551,16 @@ def aoti_compile(bench, variant, checkpoint, settings):
 
 def prompt_longer_than_prefill(bench):
     bench.patched()
-    return aoti_compile(bench, "float", PATCHED, {**AOTI, "seq_in": 4})
+    return aoti_compile(bench, "float", PATCHED, dataclasses.replace(AOTI, seq_in=4))
 
 
 def quantized_before_a_repatch(bench):
     """An rtn-int8 checkpoint quantized from the patched checkpoint before a patch setting changed."""
     quantized = Path("results", MODEL, "quantized", "rtn-int8")
     bench.copy("quantized", quantized)
-    patch_checkpoint(MODEL, bench.download(bench.source()), bench.work / PATCHED, {**PATCH_SETTINGS, "iter_num": 1})
+    patch_checkpoint(
+        MODEL, bench.download(bench.source()), bench.work / PATCHED, dataclasses.replace(PATCH_SETTINGS, iter_num=1)
+    )
     return aoti_compile(bench, "rtn-int8", quantized, AOTI)
 
 

@@ -12,12 +12,12 @@ from tokenizers import Tokenizer
 
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import sha256_file
+from workflow_scripts.data import demo_datasets as dataset_demo
 from workflow_scripts.data.assemble import assemble_dataset
+from workflow_scripts.data.calibration import CalibrationSettings, build_shard, write_shard
 from workflow_scripts.data.datasets import DATASET_FILES
 from workflow_scripts.data.readers import C4Lines, read_alpaca, read_ceval
 from workflow_scripts.data.tokenizers import load_tokenizer
-from workflow_scripts.stages import dataset_demo
-from workflow_scripts.stages.calibration import build_shard, write_shard
 
 from conftest import add_to_hub_cache, run_stage, stage_env
 
@@ -47,7 +47,9 @@ def tokenizers(tiny_checkpoints):
 
 def shard(demo_datasets, tokenizers, dataset, preset="mistral", **overrides):
     folder, print_ = tokenizers[preset]
-    return build_shard(dataset, demo_datasets / dataset, folder, print_, {**SMALL[dataset], **overrides})
+    return build_shard(
+        dataset, demo_datasets / dataset, folder, print_, CalibrationSettings.of({**SMALL[dataset], **overrides})
+    )
 
 
 @pytest.mark.parametrize("preset", ["mistral", "ministral"])

@@ -17,6 +17,7 @@ from workflow_scripts.core.code_inputs import PACKAGE, ROOT, module_sources
 
 CLI = {"core/cli.py", "core/errors.py", "core/files.py"}
 MANIFEST = CLI | {"core/manifest.py", "core/progress.py"}
+SETTINGS = CLI | {"core/settings.py"}
 FETCH = MANIFEST | {"core/fetch.py"}
 # the VACC files are package data of vacc_code: copied into patched checkpoints, and loaded from there
 VACC = {
@@ -28,6 +29,7 @@ VACC = {
 }
 INT8_WRITER = (
     MANIFEST
+    | SETTINGS
     | VACC
     | {
         "checkpoint/folder.py",
@@ -45,6 +47,7 @@ EXPECTED = {
     "demo": FETCH
     | {
         "checkpoint/assemble.py",
+        "checkpoint/demo_checkpoint.py",
         "checkpoint/demo_presets.py",
         "checkpoint/folder.py",
         "checkpoint/layout.py",
@@ -55,27 +58,44 @@ EXPECTED = {
         "checkpoint/assemble.py",
         "checkpoint/folder.py",
         "checkpoint/gguf.py",
+        "checkpoint/gguf_import.py",
         "checkpoint/layout.py",
         "checkpoint/safetensors_stream.py",
     },
-    "patch": MANIFEST | VACC | {"checkpoint/folder.py", "data/tokenizers.py"},
-    "verify": MANIFEST | VACC | {"data/tokenizers.py", "evaluation/decode.py"},
+    "patch": MANIFEST | SETTINGS | VACC | {"checkpoint/folder.py", "checkpoint/patch.py", "data/tokenizers.py"},
+    "verify": MANIFEST | SETTINGS | VACC | {"data/tokenizers.py", "evaluation/decode.py", "evaluation/verify.py"},
     "dataset_fetch": DATASET_FOLDER,
-    "dataset_demo": DATASET_FOLDER,
-    "dataset_python_docs": DATASET_FOLDER,
+    "dataset_demo": DATASET_FOLDER | {"data/demo_datasets.py"},
+    "dataset_python_docs": DATASET_FOLDER | {"data/python_docs.py"},
     "tokenizer_store": CLI | {"data/tokenizers.py"},
-    "calibration": TOKEN_WINDOWS,
-    "evaluation_sets": TOKEN_WINDOWS,
+    "calibration": TOKEN_WINDOWS | SETTINGS | {"data/calibration.py"},
+    "evaluation_sets": TOKEN_WINDOWS | SETTINGS | {"data/evaluation_sets.py"},
     "quantize": INT8_WRITER | {"quantization/rtn.py"},
     "quantize_gptq": INT8_WRITER
-    | {"data/tokenizers.py", "quantization/__init__.py", "quantization/gptq.py", "quantization/gptq_kernels.py"},
-    "vamc_config": CLI | {"checkpoint/folder.py", "checkpoint/layout.py", "compilation/vamc.py"},
-    "vacc_compile": MANIFEST | {"checkpoint/folder.py", "checkpoint/layout.py", "compilation/vamc.py"},
+    | {
+        "data/tokenizers.py",
+        "quantization/__init__.py",
+        "quantization/gptq.py",
+        "quantization/gptq_checkpoint.py",
+        "quantization/gptq_kernels.py",
+    },
+    "vamc_config": CLI
+    | {
+        "checkpoint/folder.py",
+        "checkpoint/layout.py",
+        "compilation/vamc.py",
+        "compilation/vamc_config.py",
+        "core/settings.py",
+    },
+    "vacc_compile": MANIFEST
+    | {"checkpoint/folder.py", "checkpoint/layout.py", "compilation/vamc.py", "compilation/vamc_compile.py"},
     "aoti_compile": MANIFEST
+    | SETTINGS
     | VACC
     | {
         "checkpoint/folder.py",
         "checkpoint/layout.py",
+        "compilation/aoti_build.py",
         "compilation/aoti_graphs.py",
         "compilation/aoti_package.py",
         "core/code_inputs.py",
@@ -83,10 +103,17 @@ EXPECTED = {
         "evaluation/decode.py",
     },
     "evaluate": MANIFEST
+    | SETTINGS
     | VACC
-    | {"compilation/aoti_package.py", "data/tokenizers.py", "evaluation/decode.py", "evaluation/metrics.py"},
-    "gates": CLI | {"evaluation/gates.py"},
-    "report": CLI | {"evaluation/gates.py"},
+    | {
+        "compilation/aoti_package.py",
+        "data/tokenizers.py",
+        "evaluation/decode.py",
+        "evaluation/evaluate.py",
+        "evaluation/metrics.py",
+    },
+    "gates": SETTINGS | {"evaluation/gates.py"},
+    "report": SETTINGS | {"evaluation/gates.py", "evaluation/report.py"},
 }
 STAGES = sorted(path.stem for path in (ROOT / "stages").glob("*.py") if path.stem != "__init__")
 

@@ -1,5 +1,6 @@
 """Compiled artifacts: vamc build configs, `vamc compile` through a fake vamc, and the AOTInductor packages."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -8,12 +9,13 @@ import pytest
 import torch
 import yaml
 
+from workflow_scripts.compilation.aoti_build import AotiSettings, compile_variant
 from workflow_scripts.compilation.aoti_package import load_compiled
 from workflow_scripts.compilation.vamc import build_environment, check_lengths, check_overrides
+from workflow_scripts.compilation.vamc_config import VamcSettings, render
 from workflow_scripts.core.errors import InputError
+from workflow_scripts.evaluation.decode import VerifyPrompts
 from workflow_scripts.quantization.rtn import quantize_checkpoint
-from workflow_scripts.stages.aoti_compile import compile_variant
-from workflow_scripts.stages.vamc_config import render
 
 from conftest import QUANTIZE_SETTINGS, run_stage, stage_env
 
@@ -87,7 +89,7 @@ def test_build_configs_have_the_vendor_keys_and_int8_differs_only_where_document
 def test_overrides_merge_and_only_documented_keys_pass(patched):
     config = json.loads((patched["mistral"] / "config.json").read_text())
     settings = {**VAMC, "tp": 2, "overrides": {"backend": {"compile": {"ffn_split_num": 2}}}}
-    document = render("tiny", config, settings, "fp16", patched["mistral"], "/w")
+    document = render("tiny", config, VamcSettings.of(settings), "fp16", patched["mistral"], "/w")
     assert document["backend"]["compile"] == {"data_type": 0, "gather_data_vccl_dsp_enable": True, "ffn_split_num": 2}
     assert document["frontend"]["model_kwargs"] == {"tp": 2, "b2s": True, "model_arch": "vacc", "align_qkv": True}
     with pytest.raises(InputError, match=r"models\.x\.vamc\.overrides\.backend\.compile\.ffn_splits is not a vamc"):
@@ -109,10 +111,11 @@ def test_overrides_merge_and_only_documented_keys_pass(patched):
 def test_bad_lengths_and_tp_are_refused_naming_the_key(patched, change, message):
     config = {**json.loads((patched["mistral"] / "config.json").read_text()), "max_position_embeddings": 4096}
     with pytest.raises(InputError, match=message):
-        render("tiny", config, {**VAMC, **change}, "fp16", patched["mistral"], "/w")
+        render("tiny", config, VamcSettings.of({**VAMC, **change}), "fp16", patched["mistral"], "/w")
     if "tp" not in change and "4112" not in message:
         with pytest.raises(InputError, match=message):
-            check_lengths("models.tiny.vamc", {**VAMC, **change})
+            lengths = {**VAMC, **change}
+            check_lengths("models.tiny.vamc", lengths["seq_in"], lengths["seq_total"])
 
 
 def test_models_of_32b_parameters_get_the_larger_stack():
@@ -183,14 +186,10 @@ def test_a_failed_or_missing_vamc_leaves_nothing(patched, tmp_path, fake_vamc):
     assert "VAMC_WHEEL_DIR" in missing.stderr and not manifest.exists()
 
 
-AOTI = {
-    "batch": 2,
-    "seq_in": 32,
-    "seq_total": 48,
-    "dtype": "float32",
-    "max_abs_logit_diff": {"float32": 1e-4, "bfloat16": 0.05},
-}
-VERIFY = {"prompts": ["The capital of France is", "def fibonacci(n):"], "greedy_tokens": 16}
+AOTI = AotiSettings(
+    batch=2, seq_in=32, seq_total=48, dtype="float32", max_abs_logit_diff={"float32": 1e-4, "bfloat16": 0.05}
+)
+VERIFY = VerifyPrompts(prompts=("The capital of France is", "def fibonacci(n):"), greedy_tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +266,13 @@ def test_a_prompt_longer_than_the_prefill_graph_is_refused(patched, tmp_path):
         r"models\.mistral\.aoti\.seq_in = 4",
     ):
         compile_variant(
-            "mistral", "float", patched["mistral"], patched["mistral"], {**AOTI, "seq_in": 4}, VERIFY, tmp_path / "out"
+            "mistral",
+            "float",
+            patched["mistral"],
+            patched["mistral"],
+            dataclasses.replace(AOTI, seq_in=4),
+            VERIFY,
+            tmp_path / "out",
         )
 
 
@@ -275,13 +280,13 @@ def test_a_prompt_longer_than_the_prefill_graph_is_refused(patched, tmp_path):
 def test_packages_that_disagree_with_eager_fail_the_check(compiled, patched):
     """The float packages checked against the int8 model as 'eager': the rounding moves logits past 1e-4."""
     from workflow_scripts.checkpoint.vacc_code import load_vacc_model
+    from workflow_scripts.compilation.aoti_build import verify_compiled
     from workflow_scripts.core.errors import CheckFailed
     from workflow_scripts.data.tokenizers import encode_prompts
-    from workflow_scripts.stages.aoti_compile import verify_compiled
 
     torch.set_grad_enabled(False)
     int8_model = load_vacc_model(compiled / "rtn-int8", torch.float32)
-    prompts = encode_prompts(patched["ministral"], VERIFY["prompts"])
+    prompts = encode_prompts(patched["ministral"], VERIFY.prompts)
     with pytest.raises(CheckFailed, match=r"compiled vs eager: prompt 0: max \|logit diff\| .* \(bound 0\.0001\)"):
         verify_compiled(int8_model, compiled / "aoti" / "float", prompts, AOTI, 4)
 
@@ -303,9 +308,9 @@ def test_compiling_again_elsewhere_writes_the_same_bytes(compiled, patched):
         "--checkpoint",
         patched["ministral"],
         "--settings",
-        json.dumps(AOTI),
+        json.dumps(AOTI.record()),
         "--verify",
-        json.dumps(VERIFY),
+        json.dumps(VERIFY.record()),
         "--output",
         again,
     )

@@ -7,10 +7,10 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from workflow_scripts.checkpoint.demo_checkpoint import write_demo_checkpoint
 from workflow_scripts.checkpoint.demo_presets import PRESETS, demo_config
 from workflow_scripts.checkpoint.layout import tensor_shapes
 from workflow_scripts.data.tokenizer_files import MISTRAL_COMMON_DATA, TOKENIZERS
-from workflow_scripts.stages.demo import write_demo_checkpoint
 
 from conftest import TINY_SHAPES
 

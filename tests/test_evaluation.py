@@ -1,5 +1,6 @@
 """Metrics against hand-computed values, the gates' verdicts, the evaluation inputs' checks and the report files."""
 
+import dataclasses
 import json
 import math
 
@@ -8,11 +9,11 @@ import torch
 from safetensors.torch import save_file
 
 from workflow_scripts.core.errors import CheckFailed, InputError
-from workflow_scripts.evaluation.gates import check_variants
+from workflow_scripts.evaluation.evaluate import load_ceval, load_windows
+from workflow_scripts.evaluation.gates import GateSettings, check_variants
 from workflow_scripts.evaluation.metrics import TokenMetrics, choice_accuracy
-from workflow_scripts.stages.evaluate import load_ceval, load_windows
+from workflow_scripts.evaluation.report import write_plots, write_summary
 from workflow_scripts.stages.gates import main as gates_main
-from workflow_scripts.stages.report import write_plots, write_summary
 
 
 def test_perplexity_of_known_distributions():
@@ -75,7 +76,7 @@ def record(perplexity, reference=100.0, kl=1e-4, top1=0.99, non_finite=0, backen
     }
 
 
-GATES = {"max_perplexity_increase": 0.01, "min_top1_agreement": 0.98, "max_kl_divergence": 0.005}
+GATES = GateSettings(max_perplexity_increase=0.01, min_top1_agreement=0.98, max_kl_divergence=0.005)
 
 
 def test_gates_name_the_variant_the_metric_and_both_values(tmp_path):
@@ -105,7 +106,7 @@ def test_gates_name_the_variant_the_metric_and_both_values(tmp_path):
                 "--evaluations",
                 *map(str, paths),
                 "--settings",
-                json.dumps(GATES),
+                json.dumps(GATES.record()),
                 "--output",
                 str(tmp_path / "gate.json"),
             ]
@@ -118,7 +119,9 @@ def test_gates_name_the_variant_the_metric_and_both_values(tmp_path):
     )
     assert not (tmp_path / "gate.json").exists()
     assert (
-        check_variants(evaluations, {**GATES, "min_top1_agreement": None, "max_perplexity_increase": None})[0]["metric"]
+        check_variants(evaluations, dataclasses.replace(GATES, min_top1_agreement=None, max_perplexity_increase=None))[
+            0
+        ]["metric"]
         == "kl_divergence"
     )
 

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from workflow_scripts.checkpoint import gguf_import
 from workflow_scripts.checkpoint.assemble import assemble_checkpoint
+from workflow_scripts.checkpoint.gguf_import import shard_plan, unpermute
 from workflow_scripts.planning import job_resources
-from workflow_scripts.stages import gguf_import
-from workflow_scripts.stages.gguf_import import shard_plan, unpermute
 
 from conftest import run_stage
 from workflow_copy import Workflow

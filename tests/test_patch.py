@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralForCausalLM
 
+from workflow_scripts.checkpoint.patch import patch_checkpoint
 from workflow_scripts.checkpoint.vacc_code import AUTO_MAP, VACC_FILES, VACC_FILES_DIR
 from workflow_scripts.checkpoint.vacc_files.quantization_vacc import quantize_per_channel
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.stages.patch import patch_checkpoint
 
 from conftest import PATCH_SETTINGS as SETTINGS
 from conftest import run_stage
@@ -198,7 +198,7 @@ def test_interrupted_patch_leaves_nothing(downloaded, tmp_path, monkeypatch):
         return real_copy(*args, **kwargs)
 
     real_copy = shutil_module.copyfile
-    monkeypatch.setattr("workflow_scripts.stages.patch.shutil.copyfile", copy_then_fail)
+    monkeypatch.setattr("workflow_scripts.checkpoint.patch.shutil.copyfile", copy_then_fail)
     target = tmp_path / "patched"
     with pytest.raises(KeyboardInterrupt):
         patch_checkpoint("mistral", downloaded["mistral"], target, SETTINGS)

@@ -10,18 +10,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from workflow_scripts.checkpoint.demo_checkpoint import write_demo_checkpoint
+from workflow_scripts.checkpoint.patch import patch_checkpoint
 from workflow_scripts.core.files import sha256_file
+from workflow_scripts.data import demo_datasets as dataset_demo
 from workflow_scripts.data.assemble import assemble_dataset
-from workflow_scripts.stages import dataset_demo
-from workflow_scripts.stages.calibration import build_shard, write_shard
-from workflow_scripts.stages.demo import write_demo_checkpoint
-from workflow_scripts.stages.patch import patch_checkpoint
-from workflow_scripts.stages.quantize_gptq import quantize_gptq
+from workflow_scripts.data.calibration import CalibrationSettings, build_shard, write_shard
+from workflow_scripts.quantization.gptq_checkpoint import GptqSettings, quantize_gptq
 
-from conftest import QUANTIZE_SETTINGS, TINY_SHAPES, run_stage, stage_env
+from conftest import PATCH_SETTINGS, QUANTIZE_SETTINGS, TINY_SHAPES, run_stage, stage_env
 
 SETTINGS = {
-    **QUANTIZE_SETTINGS,
+    **QUANTIZE_SETTINGS.record(),
     "datasets": ["c4"],
     "nsamples": 48,
     "holdout": 8,
@@ -49,11 +49,11 @@ def deep_model(tmp_path_factory):
         "--manifest",
         root / "resources" / "MANIFEST.json",
     )
-    patch_checkpoint("deep", root / "resources", root / "patched", {"insert_slice": True, "iter_num": 0})
+    patch_checkpoint("deep", root / "resources", root / "patched", PATCH_SETTINGS)
     assemble_dataset("c4", {"demo": True}, root / "c4", dataset_demo.generate)
     fingerprint = sha256_file(root / "patched" / "tokenizer.json")[:16]
     tensors, record = build_shard(
-        "c4", root / "c4", root / "patched", fingerprint, {"split": "train", "nsamples": 56, "seqlen": 256, "seed": 0}
+        "c4", root / "c4", root / "patched", fingerprint, CalibrationSettings(nsamples=56, seqlen=256, seed=0)
     )
     write_shard(tensors, record, root / "c4.safetensors", root / "c4.json")
     return root
@@ -169,7 +169,7 @@ def test_shards_from_another_tokenizer_are_refused(deep_model, tiny_checkpoints,
     other = tiny_checkpoints["ministral"]
     fingerprint = sha256_file(other / "tokenizer.json")[:16]
     tensors, record = build_shard(
-        "c4", deep_model / "c4", other, fingerprint, {"split": "train", "nsamples": 56, "seqlen": 256, "seed": 0}
+        "c4", deep_model / "c4", other, fingerprint, CalibrationSettings(nsamples=56, seqlen=256, seed=0)
     )
     write_shard(tensors, record, tmp_path / "c4.safetensors", tmp_path / "c4.json")
     cmd = command(deep_model, tmp_path / "out")
@@ -207,7 +207,7 @@ def test_gptq_beats_rtn_on_held_out_samples_in_every_layer_of_the_demo_models(pr
         "--manifest",
         tmp_path / "resources" / "MANIFEST.json",
     )
-    patch_checkpoint(preset, tmp_path / "resources", tmp_path / "patched", {"insert_slice": True, "iter_num": 0})
+    patch_checkpoint(preset, tmp_path / "resources", tmp_path / "patched", PATCH_SETTINGS)
     assemble_dataset("c4", {"demo": True}, tmp_path / "c4", dataset_demo.generate)
     fingerprint = sha256_file(tmp_path / "patched" / "tokenizer.json")[:16]
     tensors, record = build_shard(
@@ -215,7 +215,7 @@ def test_gptq_beats_rtn_on_held_out_samples_in_every_layer_of_the_demo_models(pr
         tmp_path / "c4",
         tmp_path / "patched",
         fingerprint,
-        {"split": "train", "nsamples": 48, "seqlen": 512, "seed": 0},
+        CalibrationSettings(nsamples=48, seqlen=512, seed=0),
     )
     write_shard(tensors, record, tmp_path / "c4.safetensors", tmp_path / "c4.json")
     quantize_gptq(
@@ -223,7 +223,7 @@ def test_gptq_beats_rtn_on_held_out_samples_in_every_layer_of_the_demo_models(pr
         tmp_path / "patched",
         [tmp_path / "c4.safetensors"],
         tmp_path / "gptq-int8",
-        {**SETTINGS, "nsamples": 32, "holdout": 16, "block_size": 128},
+        GptqSettings.of({**SETTINGS, "nsamples": 32, "holdout": 16, "block_size": 128}),
     )
     layers = json.loads((tmp_path / "gptq-int8" / "MANIFEST.json").read_text())["layers"]
     assert len(layers) == 2

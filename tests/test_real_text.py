@@ -14,11 +14,12 @@ from tokenizers import Tokenizer
 
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import sha256_file
+from workflow_scripts.data import demo_datasets as dataset_demo
+from workflow_scripts.data import python_docs as dataset_python_docs
 from workflow_scripts.data.assemble import assemble_dataset
+from workflow_scripts.data.calibration import CalibrationSettings, build_shard
 from workflow_scripts.data.datasets import DATASET_FILES
 from workflow_scripts.data.readers import C4Lines, read_alpaca
-from workflow_scripts.stages import dataset_demo, dataset_python_docs
-from workflow_scripts.stages.calibration import build_shard
 
 from conftest import TINY_SHAPES, embedded_default, run_stage
 from workflow_copy import Workflow
@@ -103,7 +104,7 @@ def test_split_is_by_name_and_drops_validation_paragraphs_seen_in_train():
 def test_a_calibration_shard_and_evaluation_windows_build_from_it(python_docs, tiny_checkpoints, tmp_path):
     folder = tiny_checkpoints["mistral"]
     fingerprint = sha256_file(folder / "tokenizer.json")[:16]
-    settings = {"split": "train", "nsamples": 144, "seqlen": 512, "seed": 0}
+    settings = CalibrationSettings(nsamples=144, seqlen=512, seed=0)
     tensors, record = build_shard("python-docs", python_docs, folder, fingerprint, settings, "c4")
     assert tensors["input_ids"].shape == (144, 512) and tensors["attention_mask"].all()
     assert record["dataset"] == "python-docs" and record["format"] == "raw text window"
@@ -151,7 +152,7 @@ def test_alpaca_format_from_train_documents_only(tmp_path, python_docs, tiny_che
         tmp_path / "python-docs-alpaca",
         folder,
         sha256_file(folder / "tokenizer.json")[:16],
-        {"split": "train", "nsamples": 16, "seqlen": 128, "seed": 0},
+        CalibrationSettings(nsamples=16, seqlen=128, seed=0),
         "alpaca",
     )
     assert tensors["input_ids"].shape == (16, 128) and record["format"] == "Alpaca prompt with response"

@@ -10,12 +10,13 @@ import torch
 from test_config import validated
 
 from workflow_scripts.checkpoint.folder import read_weight_map
+from workflow_scripts.checkpoint.patch import patch_checkpoint
 from workflow_scripts.checkpoint.vacc_code import AUTO_MAP, check_own_code, load_vacc_model
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.stages.patch import patch_checkpoint
 
 from conftest import (
     FAKE_HF_TOKEN,
+    PATCH_SETTINGS,
     REPO,
     add_to_hub_cache,
     files_containing,
@@ -93,7 +94,7 @@ def test_a_downloaded_repos_code_and_auto_map_never_reach_the_patched_checkpoint
     )
     assert not list(manifest.parent.glob("*.py"))
     patched = tmp_path / "patched"
-    patch_checkpoint("tiny", manifest.parent, patched, {"insert_slice": True, "iter_num": 0})
+    patch_checkpoint("tiny", manifest.parent, patched, PATCH_SETTINGS)
     assert json.loads((patched / "config.json").read_text())["auto_map"] == AUTO_MAP
     load_vacc_model(patched, torch.float32)
     assert not marker.exists()

@@ -8,30 +8,10 @@ import time
 
 import pytest
 
-from conftest import TIED, TINY_SHAPES, reference_config
-from workflow_copy import Workflow
+from conftest import reference_config
+from workflow_copy import REPORTED, Workflow, rules_by_model, tokenizer_fingerprint
 
 pytestmark = pytest.mark.slow
-
-
-def rules_by_model(jobs):
-    """``{model: {rule, ...}}`` of a plan's per-model jobs."""
-    models = {}
-    for rule, model in model_jobs(jobs):
-        models.setdefault(model, set()).add(rule)
-    return models
-
-
-REPORTED = {"evaluate", "gate", "plots"}  # what follows any change of a model's outputs
-
-
-def model_jobs(jobs):
-    """The per-model jobs of a plan as (rule, model)."""
-    return [
-        (rule, wildcards.split(", ")[0].removeprefix("model="))
-        for rule, wildcards in jobs
-        if wildcards.startswith("model=")
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,50 +49,6 @@ def test_full_run_builds_verified_checkpoints(workflow):
     for folder in ("patched", "quantized/rtn-int8", "quantized/gptq-int8"):
         index = json.loads((workflow.work / "results" / "tiny-a" / folder / "model.safetensors.index.json").read_text())
         assert "lm_head.weight" not in index["weight_map"], folder
-
-
-def test_a_failed_verification_stops_that_models_branch_only(tmp_path):
-    """A patch that leaves a tied lm_head untied (random) fails verify: nothing downstream of that model is
-    built, while the other model builds completely."""
-    reference = reference_config()
-    config = {
-        "targets": ["tied", "untied"],
-        "models": {
-            "tied": {"source": {"demo": "mistral", "seed": 1, "shape": TIED}, **lean_model()},
-            "untied": {"source": {"demo": "mistral", "seed": 2, "shape": TINY_SHAPES["mistral"]}, **lean_model()},
-        },
-        "datasets": reference["datasets"],
-        "evaluation": reference["evaluation"],
-    }
-    flow = Workflow(tmp_path, config)
-    modeling = flow.code / "workflow_scripts" / "checkpoint" / "vacc_files" / "modeling_mistral_vacc.py"
-    source = modeling.read_text()
-    tying = '    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}\n'
-    assert tying in source
-    modeling.write_text(source.replace(tying, ""))
-    output = flow.run("--keep-going", check=False)
-    assert "does not match upstream" in (flow.work / "logs" / "tied" / "verify.log").read_text()
-    built = {str(p.relative_to(flow.work / "results")) for p in (flow.work / "results").rglob("*") if p.is_file()}
-    assert not any(path.startswith("tied/") and not path.startswith("tied/patched/") for path in built), output[-3000:]
-    assert "tied/patched/verify.json" not in built
-    for path in (
-        "untied/patched/verify.json",
-        "untied/quantized/rtn-int8/MANIFEST.json",
-        "untied/vamc/int8.yaml",
-        "untied/eval/rtn-int8.json",
-        "untied/gate.json",
-    ):
-        assert path in built, path
-
-
-def lean_model():
-    """The fewest jobs that still reach every kind of downstream stage: RTN only, no compiled packages."""
-    return {
-        "quantize": {"schemes": ["rtn-int8"]},
-        "aoti": {"variants": []},
-        "verify": {"greedy_tokens": 4},
-        "gates": {"min_top1_agreement": None},
-    }
 
 
 def test_dry_run_after_a_full_run_schedules_nothing(workflow):
@@ -173,7 +109,7 @@ def edited(path, edit=lambda text: text + "\n# an edit\n"):
 
 
 def test_editing_the_patch_module_reruns_patch_jobs_and_nothing_upstream(workflow):
-    with edited(workflow.code / "workflow_scripts" / "stages" / "patch.py"):
+    with edited(workflow.code / "workflow_scripts" / "checkpoint" / "patch.py"):
         downstream = {"patch", "quantize", "quantize_gptq", "vamc_config", "verify"} | REPORTED
         assert rules_by_model(workflow.planned()) == {
             "tiny-a": downstream | {"aoti_compile"},
@@ -209,21 +145,6 @@ def test_editing_a_library_module_reruns_only_the_stages_that_import_it(workflow
         assert {rule for rule, _ in workflow.planned()} == {"gate", "plots"}
 
 
-def test_a_model_builds_alone_by_its_target_rule(tmp_path):
-    fresh = Workflow(tmp_path, reference_config())
-    # Calibration jobs appear once the download checkpoint tells the tokenizer.
-    assert rules_by_model(fresh.planned("tiny_b")) == {
-        "tiny-b": {"download", "patch", "quantize", "quantize_gptq", "vamc_config", "verify"} | REPORTED
-    }
-    assert fresh.planned("results/tiny-a/patched/MANIFEST.json") == [
-        ("download", "model=tiny-a"),
-        ("patch", "model=tiny-a"),
-    ]
-    fresh.run("tiny_b")
-    assert fresh.tokenizers() == [fingerprint(fresh, "tiny-b")]
-    assert not (fresh.work / "results" / "tiny-a").exists()
-
-
 def test_unknown_model_in_a_file_target_fails_fast(workflow):
     output = workflow.run("--dry-run", "results/tiny-z/patched/verify.json", check=False)
     assert "MissingRuleException" in output or "No rule to produce" in output
@@ -233,16 +154,15 @@ def test_snakemake_lint_is_clean(workflow):
     assert "Congratulations, your workflow is in a good condition!" in workflow.run("--lint")
 
 
-def fingerprint(flow, model):
-    import json
-
-    manifest = json.loads((flow.work / "resources" / "models" / model / "MANIFEST.json").read_text())
-    return manifest["files"]["tokenizer.json"]["sha256"][:16]
-
-
 def test_models_with_one_tokenizer_share_one_set_of_shards(workflow):
-    assert fingerprint(workflow, "tiny-a") == fingerprint(workflow, "tiny-c") != fingerprint(workflow, "tiny-b")
-    assert workflow.tokenizers() == sorted({fingerprint(workflow, "tiny-a"), fingerprint(workflow, "tiny-b")})
+    assert (
+        tokenizer_fingerprint(workflow, "tiny-a")
+        == tokenizer_fingerprint(workflow, "tiny-c")
+        != tokenizer_fingerprint(workflow, "tiny-b")
+    )
+    assert workflow.tokenizers() == sorted(
+        {tokenizer_fingerprint(workflow, "tiny-a"), tokenizer_fingerprint(workflow, "tiny-b")}
+    )
     for tokenizer in workflow.tokenizers():
         names = sorted(p.name for p in (workflow.work / "results" / "calibration" / tokenizer).iterdir())
         # only the datasets the models use: GPTQ's c4 (alpaca and ceval are configured, but unused)

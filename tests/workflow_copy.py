@@ -1,5 +1,6 @@
 """A private copy of the workflow, run by Snakemake in a subprocess."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -83,6 +84,32 @@ class Workflow:
 
     def tokenizers(self):
         return sorted(p.name for p in (self.work / "results" / "calibration").iterdir())
+
+
+def rules_by_model(jobs):
+    """``{model: {rule, ...}}`` of a plan's per-model jobs."""
+    models = {}
+    for rule, model in model_jobs(jobs):
+        models.setdefault(model, set()).add(rule)
+    return models
+
+
+REPORTED = {"evaluate", "gate", "plots"}  # what follows any change of a model's outputs
+
+
+def model_jobs(jobs):
+    """The per-model jobs of a plan as (rule, model)."""
+    return [
+        (rule, wildcards.split(", ")[0].removeprefix("model="))
+        for rule, wildcards in jobs
+        if wildcards.startswith("model=")
+    ]
+
+
+def tokenizer_fingerprint(flow, model):
+    """The fingerprint of a downloaded model's tokenizer, which names its calibration shards' folder."""
+    manifest = json.loads((flow.work / "resources" / "models" / model / "MANIFEST.json").read_text())
+    return manifest["files"]["tokenizer.json"]["sha256"][:16]
 
 
 def descendants(pid):

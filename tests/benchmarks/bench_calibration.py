@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 from workflow_scripts.core.files import sha256_file  # noqa: E402
 from workflow_scripts.core.manifest import write_folder_manifest  # noqa: E402
 from workflow_scripts.data.datasets import DATASET_FILES  # noqa: E402
+from workflow_scripts.data.demo_datasets import sentence  # noqa: E402
 from workflow_scripts.data.tokenizer_files import write_tokenizer  # noqa: E402
-from workflow_scripts.stages.dataset_demo import sentence  # noqa: E402
 
 CACHE = REPO / ".cache" / "bench"
 

@@ -2,7 +2,7 @@
 
 Builds a decoder layer of the chosen shape with random bf16 weights and random
 calibration hidden states, then runs the stage's own per-layer step
-(``stages.quantize_gptq.process_layer``: Hessian pass, GPTQ of the four groups, the
+(``quantization.gptq_checkpoint.process_layer``: Hessian pass, GPTQ of the four groups, the
 held-out check, the partial file, and the pass that moves the samples on) for
 a few layers, timing each part. Layer 1 includes one-off costs (kernel
 compilation, library warm-up); the figures are the mean of the later layers.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from workflow_scripts.checkpoint.vacc_files.configuration_mistral_vacc import MistralConfig  # noqa: E402
 from workflow_scripts.checkpoint.vacc_files.modeling_mistral_vacc import MistralDecoderLayer, MistralStaticRotary  # noqa: E402
 from workflow_scripts.quantization import gptq  # noqa: E402
-from workflow_scripts.stages import quantize_gptq  # noqa: E402
+from workflow_scripts.quantization import gptq_checkpoint as quantize_gptq  # noqa: E402
 
 SHAPES = {
     "7b": {
@@ -50,15 +50,18 @@ SHAPES = {
         "rope_theta": 1e6,
     },
 }
-SETTINGS = {
-    "bits": 8,
-    "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "block_size": 128,
-    "damp": 0.01,
-    "act_order": True,
-    "first_token_weight": 256,
-    "holdout": 16,
-}
+SETTINGS = quantize_gptq.GptqSettings(
+    bits=8,
+    modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    nsamples=128,
+    holdout=16,
+    block_size=128,
+    damp=0.01,
+    act_order=True,
+    first_token_weight=256,
+    device="cpu",
+    datasets=("c4",),
+)
 
 
 class Timers:
@@ -107,7 +110,7 @@ def baseline_rounding(layer, hessians, timers):
         for owner, members in quantize_gptq.HESSIAN_GROUPS.items():
             for module in members:
                 weight = layer.get_submodule(module).weight.detach()
-                gptq.gptq_quantize(weight, hessians[owner], 8, SETTINGS["block_size"], SETTINGS["damp"])
+                gptq.gptq_quantize(weight, hessians[owner], 8, SETTINGS.block_size, SETTINGS.damp)
     finally:
         gptq.round_block = fused
     timers.sync()
@@ -128,7 +131,7 @@ def main():
     dtype = quantize_gptq.compute_dtype(args.device, torch.bfloat16)
     generator = torch.Generator().manual_seed(0)
     embeddings = 0.02 * torch.randn(config.vocab_size, config.hidden_size, generator=generator)
-    ids = torch.randint(0, config.vocab_size, (args.samples + SETTINGS["holdout"], args.seqlen), generator=generator)
+    ids = torch.randint(0, config.vocab_size, (args.samples + SETTINGS.holdout, args.seqlen), generator=generator)
     masks = torch.ones_like(ids)
     rotary = MistralStaticRotary(config)
     calibration = quantize_gptq.Samples(

@@ -50,17 +50,16 @@ def check_overrides(where, overrides, known=VAMC_KEYS):
             check_overrides(f"{where}.{key}", value, known[key])
 
 
-def check_lengths(where, settings, max_positions=None):
+def check_lengths(where, seq_in, seq_total, max_positions=None):
     """Sequence lengths: multiples of 16, prompt within context, context within the model's positions."""
-    for key in ("seq_in", "seq_total"):
-        if settings[key] % SEQUENCE_MULTIPLE:
-            raise InputError(f"config: {where}.{key} = {settings[key]} is not a multiple of {SEQUENCE_MULTIPLE}")
-    if settings["seq_in"] > settings["seq_total"]:
-        raise InputError(f"config: {where}.seq_in = {settings['seq_in']} exceeds seq_total = {settings['seq_total']}")
-    if max_positions is not None and settings["seq_total"] > max_positions:
+    for key, value in (("seq_in", seq_in), ("seq_total", seq_total)):
+        if value % SEQUENCE_MULTIPLE:
+            raise InputError(f"config: {where}.{key} = {value} is not a multiple of {SEQUENCE_MULTIPLE}")
+    if seq_in > seq_total:
+        raise InputError(f"config: {where}.seq_in = {seq_in} exceeds seq_total = {seq_total}")
+    if max_positions is not None and seq_total > max_positions:
         raise InputError(
-            f"config: {where}.seq_total = {settings['seq_total']} exceeds the model's "
-            f"max_position_embeddings = {max_positions}"
+            f"config: {where}.seq_total = {seq_total} exceeds the model's max_position_embeddings = {max_positions}"
         )
 
 

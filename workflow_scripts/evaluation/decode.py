@@ -1,6 +1,19 @@
 """Greedy decoding through a model's KV cache: the reference every compiled or patched model is compared with."""
 
+from dataclasses import dataclass
+
 import torch
+
+from workflow_scripts.core.settings import Settings
+
+
+@dataclass(frozen=True)
+class VerifyPrompts(Settings):
+    """The prompts a model is compared on, and how many tokens to decode greedily from each (the part of
+    ``models.<id>.verify`` that the compiled packages are checked with too)."""
+
+    prompts: tuple[str, ...]
+    greedy_tokens: int
 
 
 @torch.no_grad()

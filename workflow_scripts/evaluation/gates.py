@@ -1,5 +1,28 @@
 """Quality gates: each variant's figures against the configured bounds, and how a failed check reads."""
 
+from dataclasses import dataclass
+
+from workflow_scripts.core.errors import CheckFailed
+from workflow_scripts.core.settings import Settings
+
+
+@dataclass(frozen=True)
+class GateSettings(Settings):
+    """``models.<id>.gates``: a bound left ``None`` is not checked."""
+
+    max_perplexity_increase: float | None
+    min_top1_agreement: float | None
+    max_kl_divergence: float | None
+
+
+def gate_record(model, evaluations, settings):
+    """The gate record of a model's evaluations (by variant name); a failed gate raises :class:`CheckFailed`."""
+    checks = check_variants(evaluations, settings)
+    failed = [describe(check) for check in checks if not check["passed"]]
+    if failed:
+        raise CheckFailed(f"model {model}: quality gates failed: " + "; ".join(failed))
+    return {"model": model, "settings": settings.record(), "checks": checks}
+
 
 def check_variants(evaluations, settings):
     """One ``{variant, metric, value, limit, passed}`` per gate and variant; ``evaluations`` by variant name."""
@@ -15,7 +38,7 @@ def check_variants(evaluations, settings):
             ("max_kl_divergence", "kl_divergence", c4.get("kl_divergence"), "<="),
         )
         for key, metric, value, sense in gates:
-            limit = settings[key]
+            limit = getattr(settings, key)
             if limit is None:
                 continue
             passed = not broken and value is not None and (value <= limit if sense == "<=" else value >= limit)

@@ -157,7 +157,7 @@ def check_config(config):
     for model, settings in models.items():
         check_model_datasets(model, settings, config["datasets"])
         check_gptq_samples(model, settings["quantize"], config["datasets"])
-        check_lengths(f"models.{model}.vamc", settings["vamc"])
+        check_lengths(f"models.{model}.vamc", settings["vamc"]["seq_in"], settings["vamc"]["seq_total"])
         check_overrides(f"models.{model}.vamc.overrides", settings["vamc"]["overrides"])
         check_aoti(model, settings)
     for index, target in enumerate(config["targets"]):

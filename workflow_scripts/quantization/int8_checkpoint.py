@@ -9,6 +9,7 @@ the configs with the ``vacc_quantization`` key, and the manifest.
 import ctypes
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_write_json, link_file, read_json, sha256_file, staged_directory
 from workflow_scripts.core.manifest import MANIFEST_NAME, write_folder_manifest
 from workflow_scripts.core.progress import Progress
+from workflow_scripts.core.settings import Settings
 
 QUANTIZATION_KEY = "vacc_quantization"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -51,13 +53,21 @@ class MatrixError:
         return {"relative_frobenius_error": relative, "max_error_in_scale_units": self.max_units}
 
 
+@dataclass(frozen=True)
+class QuantizeSettings(Settings):
+    """``models.<id>.quantize.<scheme>``: what every int8 scheme reads."""
+
+    bits: int
+    modules: tuple[str, ...]
+
+
 def quantization_record(scheme, settings):
     return {
         "scheme": scheme,
-        "bits": settings["bits"],
+        "bits": settings.bits,
         "granularity": "per_channel",
         "symmetric": True,
-        "modules": list(settings["modules"]),
+        "modules": list(settings.modules),
     }
 
 

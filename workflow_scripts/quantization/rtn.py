@@ -41,6 +41,6 @@ def quantize_checkpoint(model, scheme, patched, folder, settings):
     record = quantization_record(scheme, settings)
 
     def rounded(shard, name, writer):
-        return quantize_matrix(shard, name, writer, settings["bits"])
+        return quantize_matrix(shard, name, writer, settings.bits)
 
     write_quantized_checkpoint(model, record, patched, folder, rounded, "workflow_scripts.stages.quantize")

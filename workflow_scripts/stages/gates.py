@@ -11,28 +11,22 @@ Usage: python -m workflow_scripts.stages.gates --model ID --evaluations JSON [JS
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from workflow_scripts.core.cli import run_cli
-from workflow_scripts.core.errors import CheckFailed
 from workflow_scripts.core.files import atomic_write_json, read_json
-from workflow_scripts.evaluation.gates import check_variants, describe
+from workflow_scripts.evaluation.gates import GateSettings, gate_record
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--evaluations", required=True, nargs="+", type=Path)
-    parser.add_argument("--settings", required=True, type=json.loads)
+    parser.add_argument("--settings", required=True, type=GateSettings.parse, help="models.<id>.gates as JSON")
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
     evaluations = {path.stem: read_json(path, what="evaluation") for path in args.evaluations}
-    checks = check_variants(evaluations, args.settings)
-    failed = [describe(check) for check in checks if not check["passed"]]
-    if failed:
-        raise CheckFailed(f"model {args.model}: quality gates failed: " + "; ".join(failed))
-    atomic_write_json(args.output, {"model": args.model, "settings": args.settings, "checks": checks})
+    atomic_write_json(args.output, gate_record(args.model, evaluations, args.settings))
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ Usage: python -m workflow_scripts.stages.quantize --model ID --scheme rtn-int8 -
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from workflow_scripts.core.cli import run_cli
-from workflow_scripts.quantization.int8_checkpoint import keep_freed_chunks
+from workflow_scripts.quantization.int8_checkpoint import QuantizeSettings, keep_freed_chunks
 from workflow_scripts.quantization.rtn import quantize_checkpoint
 
 
@@ -35,7 +34,7 @@ def main(argv):
     parser.add_argument("--scheme", required=True)
     parser.add_argument("--patched", required=True, type=Path)
     parser.add_argument("--manifest", required=True, type=Path)
-    parser.add_argument("--settings", required=True, type=json.loads)
+    parser.add_argument("--settings", required=True, type=QuantizeSettings.parse, help="models.<id>.quantize.<scheme>")
     args = parser.parse_args(argv)
     keep_freed_chunks()
     quantize_checkpoint(args.model, args.scheme, args.patched, args.manifest.parent, args.settings)

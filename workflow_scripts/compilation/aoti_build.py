@@ -1,0 +1,246 @@
+"""AOTInductor packages of a model variant, verified against eager (stage 5, ``results/{model}/aoti/{variant}/``).
+
+The portable backend: every machine can build and run it, and exporting the
+whole model with ``torch.export`` at static shapes shows that the patched
+model is the static graph the patches are meant to make. ``variant`` is
+``float`` (the patched checkpoint) or an int8 scheme (its quantized
+checkpoint, whose fingerprint must name this model's patched checkpoint).
+Both graphs (:mod:`workflow_scripts.compilation.aoti_graphs`) are exported and compiled
+with ``torch._inductor.aoti_compile_and_package``; the folder also gets the
+tokenizer and ``graphs.json``, so :mod:`workflow_scripts.run_compiled` needs
+nothing else.
+
+Before the folder is published, the compiled packages generate greedily from
+each verify prompt and are compared with the eager model (its own forward and
+KV cache): every step's logits within ``max_abs_logit_diff`` and identical
+tokens. ``verify`` in the manifest records the figures; the stage fails and
+leaves no folder otherwise.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import struct
+import tempfile
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workflow_scripts.checkpoint.folder import copy_tokenizer_files
+from workflow_scripts.checkpoint.vacc_code import load_vacc_model
+from workflow_scripts.compilation.aoti_graphs import Decode, Prefill, example_inputs
+from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, load_compiled
+from workflow_scripts.core.cli import LOG
+from workflow_scripts.core.code_inputs import sources_digest
+from workflow_scripts.core.errors import CheckFailed, InputError
+from workflow_scripts.core.files import atomic_write_json, read_json, sha256_file, staged_directory
+from workflow_scripts.core.manifest import MANIFEST_NAME, write_folder_manifest
+from workflow_scripts.core.settings import Settings
+from workflow_scripts.data.tokenizers import encode_prompts
+from workflow_scripts.evaluation.decode import greedy_decode
+
+
+@dataclass(frozen=True)
+class AotiSettings(Settings):
+    """``models.<id>.aoti`` less ``variants`` (the rule's): the static shapes, precision and compare bound."""
+
+    batch: int
+    dtype: str
+    seq_in: int
+    seq_total: int
+    max_abs_logit_diff: dict[str, float]
+
+
+def check_lineage(model, variant, patched, checkpoint):
+    """An int8 checkpoint must have been quantized from this model's current patched checkpoint."""
+    if variant == "float":
+        return
+    expected = sha256_file(patched / MANIFEST_NAME)
+    made_from = read_json(checkpoint / MANIFEST_NAME, what=f"model {model}: {variant} manifest")
+    found = made_from.get("fingerprint", {}).get("patched_manifest_sha256")
+    if found != expected:
+        raise InputError(
+            f"model {model}: {checkpoint} was quantized from a patched checkpoint with manifest "
+            f"sha256 {found}, not this model's {expected}; rebuild its quantize job"
+        )
+
+
+def compile_graphs(model, settings, folder, freezing):
+    """Export and compile prefill and decode into ``folder``; the time of each step goes to the log.
+
+    ``freezing`` lets the compiler treat the weights as constants it may fold
+    and pre-pack (oneDNN on the CPU: demo-ministral's float decode step runs
+    2.5x faster). For int8 it would fold the dequantization into float32
+    copies of the weights, so int8 graphs are compiled without it: their
+    weights stay int8 and every step dequantizes them.
+    """
+    prefill_inputs, decode_inputs = example_inputs(
+        model.config, settings.batch, settings.seq_in, settings.seq_total, getattr(torch, settings.dtype)
+    )
+    for name, module, inputs in (
+        ("prefill", Prefill(model, settings.seq_total), prefill_inputs),
+        ("decode", Decode(model), decode_inputs),
+    ):
+        start = time.monotonic()
+        exported = torch.export.export(module.eval(), inputs)
+        exported_at = time.monotonic()
+        # size_asserts off: with freezing, their messages print Python function reprs (memory addresses) into
+        # the generated code, so the package would change from process to process; the graphs are static
+        torch._inductor.aoti_compile_and_package(
+            exported,
+            package_path=str(folder / f"{name}.pt2"),
+            inductor_configs={"freezing": freezing, "size_asserts": False},
+        )
+        pin_serialization_id(folder / f"{name}.pt2")
+        LOG.info(
+            "%s: exported in %.1f s, compiled in %.1f s", name, exported_at - start, time.monotonic() - exported_at
+        )
+
+
+def verify_compiled(model, folder, prompts_ids, settings, steps):
+    """Compiled greedy generation vs the eager model on every prompt; the figures, or :class:`CheckFailed`."""
+    generator, _, _ = load_compiled(folder)
+    bound = settings.max_abs_logit_diff[settings.dtype]
+    prompts, failures = [], []
+    for index, ids in enumerate(prompts_ids):
+        eager_logits, eager_tokens = greedy_decode(model, torch.tensor([ids]), steps)
+        tokens, logits = generator.generate(ids, steps)
+        difference = float((logits - eager_logits).abs().max())
+        prompts.append(
+            {"tokens": len(ids), "max_abs_logit_diff": difference, "greedy_tokens_identical": tokens == eager_tokens}
+        )
+        if difference > bound or tokens != eager_tokens:
+            failures.append(
+                f"prompt {index}: max |logit diff| {difference:.3g} (bound {bound}), "
+                f"tokens {'equal' if tokens == eager_tokens else 'differ'}"
+            )
+    if failures:
+        raise CheckFailed(f"compiled vs eager: {'; '.join(failures)}")
+    return {"prompts": prompts, "greedy_steps": steps, "bound": bound}
+
+
+def stop_tokens(config):
+    eos = config.eos_token_id
+    return sorted(eos) if isinstance(eos, list) else [eos]
+
+
+def pin_serialization_id(package):
+    """Replace the random ``.data/serialization_id`` of a ``.pt2`` archive with one derived from its content.
+
+    PyTorch's archive writer draws that id at random; it only labels the
+    archive, so a digest of the other records (same length, digits like the
+    original) makes the same inputs give the same bytes. The record is stored
+    uncompressed, so it is overwritten in place and its CRC-32 updated in the
+    local header and in the central directory.
+    """
+    with zipfile.ZipFile(package) as archive:
+        entries = archive.infolist()
+        central = archive.start_dir
+    record = next(e for e in entries if e.filename.endswith(".data/serialization_id"))
+    digest = hashlib.sha256(
+        b"".join(e.filename.encode() + e.CRC.to_bytes(4, "little") for e in entries if e is not record)
+    )
+    pinned = str(int(digest.hexdigest(), 16)).encode()[: record.file_size].rjust(record.file_size, b"0")
+    crc = struct.pack("<I", zlib.crc32(pinned))
+    with open(package, "r+b") as handle:
+        handle.seek(record.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+        handle.seek(record.header_offset + 14)
+        handle.write(crc)
+        handle.seek(record.header_offset + 30 + name_length + extra_length)
+        handle.write(pinned)
+        handle.seek(central)
+        for entry in entries:
+            header = handle.read(46)
+            name_length, extra_length, comment_length = struct.unpack("<HHH", header[28:34])
+            if entry is record:
+                handle.seek(-30, 1)
+                handle.write(crc)
+                break
+            handle.seek(name_length + extra_length + comment_length, 1)
+
+
+@contextlib.contextmanager
+def private_inductor_cache(model_id, variant):
+    """Compile in a fresh inductor cache at a path that names only the model and variant.
+
+    A shared cache appends every compile's command lines to the C++ sources
+    that go into the package, and the cache's path shapes the generated code
+    and the shared library; so one fixed, emptied cache per model and variant
+    makes the package a function of its inputs, wherever the workflow folder
+    is. A lock keeps two builds of the same name (two workflow folders on one
+    machine) from sharing it at once.
+    """
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    root = Path(tempfile.gettempdir()) / f"vacc-workflow-inductor-{os.getuid()}"
+    root.mkdir(exist_ok=True)
+    # Which vector instructions the machine runs is probed by building and loading seven small libraries (about
+    # 15 s); the answer depends on the machine alone, and torch remembers it for the process. So it is probed
+    # in a cache kept between compiles, and each compile's emptied cache starts with the answer.
+    with temporary_cache_dir(str(root / "vector-isa-probe")):
+        pick_vec_isa()
+    cache = root / f"{model_id}-{variant}"
+    with open(root / f"{model_id}-{variant}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(cache, ignore_errors=True)
+        try:
+            with temporary_cache_dir(str(cache)):
+                yield
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def compile_variant(model_id, variant, patched, checkpoint, settings, verify_settings, output):
+    patched, checkpoint, output = Path(patched), Path(checkpoint), Path(output)
+    check_lineage(model_id, variant, patched, checkpoint)
+    steps = verify_settings.greedy_tokens
+    limit = (settings.seq_in, f"models.{model_id}.verify.prompts", f"models.{model_id}.aoti.seq_in")
+    prompts_ids = encode_prompts(patched, verify_settings.prompts, limit)
+    torch.set_grad_enabled(False)
+    model = load_vacc_model(checkpoint, getattr(torch, settings.dtype))
+    with staged_directory(output) as staging:
+        with private_inductor_cache(model_id, variant):
+            compile_graphs(model, settings, staging, freezing=variant == "float")
+        copy_tokenizer_files(patched, staging)
+        atomic_write_json(
+            staging / GRAPHS_FILE,
+            {
+                "model": model_id,
+                "variant": variant,
+                "batch": settings.batch,
+                "seq_in": settings.seq_in,
+                "seq_total": settings.seq_total,
+                "dtype": settings.dtype,
+                "stop_token_ids": stop_tokens(model.config),
+            },
+        )
+        figures = verify_compiled(model, staging, prompts_ids, settings, steps)
+        LOG.info(
+            "model %s %s: compiled matches eager (max |logit diff| %.3g)",
+            model_id,
+            variant,
+            max(p["max_abs_logit_diff"] for p in figures["prompts"]),
+        )
+        write_folder_manifest(
+            staging,
+            {
+                "model": model_id,
+                "variant": variant,
+                "torch": torch.__version__,
+                "fingerprint": {
+                    "checkpoint_manifest_sha256": sha256_file(checkpoint / MANIFEST_NAME),
+                    "settings": settings.record(),
+                    "verify": verify_settings.record(),
+                    "code": sources_digest("workflow_scripts.stages.aoti_compile"),
+                },
+                "verify": figures,
+            },
+        )
