@@ -23,10 +23,10 @@ from workflow_scripts.quantization.rtn import quantize_checkpoint  # noqa: E402
 
 from workflow_copy import Workflow  # noqa: E402
 
-# The README's test command runs two pytest-xdist workers. The tests of a file that shares a module-scoped
+# The README's test command runs three pytest-xdist workers. The tests of a file that shares a module-scoped
 # fixture (a Snakemake run, the SLURM cluster, compiled packages, a second virtual environment) run on one worker,
 # so that it is built once; so do the tests on copies of the reference run, since some of them edit its code
-# folder while they plan. The longest groups come first, so that the two workers start on them at once and the
+# folder while they plan. The longest groups come first, so that the workers start on them at once and the
 # short tests fill in around them; every other test goes to whichever worker is free. (Files, not xdist_group
 # marks: pytest-xdist 3.8's loadgroup does not group under pytest 9.)
 SHARED_FIXTURE_FILES = {
@@ -65,6 +65,11 @@ def pytest_xdist_make_scheduler(config, log):
 
     return SharedFixtureScheduling(config, log)
 
+
+# Several test workers each run Snakemake with two cores on this two-core machine, and the jobs' torch threads
+# would spin-wait for each other at every parallel region while another worker's job needs the core (three 2-thread
+# evaluate jobs at once: 52 s, 31 s with passive waiting; one alone: the same either way). Jobs inherit this.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Small enough for fast tests, with the presets' ratios (GQA 4:1; explicit
 # head_dim unequal to hidden/heads for the Ministral-like one).
