@@ -4,7 +4,7 @@ stops only that model's branch."""
 import pytest
 
 from conftest import TIED, TINY_SHAPES, reference_config
-from workflow_copy import REPORTED, Workflow, rules_by_model, tokenizer_fingerprint
+from workflow_copy import REPORTED, Workflow, downloaded_tokenizer, rules_by_model
 
 pytestmark = pytest.mark.slow
 
@@ -64,5 +64,5 @@ def test_a_model_builds_alone_by_its_target_rule(tmp_path):
         ("patch", "model=tiny-a"),
     ]
     fresh.run("tiny_b")
-    assert fresh.tokenizers() == [tokenizer_fingerprint(fresh, "tiny-b")]
+    assert fresh.tokenizers() == [downloaded_tokenizer(fresh, "tiny-b")]
     assert not (fresh.work / "results" / "tiny-a").exists()

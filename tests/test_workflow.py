@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import reference_config
-from workflow_copy import REPORTED, Workflow, rules_by_model, tokenizer_fingerprint
+from workflow_copy import REPORTED, Workflow, downloaded_tokenizer, rules_by_model
 
 pytestmark = pytest.mark.slow
 
@@ -156,12 +156,12 @@ def test_snakemake_lint_is_clean(workflow):
 
 def test_models_with_one_tokenizer_share_one_set_of_shards(workflow):
     assert (
-        tokenizer_fingerprint(workflow, "tiny-a")
-        == tokenizer_fingerprint(workflow, "tiny-c")
-        != tokenizer_fingerprint(workflow, "tiny-b")
+        downloaded_tokenizer(workflow, "tiny-a")
+        == downloaded_tokenizer(workflow, "tiny-c")
+        != downloaded_tokenizer(workflow, "tiny-b")
     )
     assert workflow.tokenizers() == sorted(
-        {tokenizer_fingerprint(workflow, "tiny-a"), tokenizer_fingerprint(workflow, "tiny-b")}
+        {downloaded_tokenizer(workflow, "tiny-a"), downloaded_tokenizer(workflow, "tiny-b")}
     )
     for tokenizer in workflow.tokenizers():
         names = sorted(p.name for p in (workflow.work / "results" / "calibration" / tokenizer).iterdir())

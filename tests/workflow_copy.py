@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from workflow_scripts.data.tokenizers import tokenizer_fingerprint
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow_scripts", "envs", "profiles")
 JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    wildcards: (.+)$", re.MULTILINE)
@@ -106,10 +108,10 @@ def model_jobs(jobs):
     ]
 
 
-def tokenizer_fingerprint(flow, model):
+def downloaded_tokenizer(flow, model):
     """The fingerprint of a downloaded model's tokenizer, which names its calibration shards' folder."""
     manifest = json.loads((flow.work / "resources" / "models" / model / "MANIFEST.json").read_text())
-    return manifest["files"]["tokenizer.json"]["sha256"][:16]
+    return tokenizer_fingerprint(manifest, model)
 
 
 def descendants(pid):

@@ -52,10 +52,8 @@ def has_default(field):
 
 
 def converted(hint, value, where):
-    """``value`` as ``hint`` asks: nested settings built, lists made tuples (the settings are frozen)."""
+    """``value`` as ``hint`` asks: lists made tuples (the settings are frozen)."""
     origin = typing.get_origin(hint)
-    if isinstance(hint, type) and issubclass(hint, Settings):
-        return hint.of(value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None

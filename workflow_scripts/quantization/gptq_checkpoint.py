@@ -64,6 +64,7 @@ HESSIAN_GROUPS = {
 }
 ALL_PROJECTIONS = [module for group in HESSIAN_GROUPS.values() for module in group]
 ATTENTION_INPUT = "self_attn.q_proj"
+STAGE = "workflow_scripts.stages.quantize_gptq"  # the entry point whose code fingerprints the partials
 GPTQ_RECORD = ("block_size", "damp", "act_order", "first_token_weight", "nsamples", "holdout")
 
 
@@ -346,7 +347,7 @@ def quantize_gptq(model, patched, calibration, folder, settings):
         "patched_manifest_sha256": sha256_file(patched / MANIFEST_NAME),
         "settings": record,
         "calibration_sha256": {path.name: sha256_file(path) for path in calibration},
-        "code": sources_digest("workflow_scripts.stages.quantize_gptq"),
+        "code": sources_digest(STAGE),
     }
     partial_dir = folder.parent / f".{folder.name}.partial"
     figures, device = gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
@@ -366,7 +367,7 @@ def quantize_gptq(model, patched, calibration, folder, settings):
         patched,
         folder,
         from_partials,
-        "workflow_scripts.stages.quantize_gptq",
+        STAGE,
         extra_fingerprint={"calibration_sha256": fingerprint["calibration_sha256"]},
         extra_manifest={"layers": figures, "device": device},
     )
