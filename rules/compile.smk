@@ -66,7 +66,7 @@ rule aoti_compile:
         "../envs/workflow.yaml"
     threads: NEEDS["aoti_compile"].threads
     resources:
-        **NEEDS["aoti_compile"].resources(),
+        **NEEDS["aoti_compile"].resources(gpu=gpus("aoti")),
     params:
         settings=aoti_compile_settings,
         verify=aoti_compile_verify_settings,

@@ -95,12 +95,21 @@ def quantize_gptq_calibration(wildcards):
     ]
 
 
-def gptq_uses_gpu(model):
-    """device: cuda, or auto on a machine with an NVIDIA driver."""
-    device = MODELS[model]["quantize"]["gptq-int8"]["device"]
-    return device == "cuda" or (
-        device == "auto" and shutil.which("nvidia-smi") is not None
+def stage_device(model, *keys):
+    """The device of a model's stage (its settings under ``keys``): cuda, or auto on a machine with an NVIDIA
+    driver, asks the scheduler for a GPU."""
+    section = MODELS[model]
+    for key in keys:
+        section = section[key]
+    uses_gpu = section["device"] == "cuda" or (
+        section["device"] == "auto" and shutil.which("nvidia-smi") is not None
     )
+    return "cuda" if uses_gpu else "cpu"
+
+
+def gpus(*keys):
+    """The ``gpu`` resource of a rule whose stage's device is under ``keys`` of its model's settings."""
+    return lambda wildcards: int(stage_device(wildcards.model, *keys) == "cuda")
 
 
 def vamc_config_settings(wildcards):
@@ -167,7 +176,7 @@ def evaluate_checkpoint_manifest(wildcards):
     """What a variant runs from: the patched or a quantized checkpoint, or a compiled package folder."""
     variant = wildcards.evaluation
     if variant.startswith("aoti-"):
-        return f"results/{wildcards.model}/aoti/{variant[len('aoti-'):]}/MANIFEST.json"
+        return f"results/{wildcards.model}/aoti/{variant[len('aoti-') :]}/MANIFEST.json"
     if variant == "float":
         return f"results/{wildcards.model}/patched/MANIFEST.json"
     return f"results/{wildcards.model}/quantized/{variant}/MANIFEST.json"

@@ -38,7 +38,7 @@ rule verify:
         "../envs/workflow.yaml"
     threads: NEEDS["verify"].threads
     resources:
-        **NEEDS["verify"].resources(),
+        **NEEDS["verify"].resources(gpu=gpus("verify")),
     params:
         settings=model_settings("verify"),
     shell:

@@ -43,9 +43,7 @@ rule quantize_gptq:
         "../envs/workflow.yaml"
     threads: NEEDS["gptq"].threads
     resources:
-        **NEEDS["gptq"].resources(
-            gpu=lambda wildcards: int(gptq_uses_gpu(wildcards.model))
-        ),
+        **NEEDS["gptq"].resources(gpu=gpus("quantize", "gptq-int8")),
     params:
         settings=model_settings("quantize", "gptq-int8"),
     shell:

@@ -42,7 +42,7 @@ def gptq_figures(model):
     return {
         "samples": (gptq["nsamples"] + gptq["holdout"]) * len(gptq["datasets"]),
         "seqlen": max(DATASETS[d]["seqlen"] for d in gptq["datasets"]),
-        "device": "cuda" if gptq_uses_gpu(model) else "cpu",
+        "device": stage_device(model, "quantize", "gptq-int8"),
     }
 
 
@@ -52,8 +52,21 @@ def verify_tokens(model):
     return {
         "tokens": sum(
             len(prompt) + verify["greedy_tokens"] for prompt in verify["prompts"]
-        )
+        ),
+        "device": stage_device(model, "verify"),
     }
+
+
+def verify_figures(model):
+    """Verify's tokens, and its forward passes: two models, each prompt and each greedy step."""
+    verify = MODELS[model]["verify"]
+    return verify_tokens(model) | {
+        "passes": 2 * len(verify["prompts"]) * (verify["greedy_tokens"] + 1)
+    }
+
+
+def aoti_figures(model):
+    return verify_tokens(model) | {"device": stage_device(model, "aoti")}
 
 
 def evaluation_tokens(model):
@@ -67,7 +80,8 @@ def evaluation_tokens(model):
     return {
         "tokens": (MODELS[model]["evaluate"]["c4_windows"] or windows["nsamples"])
         * windows["seqlen"]
-        + questions * (shots + 1) * job_resources.CEVAL_TOKENS_PER_SHOT
+        + questions * (shots + 1) * job_resources.CEVAL_TOKENS_PER_SHOT,
+        "device": stage_device(model, "evaluate"),
     }
 
 
@@ -89,25 +103,29 @@ NEEDS = {
         lambda model: job_resources.download_figures(MODELS[model]["source"]),
     ),
     "patch": per_model("patch"),
-    "verify": per_model("verify", verify_tokens),
+    "verify": per_model("verify", verify_figures),
     "quantize": per_model("quantize"),
     "gptq": per_model("gptq", gptq_figures),
     "vacc_compile": per_model(
         "vacc_compile", lambda model: {"workers": MODELS[model]["vamc"]["workers"]}
     ),
-    "aoti_compile": per_model("aoti_compile", verify_tokens),
+    "aoti_compile": per_model("aoti_compile", aoti_figures),
     "evaluate": per_model("evaluate", evaluation_tokens),
     "fetch_dataset": Needs(
         lambda wildcards, attempt: job_resources.download_dataset(attempt)
     ),
     "calibration_shard": tokenized(lambda wildcards: dataset_tokens(wildcards.dataset)),
     "c4_windows": tokenized(
-        lambda wildcards: window_settings(config, wildcards.dataset)["nsamples"]
-        * window_settings(config, wildcards.dataset)["seqlen"]
+        lambda wildcards: (
+            window_settings(config, wildcards.dataset)["nsamples"]
+            * window_settings(config, wildcards.dataset)["seqlen"]
+        )
     ),
     "ceval_set": tokenized(
-        lambda wildcards: job_resources.CEVAL_VAL_QUESTIONS
-        * (config["evaluation"]["ceval"]["shots"] + 1)
-        * job_resources.CEVAL_TOKENS_PER_SHOT
+        lambda wildcards: (
+            job_resources.CEVAL_VAL_QUESTIONS
+            * (config["evaluation"]["ceval"]["shots"] + 1)
+            * job_resources.CEVAL_TOKENS_PER_SHOT
+        )
     ),
 }

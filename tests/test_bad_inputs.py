@@ -346,7 +346,12 @@ def verify_with_wrong_rope(bench):
     patched = bench.patched()
     edit_json(patched / "config.json", lambda config: config.update(rope_theta=10000.0))
     # one short prompt and two steps: inside the tiny model's window of 8, so upstream runs once
-    settings = {"prompts": ["The capital of France is"], "greedy_tokens": 2, "max_abs_logit_diff": 1e-4}
+    settings = {
+        "prompts": ["The capital of France is"],
+        "greedy_tokens": 2,
+        "max_abs_logit_diff": 1e-4,
+        "device": "cpu",
+    }
     output = PATCHED / "verify.json"
     return StageRun(
         "verify",

@@ -51,6 +51,7 @@ EXPECTED = {
         "checkpoint/demo_presets.py",
         "checkpoint/folder.py",
         "checkpoint/layout.py",
+        "checkpoint/safetensors_stream.py",
         "data/tokenizer_files.py",
     },
     "gguf_import": FETCH
@@ -63,7 +64,10 @@ EXPECTED = {
         "checkpoint/safetensors_stream.py",
     },
     "patch": MANIFEST | SETTINGS | VACC | {"checkpoint/folder.py", "checkpoint/patch.py", "data/tokenizers.py"},
-    "verify": MANIFEST | SETTINGS | VACC | {"data/tokenizers.py", "evaluation/decode.py", "evaluation/verify.py"},
+    "verify": MANIFEST
+    | SETTINGS
+    | VACC
+    | {"core/devices.py", "data/tokenizers.py", "evaluation/decode.py", "evaluation/verify.py"},
     "dataset_fetch": DATASET_FOLDER,
     "dataset_demo": DATASET_FOLDER | {"data/demo_datasets.py"},
     "dataset_python_docs": DATASET_FOLDER | {"data/python_docs.py"},
@@ -73,6 +77,7 @@ EXPECTED = {
     "quantize": INT8_WRITER | {"quantization/rtn.py"},
     "quantize_gptq": INT8_WRITER
     | {
+        "core/devices.py",
         "data/tokenizers.py",
         "quantization/__init__.py",
         "quantization/gptq.py",
@@ -95,10 +100,12 @@ EXPECTED = {
     | {
         "checkpoint/folder.py",
         "checkpoint/layout.py",
+        "checkpoint/safetensors_stream.py",
         "compilation/aoti_build.py",
         "compilation/aoti_graphs.py",
         "compilation/aoti_package.py",
         "core/code_inputs.py",
+        "core/devices.py",
         "data/tokenizers.py",
         "evaluation/decode.py",
     },
@@ -106,7 +113,9 @@ EXPECTED = {
     | SETTINGS
     | VACC
     | {
+        "checkpoint/safetensors_stream.py",
         "compilation/aoti_package.py",
+        "core/devices.py",
         "data/tokenizers.py",
         "evaluation/decode.py",
         "evaluation/evaluate.py",

@@ -187,7 +187,12 @@ def test_a_failed_or_missing_vamc_leaves_nothing(patched, tmp_path, fake_vamc):
 
 
 AOTI = AotiSettings(
-    batch=2, seq_in=32, seq_total=48, dtype="float32", max_abs_logit_diff={"float32": 1e-4, "bfloat16": 0.05}
+    device="auto",
+    batch=2,
+    seq_in=32,
+    seq_total=48,
+    dtype="auto",
+    max_abs_logit_diff={"float32": 1e-4, "bfloat16": 0.05},
 )
 VERIFY = VerifyPrompts(prompts=("The capital of France is", "def fibonacci(n):"), greedy_tokens=16)
 
@@ -218,21 +223,23 @@ def test_compiled_packages_match_eager_and_run_alone(compiled):
 
 
 @pytest.mark.slow  # compiles AOTInductor packages
-def test_int8_graph_holds_int8_constants(compiled, patched):
-    """The weights are baked into the package's shared object: int8 projections make it smaller by about
-    3 bytes per projection weight (float32 -> int8, plus one float32 scale per row)."""
-    import zipfile
+def test_both_graphs_share_one_copy_of_the_weights_in_the_checkpoints_dtype(compiled, patched):
+    """No weights inside the compiled code; one weights file at the variant's own bytes (float32 graphs read the
+    bfloat16 weights widened; int8 stays int8), plus the rotary tables of the graphs' 48 positions."""
+    from safetensors import safe_open
 
-    from workflow_scripts.checkpoint.layout import tensor_shapes
+    from workflow_scripts.compilation.aoti_package import read_constants
 
-    def package_bytes(variant):
-        with zipfile.ZipFile(compiled / "aoti" / variant / "decode.pt2") as package:
-            return sum(info.file_size for info in package.infolist() if info.filename.endswith(".so"))
-
-    config = json.loads((patched["ministral"] / "config.json").read_text())
-    projections = [shape for name, shape in tensor_shapes(config).items() if name.endswith("proj.weight")]
-    saving = sum(rows * columns * 3 - rows * 4 for rows, columns in projections)
-    assert 0.8 * saving < package_bytes("float") - package_bytes("rtn-int8") < 1.2 * saving
+    for variant, stored_as in (("float", "BF16"), ("rtn-int8", "I8")):
+        folder = compiled / "aoti" / variant
+        sizes = json.loads((folder / "MANIFEST.json").read_text())["bytes"]
+        assert sizes["checkpoint_weights"] < sizes["weights"] < 1.01 * sizes["checkpoint_weights"] + 64 * 1024
+        assert sizes["graphs"] < 0.5 * sizes["weights"]
+        with safe_open(str(folder / "weights.safetensors"), "pt") as handle:
+            assert handle.get_slice("model.model.layers.0.mlp.down_proj.weight").get_dtype() == stored_as
+        constants = read_constants(folder / "weights.safetensors", "cpu")
+        assert constants["model.model.layers.0.input_layernorm.weight"].dtype == torch.float32
+        assert constants["model.model.rotary.cos_table"].shape[0] == 48
 
 
 @pytest.mark.slow  # compiles AOTInductor packages
@@ -280,7 +287,7 @@ def test_a_prompt_longer_than_the_prefill_graph_is_refused(patched, tmp_path):
 def test_packages_that_disagree_with_eager_fail_the_check(compiled, patched):
     """The float packages checked against the int8 model as 'eager': the rounding moves logits past 1e-4."""
     from workflow_scripts.checkpoint.vacc_code import load_vacc_model
-    from workflow_scripts.compilation.aoti_build import verify_compiled
+    from workflow_scripts.compilation.aoti_build import eager_generations, verify_compiled
     from workflow_scripts.core.errors import CheckFailed
     from workflow_scripts.data.tokenizers import encode_prompts
 
@@ -288,13 +295,13 @@ def test_packages_that_disagree_with_eager_fail_the_check(compiled, patched):
     int8_model = load_vacc_model(compiled / "rtn-int8", torch.float32)
     prompts = encode_prompts(patched["ministral"], VERIFY.prompts)
     with pytest.raises(CheckFailed, match=r"compiled vs eager: prompt 0: max \|logit diff\| .* \(bound 0\.0001\)"):
-        verify_compiled(int8_model, compiled / "aoti" / "float", prompts, AOTI, 4)
+        verify_compiled(eager_generations(int8_model, prompts, 4), compiled / "aoti" / "float", prompts, AOTI, 4)
 
 
 @pytest.mark.slow  # compiles AOTInductor packages
 def test_compiling_again_elsewhere_writes_the_same_bytes(compiled, patched):
     """A private inductor cache, no size asserts and a pinned serialization id: the package is a function of its
-    inputs, not of the process, the folder it is built in or earlier compiles (float: the frozen graph)."""
+    inputs, not of the process, the folder it is built in or earlier compiles."""
     first = compiled / "aoti" / "float"
     again = compiled / "elsewhere" / "float"
     run_stage(

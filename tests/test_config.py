@@ -244,3 +244,30 @@ def test_a_demo_model_takes_its_shape_from_its_source_not_from_shape():
     config["models"]["demo-mistral"]["shape"] = {"num_hidden_layers": 4}
     with pytest.raises(InputError, match=r"models\.demo-mistral\.shape does not apply to a demo source"):
         validated(config)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_the_stages_on_cuda_ask_the_scheduler_for_a_gpu(tmp_path, device):
+    """What `snakemake -n` plans (and the SLURM executor sends as --gpus) for each heavy stage's device."""
+    import re
+    import subprocess
+    import sys
+
+    config = tmp_path / "gpu.yaml"
+    config.write_text(
+        "targets: [g]\nmodels:\n  g:\n    source: {demo: mistral, shape: {num_hidden_layers: 1}}\n"
+        f"    verify: {{device: {device}}}\n    evaluate: {{device: {device}}}\n"
+        f"    aoti: {{device: {device}, variants: [float]}}\n    quantize: {{gptq-int8: {{device: {device}}}}}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path)]
+        + ["--configfile", str(config), "--replace-workflow-config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    jobs = re.findall(r"^(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    resources: (.*)$", result.stdout, re.MULTILINE)
+    gpus = {rule: re.search(r"gpu=(\d+)", resources) for rule, resources in jobs}
+    asked = {rule for rule, gpu in gpus.items() if gpu and gpu.group(1) == "1"}
+    assert {"verify", "evaluate", "aoti_compile", "quantize_gptq"} <= set(gpus)
+    assert asked == ({"verify", "evaluate", "aoti_compile", "quantize_gptq"} if device == "cuda" else set())

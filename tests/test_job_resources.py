@@ -14,12 +14,12 @@ SEVEN_B = planned_size(REAL["mistral-7b-instruct-v0.2"])
 PER_MODEL = {
     "download": {"generated": False},
     "patch": {},
-    "verify": {"tokens": 300},
+    "verify": {"tokens": 300, "passes": 102, "device": "cpu"},
     "quantize": {},
     "gptq": {"samples": 144, "seqlen": 1024, "device": "cpu"},
     "vacc_compile": {"workers": 4},
-    "aoti_compile": {"tokens": 300},
-    "evaluate": {"tokens": 65536},
+    "aoti_compile": {"tokens": 300, "device": "cpu"},
+    "evaluate": {"tokens": 65536, "device": "cpu"},
 }
 
 
@@ -60,11 +60,31 @@ def test_gptq_on_a_gpu_needs_little_host_memory_and_minutes_instead_of_hours():
     assert gpu["mem_mb"] < cpu["mem_mb"] and gpu["runtime"] * 10 < cpu["runtime"]
 
 
-def test_verify_holds_one_float32_copy_of_the_weights():
-    request = job_resources.verify(SEVEN_B, 1, tokens=300)
-    assert 2 * SEVEN_B.weight_bytes / 1e6 < request["mem_mb"] < 3 * SEVEN_B.weight_bytes / 1e6
+def test_on_the_cpu_a_7b_models_verify_and_evaluate_fit_20_gb_holding_its_bf16_weights_once():
+    for stage, figures in (("verify", PER_MODEL["verify"]), ("evaluate", PER_MODEL["evaluate"])):
+        request = getattr(job_resources, stage)(SEVEN_B, 1, **figures)
+        assert SEVEN_B.weight_bytes / 1e6 < request["mem_mb"] < 20_000
+
+
+@pytest.mark.parametrize("stage", ["verify", "aoti_compile", "evaluate"])
+def test_on_a_gpu_the_heavy_stages_ask_for_less_host_memory_and_time_than_on_the_cpu(stage):
+    estimate = getattr(job_resources, stage)
+    cpu = estimate(SEVEN_B, 1, **PER_MODEL[stage])
+    gpu = estimate(SEVEN_B, 1, **(PER_MODEL[stage] | {"device": "cuda"}))
+    assert gpu["mem_mb"] <= cpu["mem_mb"] and gpu["runtime"] < cpu["runtime"] and gpu["threads"] < cpu["threads"]
 
 
 def test_compute_threads_follow_the_weights():
     assert DEMO.compute_threads == 2 and SEVEN_B.compute_threads == 8
     assert ModelSize({**SEVEN_B.config, "num_hidden_layers": 320}).compute_threads == 16
+
+
+def test_the_scale_config_is_mistral_7b_shaped():
+    import yaml
+
+    from conftest import REPO
+
+    scale = yaml.safe_load((REPO / "config" / "scale-7b.yaml").read_text())["models"]["scale-7b"]
+    size = planned_size(scale)
+    assert size.parameters == SEVEN_B.parameters and size.layers == 32
+    assert size.config["sliding_window"] is None and size.config["vocab_size"] == 32000

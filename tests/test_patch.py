@@ -19,6 +19,7 @@ VERIFY = {
     "prompts": ["The capital of France is", "One two three four five six seven eight nine ten eleven twelve"],
     "greedy_tokens": 16,
     "max_abs_logit_diff": 1e-4,
+    "device": "auto",
 }
 IDS = torch.tensor([[1, 415, 5565, 302, 4843, 349, 5465, 28723, 661, 349, 264, 1628, 2990]])
 

@@ -59,8 +59,8 @@ def model_figures(model, ids, steps, repeats):
     return prefill, steps / (total - prefill)
 
 
-def checkpoint_of(model_id, variant):
-    return REPO / "results" / model_id / ("patched" if variant == "float" else f"quantized/{variant}")
+def checkpoint_of(results, model_id, variant):
+    return results / model_id / ("patched" if variant == "float" else f"quantized/{variant}")
 
 
 def main():
@@ -68,16 +68,17 @@ def main():
     parser.add_argument("--models", nargs="+", default=["demo-mistral", "demo-ministral"])
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--results", type=Path, default=REPO / "results", help="a workflow folder's results/")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     rows = []
     for model_id in args.models:
-        for folder in sorted((REPO / "results" / model_id / "aoti").iterdir()):
+        for folder in sorted((args.results / model_id / "aoti").iterdir()):
             manifest = json.loads((folder / "MANIFEST.json").read_text())
             compiled, tokenizer, graphs = load_compiled(folder)
             ids = tokenizer.encode(PROMPT).ids
             steps = min(args.steps, graphs["seq_total"] - graphs["seq_in"])
-            model = load_vacc_model(checkpoint_of(model_id, folder.name), getattr(torch, graphs["dtype"]))
+            model = load_vacc_model(checkpoint_of(args.results, model_id, folder.name), getattr(torch, graphs["dtype"]))
             eager = StaticGenerator(
                 Prefill(model, graphs["seq_total"]),
                 Decode(model),
@@ -88,10 +89,8 @@ def main():
             row = {
                 "model": model_id,
                 "variant": folder.name,
-                "compile s": round(sum(manifest["seconds"].values()), 1),
-                "package MB": round(
-                    sum(f["size"] for n, f in manifest["files"].items() if n.endswith(".pt2")) / 1e6, 1
-                ),
+                "package MB": round((manifest["bytes"]["graphs"] + manifest["bytes"]["weights"]) / 1e6, 1),
+                "checkpoint weights MB": round(manifest["bytes"]["checkpoint_weights"] / 1e6, 1),
             }
             for label, (prefill, rate) in (
                 ("compiled", figures(compiled, ids, steps, args.repeats)),

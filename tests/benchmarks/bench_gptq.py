@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from workflow_scripts.checkpoint.vacc_files.configuration_mistral_vacc import MistralConfig  # noqa: E402
 from workflow_scripts.checkpoint.vacc_files.modeling_mistral_vacc import MistralDecoderLayer, MistralStaticRotary  # noqa: E402
+from workflow_scripts.core.devices import resolve_dtype  # noqa: E402
 from workflow_scripts.quantization import gptq  # noqa: E402
 from workflow_scripts.quantization import gptq_checkpoint as quantize_gptq  # noqa: E402
 
@@ -128,7 +129,7 @@ def main():
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     config = MistralConfig(**SHAPES[args.shape], vocab_size=1024, num_hidden_layers=args.layers)
-    dtype = quantize_gptq.compute_dtype(args.device, torch.bfloat16)
+    dtype = resolve_dtype("auto", args.device)
     generator = torch.Generator().manual_seed(0)
     embeddings = 0.02 * torch.randn(config.vocab_size, config.hidden_size, generator=generator)
     ids = torch.randint(0, config.vocab_size, (args.samples + SETTINGS.holdout, args.seqlen), generator=generator)

@@ -50,10 +50,12 @@ def check_own_code(folder):
             )
 
 
-def load_vacc_model(folder, dtype, **config_overrides):
-    """A checkpoint whose modeling files this workflow wrote (patched or quantized), in eval mode; their hashes
-    are checked before transformers may run them."""
+def load_vacc_model(folder, dtype, device="cpu", **config_overrides):
+    """A checkpoint whose modeling files this workflow wrote (patched or quantized), in eval mode on ``device``;
+    their hashes are checked before transformers may run them."""
     from transformers import AutoModelForCausalLM
 
     check_own_code(folder)
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype, **config_overrides).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        folder, trust_remote_code=True, dtype=dtype, device_map=device, **config_overrides
+    ).eval()

@@ -6,9 +6,12 @@ model is the static graph the patches are meant to make. ``variant`` is
 ``float`` (the patched checkpoint) or an int8 scheme (its quantized
 checkpoint, whose fingerprint must name this model's patched checkpoint).
 Both graphs (:mod:`workflow_scripts.compilation.aoti_graphs`) are exported and compiled
-with ``torch._inductor.aoti_compile_and_package``; the folder also gets the
-tokenizer and ``graphs.json``, so :mod:`workflow_scripts.run_compiled` needs
-nothing else.
+with ``torch._inductor.aoti_compile_and_package``, for the CPU (float32) or
+for CUDA (the checkpoint's bfloat16), without their weights: the constants
+both graphs read go once into ``weights.safetensors``
+(:mod:`workflow_scripts.compilation.aoti_package`), so the folder takes about
+the variant's own weight bytes. The folder also gets the tokenizer and
+``graphs.json``, so :mod:`workflow_scripts.run_compiled` needs nothing else.
 
 Before the folder is published, the compiled packages generate greedily from
 each verify prompt and are compared with the eager model (its own forward and
@@ -19,7 +22,9 @@ leaves no folder otherwise.
 
 import contextlib
 import fcntl
+import gc
 import hashlib
+import math
 import os
 import shutil
 import struct
@@ -33,11 +38,13 @@ from pathlib import Path
 import torch
 
 from workflow_scripts.checkpoint.folder import copy_tokenizer_files
+from workflow_scripts.checkpoint.safetensors_stream import DTYPES, SafetensorsFile
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
 from workflow_scripts.compilation.aoti_graphs import Decode, Prefill, example_inputs
-from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, load_compiled
+from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, WEIGHTS_FILE, load_compiled, write_constants
 from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.code_inputs import sources_digest
+from workflow_scripts.core.devices import require_memory, resolve_device, resolve_dtype
 from workflow_scripts.core.errors import CheckFailed, InputError
 from workflow_scripts.core.files import atomic_write_json, read_json, sha256_file, staged_directory
 from workflow_scripts.core.manifest import MANIFEST_NAME, write_folder_manifest
@@ -45,11 +52,17 @@ from workflow_scripts.core.settings import Settings
 from workflow_scripts.data.tokenizers import encode_prompts
 from workflow_scripts.evaluation.decode import greedy_decode
 
+RUNTIME_BYTES = 10**9  # the interpreter, torch, the compiler
+# Peak memory of a CPU compile per byte of the model in its compute dtype: the model, export's and the compiler's
+# temporaries (measured on Mistral-7B-shaped layers, README "Real size")
+CPU_PEAK_PER_WEIGHT_BYTE = 2.0
+
 
 @dataclass(frozen=True)
 class AotiSettings(Settings):
-    """``models.<id>.aoti`` less ``variants`` (the rule's): the static shapes, precision and compare bound."""
+    """``models.<id>.aoti`` less ``variants`` (the rule's): device, static shapes, precision and compare bound."""
 
+    device: str
     batch: int
     dtype: str
     seq_in: int
@@ -71,18 +84,19 @@ def check_lineage(model, variant, patched, checkpoint):
         )
 
 
-def compile_graphs(model, settings, folder, freezing):
-    """Export and compile prefill and decode into ``folder``; the time of each step goes to the log.
+def compile_graphs(model, settings, folder, dtype):
+    """Export and compile prefill and decode into ``folder``, their shared constants into its weights file; the
+    time of each step goes to the log.
 
-    ``freezing`` lets the compiler treat the weights as constants it may fold
-    and pre-pack (oneDNN on the CPU: demo-ministral's float decode step runs
-    2.5x faster). For int8 it would fold the dequantization into float32
-    copies of the weights, so int8 graphs are compiled without it: their
-    weights stay int8 and every step dequantizes them.
+    The graphs are compiled without freezing: freezing would fold and pre-pack
+    the weights into constants of each graph's own (oneDNN layouts on the CPU,
+    float32 copies of int8 weights), which neither graph could share.
     """
+    device = model.device
     prefill_inputs, decode_inputs = example_inputs(
-        model.config, settings.batch, settings.seq_in, settings.seq_total, getattr(torch, settings.dtype)
+        model.config, settings.batch, settings.seq_in, settings.seq_total, dtype, device
     )
+    constants = {}
     for name, module, inputs in (
         ("prefill", Prefill(model, settings.seq_total), prefill_inputs),
         ("decode", Decode(model), decode_inputs),
@@ -90,28 +104,40 @@ def compile_graphs(model, settings, folder, freezing):
         start = time.monotonic()
         exported = torch.export.export(module.eval(), inputs)
         exported_at = time.monotonic()
-        # size_asserts off: with freezing, their messages print Python function reprs (memory addresses) into
-        # the generated code, so the package would change from process to process; the graphs are static
+        # size_asserts off: their messages can print Python function reprs (memory addresses) into the generated
+        # code, so the package would change from process to process; the graphs are static
         torch._inductor.aoti_compile_and_package(
             exported,
             package_path=str(folder / f"{name}.pt2"),
-            inductor_configs={"freezing": freezing, "size_asserts": False},
+            inductor_configs={
+                "freezing": False,
+                "size_asserts": False,
+                "aot_inductor.package_constants_in_so": False,
+            },
         )
         pin_serialization_id(folder / f"{name}.pt2")
+        constants.update(exported.state_dict)
+        constants.update(exported.constants)
         LOG.info(
             "%s: exported in %.1f s, compiled in %.1f s", name, exported_at - start, time.monotonic() - exported_at
         )
+    write_constants(folder / WEIGHTS_FILE, constants)
 
 
-def verify_compiled(model, folder, prompts_ids, settings, steps):
-    """Compiled greedy generation vs the eager model on every prompt; the figures, or :class:`CheckFailed`."""
-    generator, _, _ = load_compiled(folder)
-    bound = settings.max_abs_logit_diff[settings.dtype]
+def eager_generations(model, prompts_ids, steps):
+    """The eager model's greedy logits and tokens on every prompt, the reference of :func:`verify_compiled`."""
+    return [greedy_decode(model, torch.tensor([ids]), steps) for ids in prompts_ids]
+
+
+def verify_compiled(eager, folder, prompts_ids, settings, steps):
+    """Compiled greedy generation vs the eager model's (:func:`eager_generations`) on every prompt; the figures, or
+    :class:`CheckFailed`."""
+    generator, _, graphs = load_compiled(folder)
+    bound = settings.max_abs_logit_diff[graphs["dtype"]]
     prompts, failures = [], []
-    for index, ids in enumerate(prompts_ids):
-        eager_logits, eager_tokens = greedy_decode(model, torch.tensor([ids]), steps)
+    for index, (ids, (eager_logits, eager_tokens)) in enumerate(zip(prompts_ids, eager, strict=True)):
         tokens, logits = generator.generate(ids, steps)
-        difference = float((logits - eager_logits).abs().max())
+        difference = float((logits.cpu() - eager_logits).abs().max())
         prompts.append(
             {"tokens": len(ids), "max_abs_logit_diff": difference, "greedy_tokens_identical": tokens == eager_tokens}
         )
@@ -205,10 +231,20 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
     limit = (settings.seq_in, f"models.{model_id}.verify.prompts", f"models.{model_id}.aoti.seq_in")
     prompts_ids = encode_prompts(patched, verify_settings.prompts, limit)
     torch.set_grad_enabled(False)
-    model = load_vacc_model(checkpoint, getattr(torch, settings.dtype))
+    device = resolve_device(settings.device, f"models.{model_id}.aoti.device")
+    dtype = resolve_dtype(settings.dtype, device)
+    if device == "cpu":
+        require_memory(
+            RUNTIME_BYTES + CPU_PEAK_PER_WEIGHT_BYTE * compute_bytes(checkpoint, dtype),
+            f"models.{model_id}.aoti: compiling {variant} for the CPU in {str(dtype).removeprefix('torch.')}",
+            "compile for CUDA (aoti.device: cuda), or leave this variant out of aoti.variants (an int8 variant "
+            "needs about a third of the float one's memory)",
+        )
+    # rotary tables for the positions the graphs reach, not the model's whole context: they are constants
+    model = load_vacc_model(checkpoint, dtype, device, max_position_embeddings=settings.seq_total)
     with staged_directory(output) as staging:
         with private_inductor_cache(model_id, variant):
-            compile_graphs(model, settings, staging, freezing=variant == "float")
+            compile_graphs(model, settings, staging, dtype)
         copy_tokenizer_files(patched, staging)
         atomic_write_json(
             staging / GRAPHS_FILE,
@@ -218,11 +254,16 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
                 "batch": settings.batch,
                 "seq_in": settings.seq_in,
                 "seq_total": settings.seq_total,
-                "dtype": settings.dtype,
+                "device": device,
+                "dtype": str(dtype).removeprefix("torch."),
                 "stop_token_ids": stop_tokens(model.config),
             },
         )
-        figures = verify_compiled(model, staging, prompts_ids, settings, steps)
+        # the eager model is freed before the packages load their own copy of the weights: never two copies
+        eager = eager_generations(model, prompts_ids, steps)
+        del model
+        gc.collect()
+        figures = verify_compiled(eager, staging, prompts_ids, settings, steps)
         LOG.info(
             "model %s %s: compiled matches eager (max |logit diff| %.3g)",
             model_id,
@@ -242,5 +283,27 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
                     "code": sources_digest("workflow_scripts.stages.aoti_compile"),
                 },
                 "verify": figures,
+                "bytes": folder_bytes(staging, checkpoint),
             },
         )
+
+
+def compute_bytes(checkpoint, dtype):
+    """Bytes of a checkpoint's tensors once its floating ones are in ``dtype`` (int8 weights stay int8)."""
+    total = 0
+    for path in checkpoint.glob("*.safetensors"):
+        for entry in SafetensorsFile(path).entries.values():
+            stored = DTYPES[entry["dtype"]]
+            element = dtype.itemsize if stored.is_floating_point else stored.itemsize
+            total += math.prod(entry["shape"]) * element
+    return total
+
+
+def folder_bytes(folder, checkpoint):
+    """The sizes that show the weights are stored once: the weights file, the compiled code, the variant's own
+    checkpoint weights."""
+    return {
+        "weights": (folder / WEIGHTS_FILE).stat().st_size,
+        "graphs": sum(path.stat().st_size for path in folder.glob("*.pt2")),
+        "checkpoint_weights": sum(path.stat().st_size for path in checkpoint.glob("*.safetensors")),
+    }

@@ -64,16 +64,17 @@ class Decode(torch.nn.Module):
         )
 
 
-def example_inputs(config, batch, seq_in, seq_total, dtype):
-    """Inputs of the right shapes and dtypes for ``torch.export`` (the values do not matter)."""
-    prefill = (torch.ones(batch, seq_in, dtype=torch.long), torch.ones(batch, seq_in, dtype=torch.long))
+def example_inputs(config, batch, seq_in, seq_total, dtype, device="cpu"):
+    """Inputs of the right shapes, dtypes and device for ``torch.export`` (the values do not matter)."""
+    ids = {"dtype": torch.long, "device": device}
+    prefill = (torch.ones(batch, seq_in, **ids), torch.ones(batch, seq_in, **ids))
     shape = cache_shape(config, batch, seq_total)
     decode = (
-        torch.ones(batch, 1, dtype=torch.long),
-        torch.full((batch, 1), seq_in, dtype=torch.long),
-        torch.tensor(seq_in),
-        torch.ones(batch, seq_total, dtype=torch.long),
-        torch.zeros(shape, dtype=dtype),
-        torch.zeros(shape, dtype=dtype),
+        torch.ones(batch, 1, **ids),
+        torch.full((batch, 1), seq_in, **ids),
+        torch.tensor(seq_in, device=device),
+        torch.ones(batch, seq_total, **ids),
+        torch.zeros(shape, dtype=dtype, device=device),
+        torch.zeros(shape, dtype=dtype, device=device),
     )
     return prefill, decode

@@ -18,8 +18,9 @@ class VerifyPrompts(Settings):
 
 @torch.no_grad()
 def greedy_decode(model, input_ids, steps):
-    """Prefill, then ``steps`` greedy steps through the KV cache; return per-step logits and tokens."""
-    out = model(input_ids=input_ids, use_cache=True)
+    """Prefill, then ``steps`` greedy steps through the KV cache; return per-step logits (float32, on the CPU)
+    and tokens."""
+    out = model(input_ids=input_ids.to(model.device), use_cache=True)
     logits = [out.logits[0, -1]]
     tokens = []
     for _ in range(steps):
@@ -27,4 +28,4 @@ def greedy_decode(model, input_ids, steps):
         tokens.append(int(next_token))
         out = model(input_ids=next_token, past_key_values=out.past_key_values, use_cache=True)
         logits.append(out.logits[0, -1])
-    return torch.stack(logits).float(), tokens
+    return torch.stack(logits).float().cpu(), tokens

@@ -16,9 +16,15 @@ take a fixed prompt (``seq_in``) and then one token per decode step up to
 ``seq_total``: they are scored teacher-forced on each window's positions
 ``seq_in .. seq_total-1``, and on the ceval questions whose prompts fit
 ``seq_in`` (the record says how many did not).
+
+The variant and the reference are never resident together
+(:func:`score_windows`), so an int8 variant of a 7B model is scored in the
+memory of its bf16 reference alone.
 """
 
+import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +32,9 @@ import torch
 from safetensors import safe_open
 
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
-from workflow_scripts.compilation.aoti_package import load_compiled
+from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, load_compiled
 from workflow_scripts.core.cli import LOG
+from workflow_scripts.core.devices import load_computing_in, resolve_device, resolve_dtype
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_write_json, read_json, sha256_file
 from workflow_scripts.core.manifest import MANIFEST_NAME
@@ -38,6 +45,7 @@ from workflow_scripts.evaluation.decode import greedy_decode
 from workflow_scripts.evaluation.metrics import TokenMetrics, choice_accuracy
 
 CHUNK = 256  # positions per log-softmax, so a large vocabulary never needs one huge float64 copy
+REFERENCE_LOGITS_BYTES = 2 * 10**9  # the reference's logits held at once, while the candidate scores them
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class EvaluateSettings(Settings):
     """``models.<id>.evaluate`` less ``dataset`` (the rule's: its windows come as a file). ``None`` limits
     mean every window or question of the evaluation set."""
 
+    device: str
     dtype: str
     c4_windows: int | None
     ceval_questions: int | None
@@ -52,9 +61,11 @@ class EvaluateSettings(Settings):
     generate_tokens: int
 
 
-def load_model(checkpoint, dtype):
+def load_model(checkpoint, dtype, device):
     # every position's logits, not only the last one that the VACC prefill graph keeps
-    return load_vacc_model(checkpoint, dtype, insert_slice=False)
+    return load_computing_in(
+        lambda dtype, device: load_vacc_model(checkpoint, dtype, device, insert_slice=False), dtype, device
+    )
 
 
 def load_windows(path, fingerprint, limit):
@@ -112,45 +123,96 @@ def ceval_figures(letter_logits_of, questions, letters):
     }
 
 
-def evaluate_eager(model, reference, windows, questions, letters):
+@dataclass(frozen=True)
+class Scoring:
+    """How a variant (the candidate) and the float reference give logits on a window: eagerly, or the candidate
+    through its compiled graphs on the positions they take."""
+
+    load_candidate: Callable
+    load_reference: Callable | None
+    candidate_logits: Callable  # (candidate, window) -> [positions, vocab]
+    reference_logits: Callable  # (reference, window) -> [positions, vocab]
+    targets: Callable  # window -> the next tokens at those positions
+    positions: int
+
+
+def score_windows(scoring, windows, vocab_size):
+    """The c4 metrics, and the candidate, still loaded.
+
+    One model is resident at a time: the reference's logits on a group of
+    windows (at most ``REFERENCE_LOGITS_BYTES``) are computed, the reference
+    is freed, then the candidate scores the group; with several groups the two
+    take turns. So a 7B int8 variant and its bf16 reference need the larger
+    one's memory, not both.
+    """
     metrics = TokenMetrics()
+    per_group = max(1, REFERENCE_LOGITS_BYTES // (4 * scoring.positions * vocab_size))
     progress = Progress("c4 windows", len(windows))
-    for window in windows:
-        ids = window.unsqueeze(0)
-        logits = model(input_ids=ids).logits[0, :-1]
-        expected = None if reference is None else reference(input_ids=ids).logits[0, :-1]
-        add_positions(metrics, logits, window[1:], expected)
-        progress.advance()
+    candidate = None
+    for first in range(0, len(windows), per_group):
+        group = windows[first : first + per_group]
+        expected = [None] * len(group)
+        if scoring.load_reference is not None:
+            candidate = None
+            gc.collect()
+            reference = scoring.load_reference()
+            expected = [scoring.reference_logits(reference, window) for window in group]
+            del reference
+            gc.collect()
+        if candidate is None:
+            candidate = scoring.load_candidate()
+        for window, reference_logits in zip(group, expected, strict=True):
+            logits = scoring.candidate_logits(candidate, window)
+            add_positions(metrics, logits, scoring.targets(window), reference_logits)
+            progress.advance()
+    return metrics.figures(), candidate
 
+
+def all_logits(model, window):
+    return model(input_ids=window.unsqueeze(0)).logits[0, :-1]
+
+
+def eager_scoring(load_candidate, load_reference, windows):
+    return Scoring(
+        load_candidate, load_reference, all_logits, all_logits, lambda window: window[1:], windows.shape[1] - 1
+    )
+
+
+def eager_letter_logits(model):
     def letter_logits_of(ids):
-        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[:, -1]
-        return model.lm_head(hidden)[0].float()
+        hidden = model.model(input_ids=torch.tensor([ids], device=model.device)).last_hidden_state[:, -1]
+        return model.lm_head(hidden)[0].float().cpu()
 
-    return metrics.figures(), ceval_figures(letter_logits_of, questions, letters)
+    return letter_logits_of
 
 
-def evaluate_compiled(generator, graphs, reference, windows, questions, letters):
+def compiled_scoring(load_candidate, load_reference, windows, graphs):
     seq_in, seq_total = graphs["seq_in"], graphs["seq_total"]
     if windows.shape[1] < seq_total:
         raise InputError(
             f"the c4 windows have {windows.shape[1]} tokens, fewer than the decode graph's seq_total = {seq_total}"
         )
-    metrics = TokenMetrics()
-    progress = Progress("c4 windows through the compiled graphs", len(windows))
-    for window in windows:
+
+    def candidate_logits(generator, window):
         tokens = window[:seq_total].tolist()
         first, state = generator.start(tokens[:seq_in])
-        logits = [first] + [generator.step(state, token) for token in tokens[seq_in : seq_total - 1]]
-        expected = reference(input_ids=window[:seq_total].unsqueeze(0)).logits[0, seq_in - 1 : seq_total - 1]
-        add_positions(metrics, torch.stack(logits).float(), window[seq_in:seq_total], expected)
-        progress.advance()
+        return torch.stack([first] + [generator.step(state, token) for token in tokens[seq_in : seq_total - 1]])
 
-    def letter_logits_of(ids):
-        return generator.start(ids)[0].float() if len(ids) <= seq_in else None
+    def reference_logits(reference, window):
+        return reference(input_ids=window[:seq_total].unsqueeze(0)).logits[0, seq_in - 1 : seq_total - 1]
 
-    figures = metrics.figures()
-    figures["positions_per_window"] = f"{seq_in}..{seq_total - 1}"
-    return figures, ceval_figures(letter_logits_of, questions, letters)
+    return Scoring(
+        load_candidate,
+        load_reference,
+        lambda generator, window: candidate_logits(generator, window).float(),
+        reference_logits,
+        lambda window: window[seq_in:seq_total],
+        seq_total - seq_in,
+    )
+
+
+def compiled_letter_logits(generator):
+    return lambda ids: generator.start(ids)[0].float().cpu() if len(ids) <= generator.seq_in else None
 
 
 def until_stop(tokens, stop):
@@ -187,23 +249,41 @@ def compiled_completer(generator, graphs):
     return lambda ids, steps: generator.generate(ids, steps, stop=stop)[0]
 
 
+def evaluation_device(model_id, settings, package=None):
+    """The evaluate device; a compiled package runs where it was compiled for, which must be that device."""
+    key = f"models.{model_id}.evaluate.device"
+    device = resolve_device(settings.device, key)
+    if package is not None:
+        compiled_for = read_json(Path(package) / GRAPHS_FILE, what="compiled graphs record").get("device", "cpu")
+        if compiled_for != device:
+            raise InputError(f"{package}: compiled for {compiled_for}, but {key} resolves to {device} here")
+    return device
+
+
 def evaluate(model_id, variant, patched, checkpoint, windows_path, ceval_path, settings, output):
     patched, checkpoint = Path(patched), Path(checkpoint)
     fingerprint = file_fingerprint(patched / TOKENIZER_FILE)
     windows = load_windows(windows_path, fingerprint, settings.c4_windows)
     questions, letters = load_ceval(ceval_path, fingerprint, settings.ceval_questions)
     torch.set_grad_enabled(False)
-    dtype = getattr(torch, settings.dtype)
     compiled = variant.startswith("aoti-")
-    reference = None if variant == "float" else load_model(patched, dtype)
+    device = evaluation_device(model_id, settings, checkpoint if compiled else None)
+    dtype = resolve_dtype(settings.dtype, device)
+    windows = windows.to(device)
+    load_reference = None if variant == "float" else lambda: load_model(patched, dtype, device)
+    vocab_size = read_json(patched / "config.json", what="config")["vocab_size"]
     start = time.monotonic()
     if compiled:
-        generator, _, graphs = load_compiled(checkpoint)
-        c4, ceval = evaluate_compiled(generator, graphs, reference, windows, questions, letters)
+        graphs = read_json(checkpoint / GRAPHS_FILE, what="compiled graphs record")
+        scoring = compiled_scoring(lambda: load_compiled(checkpoint)[0], load_reference, windows, graphs)
+        c4, generator = score_windows(scoring, windows, vocab_size)
+        c4["positions_per_window"] = f"{graphs['seq_in']}..{graphs['seq_total'] - 1}"
+        ceval = ceval_figures(compiled_letter_logits(generator), questions, letters)
         complete = compiled_completer(generator, graphs)
     else:
-        model = load_model(checkpoint, dtype)
-        c4, ceval = evaluate_eager(model, reference, windows, questions, letters)
+        scoring = eager_scoring(lambda: load_model(checkpoint, dtype, device), load_reference, windows)
+        c4, model = score_windows(scoring, windows, vocab_size)
+        ceval = ceval_figures(eager_letter_logits(model), questions, letters)
         complete = eager_completer(model, stop_token_ids(checkpoint))
     samples = generations(complete, patched, settings.prompts, settings.generate_tokens)
     atomic_write_json(
@@ -212,7 +292,8 @@ def evaluate(model_id, variant, patched, checkpoint, windows_path, ceval_path, s
             "model": model_id,
             "variant": variant,
             "backend": "aoti" if compiled else "eager",
-            "dtype": settings.dtype,
+            "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
             "c4": {**c4, "windows": len(windows), "window_tokens": windows.shape[1]},
             "ceval": ceval,
             "generations": samples,

@@ -1,8 +1,10 @@
 """The patched checkpoint computes what upstream Mistral computes (stage 2, verify).
 
 Upstream ``transformers.MistralForCausalLM`` is configured without a sliding
-window (the patch removes it on purpose) and both models run in float32 on
-fixed prompts, one at a time so that a 7-8B model needs one model's memory:
+window (the patch removes it on purpose) and both models compute in float32 on
+fixed prompts, one at a time so that a 7-8B model needs one model's memory (on
+the CPU held in the checkpoint's bfloat16 and widened as it runs, which gives
+the same bits as a float32 load, :mod:`workflow_scripts.core.devices`):
 
 * the last-position logits of each prompt must agree within ``max_abs_logit_diff``;
 * greedy decoding through the KV cache must produce identical token ids.
@@ -22,6 +24,7 @@ import torch
 
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
 from workflow_scripts.core.cli import LOG
+from workflow_scripts.core.devices import load_computing_in, resolve_device
 from workflow_scripts.core.errors import CheckFailed
 from workflow_scripts.core.files import atomic_write_json, read_json, sha256_file
 from workflow_scripts.core.manifest import MANIFEST_NAME
@@ -34,11 +37,12 @@ class VerifySettings(VerifyPrompts):
     """``models.<id>.verify``."""
 
     max_abs_logit_diff: float
+    device: str
 
 
-def run_model(load, prompts_ids, steps, label):
+def run_model(load, prompts_ids, steps, label, device):
     start = time.monotonic()
-    model = load().eval()
+    model = load_computing_in(load, torch.float32, device)
     LOG.info("%s loaded in %.1f s", label, time.monotonic() - start)
     results = []
     for index, ids in enumerate(prompts_ids, start=1):
@@ -52,13 +56,13 @@ def run_model(load, prompts_ids, steps, label):
 def load_upstream(folder, sliding_window):
     from transformers import MistralForCausalLM
 
-    return lambda: MistralForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager", sliding_window=sliding_window
-    )
+    return lambda dtype, device: MistralForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map=device, attn_implementation="eager", sliding_window=sliding_window
+    ).eval()
 
 
 def load_patched(folder):
-    return lambda: load_vacc_model(folder, torch.float32)
+    return lambda dtype, device: load_vacc_model(folder, dtype, device)
 
 
 def compare(reference, candidate):
@@ -77,8 +81,11 @@ def verify(model, patched, upstream, settings):
     prompts_ids = encode_prompts(patched, settings.prompts)
     steps = settings.greedy_tokens
     config = read_json(Path(upstream) / "config.json")
-    upstream_results = run_model(load_upstream(upstream, None), prompts_ids, steps, "upstream (no sliding window)")
-    patched_results = run_model(load_patched(patched), prompts_ids, steps, "patched")
+    device = resolve_device(settings.device, f"models.{model}.verify.device")
+    upstream_results = run_model(
+        load_upstream(upstream, None), prompts_ids, steps, "upstream (no sliding window)", device
+    )
+    patched_results = run_model(load_patched(patched), prompts_ids, steps, "patched", device)
     per_prompt = compare(upstream_results, patched_results)
     for entry, ids, (_, tokens) in zip(per_prompt, prompts_ids, patched_results, strict=True):
         entry.update({"prompt_tokens": len(ids), "patched_tokens": tokens})
@@ -87,13 +94,14 @@ def verify(model, patched, upstream, settings):
     longest = max(len(ids) for ids in prompts_ids) + steps
     window_effect = None
     if window is not None and window < longest:
-        windowed = run_model(load_upstream(upstream, window), prompts_ids, steps, f"upstream (window {window})")
+        windowed = run_model(load_upstream(upstream, window), prompts_ids, steps, f"upstream (window {window})", device)
         window_effect = compare(windowed, patched_results)
 
     worst = max(entry["prefill_max_abs_diff"] for entry in per_prompt)
     report = {
         "model": model,
         "dtype": "float32",
+        "device": device,
         "max_abs_logit_diff": worst,
         "max_abs_logit_diff_bound": settings.max_abs_logit_diff,
         "greedy_tokens": steps,

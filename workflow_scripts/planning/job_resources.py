@@ -21,6 +21,7 @@ from workflow_scripts.quantization import GPTQ_BATCH
 RUNTIME_BYTES = 500 * 10**6  # the interpreter, torch and a stage's own code
 CUDA_RUNTIME_BYTES = 2000 * 10**6  # the same with the CUDA libraries loaded
 RETRY_GROWTH = 1.5
+GPU_THREADS = 2  # a stage on a GPU: the host only loads files and feeds the device
 GB = 10**9
 # Throughputs, kept at about half of what was measured (docs/figures.md), so
 # that a slow node still finishes inside the request.
@@ -29,6 +30,7 @@ DISK_BYTES_PER_S = 200 * 10**6  # hashing, copying, streaming safetensors
 CPU_FLOPS_PER_THREAD = 25 * 10**9  # measured: 50 GFLOP/s per core in GPTQ's mid-shape bench
 GPU_FLOPS = 50 * 10**12  # measured: about 220 TFLOP/s effective in GPTQ on an H100
 TOKENS_PER_S = 20_000  # tokenizing calibration text, per job
+WIDEN_PARAMETERS_PER_S_PER_THREAD = 60 * 10**6  # measured: 0.24 G/s on 2 threads, widening bf16 to float32 and decoding
 DEQUANTIZE_PARAMETERS_PER_S = 30 * 10**6  # measured: about 70 M/s for SmolLM2's Q4_1 (gguf's numpy code)
 CEVAL_TOKENS_PER_SHOT = 200  # a question with its four choices
 CEVAL_VAL_QUESTIONS = 1346  # ceval-exam's val split, all 52 subjects
@@ -58,6 +60,11 @@ class ModelSize:
     def weight_bytes(self):
         """Bytes of the bf16 checkpoint."""
         return 2 * self.parameters
+
+    @property
+    def largest_tensor_bytes(self):
+        """Bytes of the largest weight matrix in float32 (the embedding or the output head)."""
+        return 4 * max(math.prod(shape) for shape in tensor_shapes(self.config).values())
 
     @property
     def layers(self):
@@ -134,11 +141,19 @@ def patch(size, attempt):
     return request(GB, size.weight_bytes / DISK_BYTES_PER_S, attempt)
 
 
-def verify(size, attempt, tokens):
-    """Upstream and patched, one at a time in float32 (twice the bf16 bytes), over the verify prompts."""
+def verify(size, attempt, tokens, passes, device):
+    """Upstream and patched, one at a time, computing in float32 over the verify prompts (``passes`` forward
+    passes in all: each prompt, then each greedy step). On a GPU each is loaded in float32 straight onto it, and the
+    host holds the mapped checkpoint (6.2 GB for 4.0 GB of weights, measured). On the CPU each is held in its bf16
+    (2.3 GB for 1.4 GB) and every pass widens every matrix, which costs more than the decode steps' products."""
+    if device == "cuda":
+        return request(
+            CUDA_RUNTIME_BYTES + 1.1 * size.weight_bytes, 4 * size.weight_bytes / DISK_BYTES_PER_S, attempt, GPU_THREADS
+        )
     threads = size.compute_threads
-    seconds = 2 * size.weight_bytes / DISK_BYTES_PER_S + forward_seconds(size, tokens, threads, passes=2)
-    return request(2 * GB + 2.2 * size.weight_bytes, seconds, attempt, threads)
+    widening = passes * size.parameters / (WIDEN_PARAMETERS_PER_S_PER_THREAD * threads)
+    seconds = 2 * size.weight_bytes / DISK_BYTES_PER_S + forward_seconds(size, tokens, threads, passes=2) + widening
+    return request(2 * GB + 1.1 * size.weight_bytes + 2 * size.largest_tensor_bytes, seconds, attempt, threads)
 
 
 def quantize(size, attempt):
@@ -165,18 +180,29 @@ def vacc_compile(size, attempt, workers):
     return request(8 * GB + 3 * size.weight_bytes, 600 * size.weight_bytes / GB, attempt, threads=workers)
 
 
-def aoti_compile(size, attempt, tokens):
-    """The float32 model, its exported copy and the compiler; the check runs eager and compiled."""
+def aoti_compile(size, attempt, tokens, device):
+    """The model (float32 on the CPU, bf16 on a GPU), its exported copy and the compiler; the check runs eager and
+    compiled. On a GPU the compiler's time grows with the layers (38 s for 8 of Mistral-7B's, on an H200)."""
+    if device == "cuda":
+        seconds = 120 + 15 * size.layers + 4 * size.weight_bytes / DISK_BYTES_PER_S
+        return request(CUDA_RUNTIME_BYTES + 1.5 * size.weight_bytes, seconds, attempt, GPU_THREADS)
     threads = size.compute_threads
     seconds = 240 * size.weight_bytes / GB + forward_seconds(size, tokens, threads, passes=2)
-    return request(3 * GB + 6 * size.weight_bytes, seconds, attempt, threads)
+    # twice the float32 model, measured (an int8 variant needs about a third of it; the request is the float one's)
+    return request(GB + 2 * 2 * size.weight_bytes, seconds, attempt, threads)
 
 
-def evaluate(size, attempt, tokens):
-    """The float32 reference and the variant, and a window's logits; every evaluation token through both."""
+def evaluate(size, attempt, tokens, device):
+    """The reference, then the variant (never both: workflow_scripts.evaluation.evaluate.score_windows), with up
+    to 2 GB of the reference's logits between them; every evaluation token through both. On the CPU each is held in
+    bf16 (int8) and computes in float32; on a GPU each computes in bf16, loaded straight onto it, and the host holds
+    the mapped checkpoint (4.9 GB for 4.0 GB of weights, measured)."""
+    if device == "cuda":
+        seconds = 4 * size.weight_bytes / DISK_BYTES_PER_S + 2 * 2 * size.parameters * tokens / GPU_FLOPS
+        return request(CUDA_RUNTIME_BYTES + 1.1 * size.weight_bytes, seconds, attempt, GPU_THREADS)
     threads = size.compute_threads
     seconds = 4 * size.weight_bytes / DISK_BYTES_PER_S + forward_seconds(size, tokens, threads, passes=2)
-    return request(4 * GB + 5 * size.weight_bytes, seconds, attempt, threads)
+    return request(4 * GB + 1.05 * size.weight_bytes, seconds, attempt, threads)
 
 
 def tokenize(attempt, tokens):

@@ -41,6 +41,7 @@ from workflow_scripts.checkpoint.vacc_files.modeling_mistral_vacc import (
 from workflow_scripts.checkpoint.vacc_files.quantization_vacc import quantize_per_channel
 from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.code_inputs import sources_digest
+from workflow_scripts.core.devices import resolve_device, resolve_dtype
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_path, sha256_file
 from workflow_scripts.core.manifest import MANIFEST_NAME
@@ -80,19 +81,6 @@ class GptqSettings(QuantizeSettings):
     first_token_weight: float
     device: str
     datasets: tuple[str, ...]
-
-
-def resolve_device(setting):
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise InputError("quantize.gptq-int8.device is cuda, but torch sees no CUDA device here")
-    return setting
-
-
-def compute_dtype(device, checkpoint_dtype):
-    """float32 on the CPU; the checkpoint's own (half) precision on a GPU, where float32 is ten times slower."""
-    return torch.float32 if device == "cpu" else checkpoint_dtype
 
 
 def load_calibration(paths, settings, fingerprint):
@@ -296,7 +284,7 @@ def gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
     """Quantize every layer into its partial file (or take a valid one); return ``(per-layer figures, device)``."""
     config_dict, mapping, shards = open_checkpoint(patched, model, settings.modules)
     config = MistralConfig(**config_dict)
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, f"models.{model}.quantize.gptq-int8.device")
     used, held = load_calibration(calibration, settings, file_fingerprint(patched / TOKENIZER_FILE))
     figures = {}
     with contextlib.ExitStack() as stack:
@@ -304,7 +292,7 @@ def gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
             stack.enter_context(shard)
         first_weight = "model.layers.0.mlp.down_proj.weight"
         checkpoint_dtype = shards[mapping[first_weight]].dtype(first_weight)
-        dtype = compute_dtype(device, checkpoint_dtype)
+        dtype = resolve_dtype("auto", device, checkpoint_dtype)
         samples = embedded_samples(config, shards, mapping, (used, held), device, dtype)
         start = time.monotonic()
         for index in range(config.num_hidden_layers):
