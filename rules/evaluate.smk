@@ -23,7 +23,7 @@ rule evaluate:
         "../envs/workflow.yaml"
     threads: NEEDS["evaluate"].threads
     resources:
-        **NEEDS["evaluate"].resources(gpu=gpus("evaluate")),
+        **NEEDS["evaluate"].resources(gpu=evaluate_gpus),
     params:
         settings=evaluate_settings,
         checkpoint=lambda wildcards, input: os.path.dirname(input.checkpoint),

@@ -107,6 +107,12 @@ def stage_device(model, *keys):
     return "cuda" if uses_gpu else "cpu"
 
 
+def evaluate_gpus(wildcards):
+    """A compiled variant is evaluated where its packages run (aoti.device), the others where evaluate.device says."""
+    keys = ("aoti",) if wildcards.evaluation.startswith("aoti-") else ("evaluate",)
+    return int(stage_device(wildcards.model, *keys) == "cuda")
+
+
 def gpus(*keys):
     """The ``gpu`` resource of a rule whose stage's device is under ``keys`` of its model's settings."""
     return lambda wildcards: int(stage_device(wildcards.model, *keys) == "cuda")

@@ -69,19 +69,28 @@ def aoti_figures(model):
     return verify_tokens(model) | {"device": stage_device(model, "aoti")}
 
 
-def evaluation_tokens(model):
-    """Perplexity windows and ceval prompts (each with its shots) that every variant scores."""
+def evaluation_figures(wildcards):
+    """Perplexity windows and ceval prompts (each with its shots) that a variant scores, the bytes of the
+    reference's logits on the windows, and where it runs: a compiled variant on its packages' device.
+    """
+    model = wildcards.model
     windows = window_settings(config, MODELS[model]["evaluate"]["dataset"])
     questions = (
         MODELS[model]["evaluate"]["ceval_questions"]
         or job_resources.CEVAL_VAL_QUESTIONS
     )
     shots = config["evaluation"]["ceval"]["shots"]
+    scored = (MODELS[model]["evaluate"]["c4_windows"] or windows["nsamples"]) * windows[
+        "seqlen"
+    ]
+    compiled = wildcards.evaluation.startswith("aoti-")
+    device = stage_device(model, "aoti" if compiled else "evaluate")
     return {
-        "tokens": (MODELS[model]["evaluate"]["c4_windows"] or windows["nsamples"])
-        * windows["seqlen"]
+        "tokens": scored
         + questions * (shots + 1) * job_resources.CEVAL_TOKENS_PER_SHOT,
-        "device": stage_device(model, "evaluate"),
+        "device": device,
+        "logits_bytes": 4 * scored * model_size(model).config["vocab_size"],
+        "float32_package": wildcards.evaluation == "aoti-float" and device == "cpu",
     }
 
 
@@ -110,7 +119,11 @@ NEEDS = {
         "vacc_compile", lambda model: {"workers": MODELS[model]["vamc"]["workers"]}
     ),
     "aoti_compile": per_model("aoti_compile", aoti_figures),
-    "evaluate": per_model("evaluate", evaluation_tokens),
+    "evaluate": Needs(
+        lambda wildcards, attempt: job_resources.evaluate(
+            model_size(wildcards.model), attempt, **evaluation_figures(wildcards)
+        )
+    ),
     "fetch_dataset": Needs(
         lambda wildcards, attempt: job_resources.download_dataset(attempt)
     ),

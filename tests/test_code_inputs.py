@@ -116,6 +116,7 @@ EXPECTED = {
         "checkpoint/safetensors_stream.py",
         "compilation/aoti_package.py",
         "core/devices.py",
+        "evaluation/__init__.py",
         "data/tokenizers.py",
         "evaluation/decode.py",
         "evaluation/evaluate.py",

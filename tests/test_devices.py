@@ -26,16 +26,22 @@ def test_a_cuda_setting_without_a_gpu_is_refused_naming_the_key():
         resolve_device("cuda", "models.m.evaluate.device")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
 def test_a_package_is_evaluated_on_the_device_it_was_compiled_for(tmp_path):
     from workflow_scripts.evaluation.evaluate import EvaluateSettings, evaluation_device
 
-    (tmp_path / "graphs.json").write_text(json.dumps({"device": "cuda"}))
     settings = EvaluateSettings(
-        device="cpu", dtype="auto", c4_windows=None, ceval_questions=None, prompts=("a",), generate_tokens=1
+        device="cuda", dtype="auto", c4_windows=None, ceval_questions=None, prompts=("a",), generate_tokens=1
     )
-    with pytest.raises(InputError, match=r"compiled for cuda, but models\.m\.evaluate\.device resolves to cpu"):
+    (tmp_path / "graphs.json").write_text(json.dumps({"device": "cpu"}))
+    assert evaluation_device("m", settings, tmp_path) == "cpu"
+    (tmp_path / "graphs.json").write_text(json.dumps({"device": "cuda"}))
+    with pytest.raises(
+        InputError, match=r"compiled for CUDA, but torch sees no CUDA device here \(models\.m\.evaluate"
+    ):
         evaluation_device("m", settings, tmp_path)
-    assert evaluation_device("m", settings) == "cpu"
+    with pytest.raises(InputError, match=r"models\.m\.evaluate\.device is cuda"):
+        evaluation_device("m", settings)
 
 
 def test_auto_precision_is_float32_on_the_cpu_and_the_checkpoints_on_a_gpu():
@@ -65,11 +71,28 @@ def test_widening_as_it_runs_gives_the_bits_of_a_float32_load(patched, quantized
     ]
     for load in loaders:
         full = load(torch.float32, "cpu")
-        held = load_computing_in(load, torch.float32, "cpu")
+        held = float32_compute(load("auto", "cpu"))
         assert torch.equal(greedy_decode(full, IDS, 6)[0], greedy_decode(held, IDS, 6)[0])
         projection = held.model.layers[0].mlp.down_proj.weight
         assert projection.dtype in (torch.bfloat16, torch.int8)
         assert held.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_float32_on_the_cpu_is_held_in_bf16_only_where_a_float32_copy_would_not_fit(patched, monkeypatch):
+    from workflow_scripts.core import devices
+
+    def load(dtype, device):
+        return load_vacc_model(patched["mistral"], dtype, device)
+
+    weights = devices.stored_bytes(patched["mistral"])
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda: 4 * weights)
+    assert load_computing_in(load, torch.float32, "cpu", weights).model.layers[0].mlp.down_proj.weight.dtype == (
+        torch.float32
+    )
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda: 4 * weights - 1)
+    assert load_computing_in(load, torch.float32, "cpu", weights).model.layers[0].mlp.down_proj.weight.dtype == (
+        torch.bfloat16
+    )
 
 
 def test_float32_compute_keeps_int8_weights_int8_and_widens_the_small_parameters():
@@ -131,11 +154,9 @@ def test_a_demo_checkpoint_is_the_same_model_however_many_shards_it_is_written_i
 @CUDA
 def test_on_a_gpu_the_stages_models_compute_on_it(patched):
     torch.set_grad_enabled(False)
-    on_cpu = load_computing_in(
-        lambda dtype, device: load_vacc_model(patched["mistral"], dtype, device), torch.float32, "cpu"
-    )
+    on_cpu = load_vacc_model(patched["mistral"], torch.float32, "cpu")
     on_gpu = load_computing_in(
-        lambda dtype, device: load_vacc_model(patched["mistral"], dtype, device), torch.float32, "cuda"
+        lambda dtype, device: load_vacc_model(patched["mistral"], dtype, device), torch.float32, "cuda", 0
     )
     assert on_gpu.device.type == "cuda"
     cpu_logits, cpu_tokens = greedy_decode(on_cpu, IDS, 6)
@@ -166,7 +187,7 @@ def test_on_a_gpu_the_compiled_packages_are_cuda_packages_that_match_eager(patch
     assert logits.device.type == "cuda" and len(tokens) == 4
 
 
-def test_the_variant_and_its_reference_are_never_resident_together_and_groups_change_no_figure(monkeypatch):
+def test_the_variant_and_its_reference_are_never_resident_together_and_groups_change_no_figure():
     import weakref
 
     from workflow_scripts.evaluation import evaluate
@@ -186,17 +207,16 @@ def test_the_variant_and_its_reference_are_never_resident_together_and_groups_ch
     def logits(model, window):
         return table[model.name][window[:-1]]
 
-    def figures():
+    def figures(logits_bytes):
         scoring = evaluate.Scoring(
             lambda: Model("candidate"), lambda: Model("reference"), logits, logits, lambda w: w[1:], 8
         )
         alive.clear()
         loads.clear()
-        return evaluate.score_windows(scoring, windows, 50)[0], list(loads)
+        return evaluate.score_windows(scoring, windows, 50, logits_bytes)[0], list(loads)
 
-    whole, whole_loads = figures()
-    monkeypatch.setattr(evaluate, "REFERENCE_LOGITS_BYTES", 2 * 4 * 8 * 50)  # two windows' logits
-    grouped, grouped_loads = figures()
+    whole, whole_loads = figures(10**9)
+    grouped, grouped_loads = figures(2 * 4 * 8 * 50)  # two windows' logits
     assert whole == grouped and whole["kl_divergence"] > 0
     assert whole_loads == ["reference", "candidate"]
     assert grouped_loads == ["reference", "candidate"] * 3
@@ -229,11 +249,17 @@ def test_a_cpu_compile_that_cannot_fit_is_refused_before_it_starts(patched, tmp_
 
 
 def test_a_cgroup_limit_below_the_machines_memory_is_what_is_available(tmp_path, monkeypatch):
+    """A SLURM job's cgroup (v2) two levels down: its limit, less what it uses, plus its reclaimable cache."""
     from workflow_scripts.core import devices
 
-    (tmp_path / "max").write_text("3000000000\n")
-    (tmp_path / "current").write_text("1000000000\n")
-    monkeypatch.setattr(devices, "CGROUP_MEMORY_FILES", ((tmp_path / "max", tmp_path / "current"),))
-    assert devices.available_memory_bytes() <= 2 * 10**9
-    (tmp_path / "max").write_text("max\n")
-    assert devices.available_memory_bytes() > 2 * 10**9
+    job = tmp_path / "slurm" / "job_7"
+    job.mkdir(parents=True)
+    (job / "memory.max").write_text("3000000000\n")
+    (job / "memory.current").write_text("1000000000\n")
+    (job / "memory.stat").write_text("anon 500000000\ninactive_file 400000000\n")
+    (tmp_path / "self").write_text("0::/slurm/job_7\n")
+    monkeypatch.setattr(devices, "CGROUP_SELF", tmp_path / "self")
+    monkeypatch.setattr(devices, "CGROUP_ROOT", tmp_path)
+    assert devices.available_memory_bytes() == 2_400_000_000
+    (job / "memory.max").write_text("max\n")
+    assert devices.available_memory_bytes() > 2_400_000_000

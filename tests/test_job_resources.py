@@ -19,7 +19,7 @@ PER_MODEL = {
     "gptq": {"samples": 144, "seqlen": 1024, "device": "cpu"},
     "vacc_compile": {"workers": 4},
     "aoti_compile": {"tokens": 300, "device": "cpu"},
-    "evaluate": {"tokens": 65536, "device": "cpu"},
+    "evaluate": {"tokens": 65536, "device": "cpu", "logits_bytes": 4 * 65536 * 32000},
 }
 
 

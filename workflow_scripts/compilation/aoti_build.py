@@ -44,7 +44,7 @@ from workflow_scripts.compilation.aoti_graphs import Decode, Prefill, example_in
 from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, WEIGHTS_FILE, load_compiled, write_constants
 from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.code_inputs import sources_digest
-from workflow_scripts.core.devices import require_memory, resolve_device, resolve_dtype
+from workflow_scripts.core.devices import require_memory, resolve_device, resolve_dtype, stored_bytes
 from workflow_scripts.core.errors import CheckFailed, InputError
 from workflow_scripts.core.files import atomic_write_json, read_json, sha256_file, staged_directory
 from workflow_scripts.core.manifest import MANIFEST_NAME, write_folder_manifest
@@ -305,5 +305,5 @@ def folder_bytes(folder, checkpoint):
     return {
         "weights": (folder / WEIGHTS_FILE).stat().st_size,
         "graphs": sum(path.stat().st_size for path in folder.glob("*.pt2")),
-        "checkpoint_weights": sum(path.stat().st_size for path in checkpoint.glob("*.safetensors")),
+        "checkpoint_weights": stored_bytes(checkpoint),
     }

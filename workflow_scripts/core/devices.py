@@ -8,7 +8,10 @@ the checkpoint's own half precision on a GPU, where float32 runs at a tenth of
 the speed.
 
 On the CPU, :func:`float32_compute` gives float32 results from a model held in
-its checkpoint's bfloat16: a 7B model then needs 15 GB instead of 29.
+its checkpoint's bfloat16: a 7B model then needs 15 GB instead of 29. It is
+used where a float32 copy would take more than half the available memory
+(:func:`load_computing_in`), since widening every matrix on every pass is
+slower than a float32 model's products.
 """
 
 from pathlib import Path
@@ -17,11 +20,8 @@ import torch
 
 from workflow_scripts.core.errors import InputError
 
-# cgroup v2, then v1: (limit, usage)
-CGROUP_MEMORY_FILES = (
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-)
+CGROUP_SELF = "/proc/self/cgroup"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def resolve_device(setting, key):
@@ -40,12 +40,19 @@ def resolve_dtype(setting, device, checkpoint_dtype=torch.bfloat16):
     return getattr(torch, setting)
 
 
-def load_computing_in(load, dtype, device):
-    """``load(dtype, device)``'s model, computing in ``dtype`` on ``device``. Float32 on the CPU is loaded in the
-    checkpoint's own dtype and widened as it runs (:func:`float32_compute`)."""
-    if device == "cpu" and dtype == torch.float32:
+def load_computing_in(load, dtype, device, checkpoint_bytes):
+    """``load(dtype, device)``'s model, computing in ``dtype`` on ``device``. Float32 on the CPU is loaded in float32
+    when that copy (twice the ``checkpoint_bytes`` of bf16) takes at most half the available memory;
+    otherwise in the checkpoint's own dtype, widened as it runs (:func:`float32_compute`): the same bits, in half
+    the memory, at the cost of widening every matrix on every pass."""
+    if device == "cpu" and dtype == torch.float32 and 2 * checkpoint_bytes > available_memory_bytes() / 2:
         return float32_compute(load("auto", device))
     return load(dtype, device)
+
+
+def stored_bytes(folder):
+    """Bytes of a checkpoint's weight files."""
+    return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
 
 
 def float32_compute(model):
@@ -61,7 +68,7 @@ def float32_compute(model):
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.register_forward_pre_hook(widen_weight)
-            module.register_forward_hook(narrow_weight)
+            module.register_forward_hook(narrow_weight, always_call=True)
         elif isinstance(module, torch.nn.Embedding):
             module.register_forward_hook(widen_output)
         for name, parameter in module.named_parameters(recurse=False):
@@ -86,19 +93,47 @@ def widen_output(_module, _inputs, output):
 
 
 def available_memory_bytes():
-    """What this process can still allocate: the machine's available memory, or less where a cgroup (a SLURM job,
-    a container) sets a lower limit."""
+    """What this process can still allocate: the machine's available memory, or less where its cgroup or one above
+    it (a SLURM job's, a container's) sets a lower limit. Reclaimable page cache counts as available, as in
+    ``MemAvailable``."""
     with open("/proc/meminfo") as handle:
         available = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable:"))
-    for limit_file, usage_file in CGROUP_MEMORY_FILES:
+    for folder, limit_name, usage_name, cache_name in cgroup_memory_folders():
         try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text())
+            limit = (folder / limit_name).read_text().strip()
+            usage = int((folder / usage_name).read_text())
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
         except (OSError, ValueError):
             continue
-        if limit.isdigit():
-            available = min(available, int(limit) - usage)
+        if limit.isdigit() and int(limit) < 1 << 60:
+            available = min(available, int(limit) - usage + int(stat.get(cache_name, 0)))
     return available
+
+
+def cgroup_memory_folders():
+    """``(folder, limit file, usage file, reclaimable cache key)`` of this process's memory cgroups, innermost
+    first, with their ancestors (cgroup v2's unified tree, then v1's memory controller)."""
+    folders = []
+    try:
+        lines = Path(CGROUP_SELF).read_text().splitlines()
+    except OSError:
+        return folders
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            version = (CGROUP_ROOT, "memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            version = (CGROUP_ROOT / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        root, *names = version
+        folder = root / path.lstrip("/")
+        while True:
+            folders.append((folder, *names))
+            if folder == root:
+                break
+            folder = folder.parent
+    return folders
 
 
 def require_memory(needed, what, advice):

@@ -1,1 +1,6 @@
 """Evaluation: greedy decoding, token metrics and the quality gates."""
+
+# The float reference's logits held at once at the least, while the variant scores them: the reference and the
+# variant then take turns per group of windows (evaluation/evaluate.py). Here, free of torch, because the
+# Snakefile sizes evaluate jobs from it (planning/job_resources.py).
+REFERENCE_LOGITS_BYTES = 2 * 10**9

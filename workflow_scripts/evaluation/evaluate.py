@@ -34,18 +34,24 @@ from safetensors import safe_open
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
 from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, load_compiled
 from workflow_scripts.core.cli import LOG
-from workflow_scripts.core.devices import load_computing_in, resolve_device, resolve_dtype
+from workflow_scripts.core.devices import (
+    available_memory_bytes,
+    load_computing_in,
+    resolve_device,
+    resolve_dtype,
+    stored_bytes,
+)
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_write_json, read_json, sha256_file
 from workflow_scripts.core.manifest import MANIFEST_NAME
 from workflow_scripts.core.progress import Progress
 from workflow_scripts.core.settings import Settings
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE, file_fingerprint, read_tokenizer
+from workflow_scripts.evaluation import REFERENCE_LOGITS_BYTES
 from workflow_scripts.evaluation.decode import greedy_decode
 from workflow_scripts.evaluation.metrics import TokenMetrics, choice_accuracy
 
 CHUNK = 256  # positions per log-softmax, so a large vocabulary never needs one huge float64 copy
-REFERENCE_LOGITS_BYTES = 2 * 10**9  # the reference's logits held at once, while the candidate scores them
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,10 @@ class EvaluateSettings(Settings):
 def load_model(checkpoint, dtype, device):
     # every position's logits, not only the last one that the VACC prefill graph keeps
     return load_computing_in(
-        lambda dtype, device: load_vacc_model(checkpoint, dtype, device, insert_slice=False), dtype, device
+        lambda dtype, device: load_vacc_model(checkpoint, dtype, device, insert_slice=False),
+        dtype,
+        device,
+        stored_bytes(checkpoint),
     )
 
 
@@ -136,17 +145,17 @@ class Scoring:
     positions: int
 
 
-def score_windows(scoring, windows, vocab_size):
+def score_windows(scoring, windows, vocab_size, logits_bytes=REFERENCE_LOGITS_BYTES):
     """The c4 metrics, and the candidate, still loaded.
 
     One model is resident at a time: the reference's logits on a group of
-    windows (at most ``REFERENCE_LOGITS_BYTES``) are computed, the reference
-    is freed, then the candidate scores the group; with several groups the two
-    take turns. So a 7B int8 variant and its bf16 reference need the larger
-    one's memory, not both.
+    windows (at most ``logits_bytes``) are computed, the reference is freed,
+    then the candidate scores the group; with several groups the two take
+    turns. So a 7B int8 variant and its bf16 reference need the larger one's
+    memory, not both.
     """
     metrics = TokenMetrics()
-    per_group = max(1, REFERENCE_LOGITS_BYTES // (4 * scoring.positions * vocab_size))
+    per_group = max(1, logits_bytes // (4 * scoring.positions * vocab_size))
     progress = Progress("c4 windows", len(windows))
     candidate = None
     for first in range(0, len(windows), per_group):
@@ -199,7 +208,8 @@ def compiled_scoring(load_candidate, load_reference, windows, graphs):
         return torch.stack([first] + [generator.step(state, token) for token in tokens[seq_in : seq_total - 1]])
 
     def reference_logits(reference, window):
-        return reference(input_ids=window[:seq_total].unsqueeze(0)).logits[0, seq_in - 1 : seq_total - 1]
+        # a copy: the slice alone would keep every position's logits alive
+        return reference(input_ids=window[:seq_total].unsqueeze(0)).logits[0, seq_in - 1 : seq_total - 1].clone()
 
     return Scoring(
         load_candidate,
@@ -249,15 +259,26 @@ def compiled_completer(generator, graphs):
     return lambda ids, steps: generator.generate(ids, steps, stop=stop)[0]
 
 
+def logits_budget(device, folders):
+    """Bytes of reference logits to hold at once: half of what the device has free beside twice the larger model
+    (its float32 compute copy), at least ``REFERENCE_LOGITS_BYTES``; with memory to spare each model loads once."""
+    model_bytes = max(stored_bytes(folder) for folder in folders)
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else available_memory_bytes()
+    return max(REFERENCE_LOGITS_BYTES, int(free - 2 * model_bytes) // 2)
+
+
 def evaluation_device(model_id, settings, package=None):
-    """The evaluate device; a compiled package runs where it was compiled for, which must be that device."""
-    key = f"models.{model_id}.evaluate.device"
-    device = resolve_device(settings.device, key)
-    if package is not None:
-        compiled_for = read_json(Path(package) / GRAPHS_FILE, what="compiled graphs record").get("device", "cpu")
-        if compiled_for != device:
-            raise InputError(f"{package}: compiled for {compiled_for}, but {key} resolves to {device} here")
-    return device
+    """``evaluate.device`` for the eager variants; a compiled variant runs (with its reference) on the device its
+    packages were compiled for."""
+    if package is None:
+        return resolve_device(settings.device, f"models.{model_id}.evaluate.device")
+    compiled_for = read_json(Path(package) / GRAPHS_FILE, what="compiled graphs record").get("device", "cpu")
+    if compiled_for == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"{package}: compiled for CUDA, but torch sees no CUDA device here "
+            f"(models.{model_id}.evaluate.device applies to the eager variants only)"
+        )
+    return compiled_for
 
 
 def evaluate(model_id, variant, patched, checkpoint, windows_path, ceval_path, settings, output):
@@ -276,13 +297,13 @@ def evaluate(model_id, variant, patched, checkpoint, windows_path, ceval_path, s
     if compiled:
         graphs = read_json(checkpoint / GRAPHS_FILE, what="compiled graphs record")
         scoring = compiled_scoring(lambda: load_compiled(checkpoint)[0], load_reference, windows, graphs)
-        c4, generator = score_windows(scoring, windows, vocab_size)
+        c4, generator = score_windows(scoring, windows, vocab_size, logits_budget(device, (patched, checkpoint)))
         c4["positions_per_window"] = f"{graphs['seq_in']}..{graphs['seq_total'] - 1}"
         ceval = ceval_figures(compiled_letter_logits(generator), questions, letters)
         complete = compiled_completer(generator, graphs)
     else:
         scoring = eager_scoring(lambda: load_model(checkpoint, dtype, device), load_reference, windows)
-        c4, model = score_windows(scoring, windows, vocab_size)
+        c4, model = score_windows(scoring, windows, vocab_size, logits_budget(device, (patched, checkpoint)))
         ceval = ceval_figures(eager_letter_logits(model), questions, letters)
         complete = eager_completer(model, stop_token_ids(checkpoint))
     samples = generations(complete, patched, settings.prompts, settings.generate_tokens)

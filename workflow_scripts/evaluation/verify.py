@@ -3,8 +3,9 @@
 Upstream ``transformers.MistralForCausalLM`` is configured without a sliding
 window (the patch removes it on purpose) and both models compute in float32 on
 fixed prompts, one at a time so that a 7-8B model needs one model's memory (on
-the CPU held in the checkpoint's bfloat16 and widened as it runs, which gives
-the same bits as a float32 load, :mod:`workflow_scripts.core.devices`):
+the CPU, where a float32 copy would take more than half the memory, held in
+the checkpoint's bfloat16 and widened as it runs, which gives the same bits as
+a float32 load, :mod:`workflow_scripts.core.devices`):
 
 * the last-position logits of each prompt must agree within ``max_abs_logit_diff``;
 * greedy decoding through the KV cache must produce identical token ids.
@@ -24,7 +25,7 @@ import torch
 
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
 from workflow_scripts.core.cli import LOG
-from workflow_scripts.core.devices import load_computing_in, resolve_device
+from workflow_scripts.core.devices import load_computing_in, resolve_device, stored_bytes
 from workflow_scripts.core.errors import CheckFailed
 from workflow_scripts.core.files import atomic_write_json, read_json, sha256_file
 from workflow_scripts.core.manifest import MANIFEST_NAME
@@ -40,9 +41,9 @@ class VerifySettings(VerifyPrompts):
     device: str
 
 
-def run_model(load, prompts_ids, steps, label, device):
+def run_model(load, prompts_ids, steps, label, device, folder):
     start = time.monotonic()
-    model = load_computing_in(load, torch.float32, device)
+    model = load_computing_in(load, torch.float32, device, stored_bytes(folder))
     LOG.info("%s loaded in %.1f s", label, time.monotonic() - start)
     results = []
     for index, ids in enumerate(prompts_ids, start=1):
@@ -83,9 +84,9 @@ def verify(model, patched, upstream, settings):
     config = read_json(Path(upstream) / "config.json")
     device = resolve_device(settings.device, f"models.{model}.verify.device")
     upstream_results = run_model(
-        load_upstream(upstream, None), prompts_ids, steps, "upstream (no sliding window)", device
+        load_upstream(upstream, None), prompts_ids, steps, "upstream (no sliding window)", device, upstream
     )
-    patched_results = run_model(load_patched(patched), prompts_ids, steps, "patched", device)
+    patched_results = run_model(load_patched(patched), prompts_ids, steps, "patched", device, patched)
     per_prompt = compare(upstream_results, patched_results)
     for entry, ids, (_, tokens) in zip(per_prompt, prompts_ids, patched_results, strict=True):
         entry.update({"prompt_tokens": len(ids), "patched_tokens": tokens})

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from workflow_scripts.checkpoint import gguf as gguf_source
 from workflow_scripts.checkpoint.demo_presets import demo_config
 from workflow_scripts.checkpoint.layout import head_dim, parameter_count, tensor_shapes
+from workflow_scripts.evaluation import REFERENCE_LOGITS_BYTES
 from workflow_scripts.quantization import GPTQ_BATCH
 
 RUNTIME_BYTES = 500 * 10**6  # the interpreter, torch and a stage's own code
@@ -192,17 +193,21 @@ def aoti_compile(size, attempt, tokens, device):
     return request(GB + 2 * 2 * size.weight_bytes, seconds, attempt, threads)
 
 
-def evaluate(size, attempt, tokens, device):
-    """The reference, then the variant (never both: workflow_scripts.evaluation.evaluate.score_windows), with up
-    to 2 GB of the reference's logits between them; every evaluation token through both. On the CPU each is held in
-    bf16 (int8) and computes in float32; on a GPU each computes in bf16, loaded straight onto it, and the host holds
-    the mapped checkpoint (4.9 GB for 4.0 GB of weights, measured)."""
+def evaluate(size, attempt, tokens, device, logits_bytes, float32_package=False):
+    """The reference, then the variant (never both: workflow_scripts.evaluation.evaluate.score_windows), with the
+    reference's logits between them; every evaluation token through both. Where memory is short the two take
+    turns per group of windows, loading again each time (``logits_bytes`` of logits in groups of
+    REFERENCE_LOGITS_BYTES). On the CPU each is held in bf16 (int8) and computes in float32, except a compiled
+    float variant, whose package holds float32 weights (``float32_package``); on a GPU each computes in bf16,
+    loaded straight onto it, and the host holds the mapped checkpoint (4.9 GB for 4.0 GB of weights, measured)."""
+    loads = 2 * math.ceil(logits_bytes / REFERENCE_LOGITS_BYTES)
     if device == "cuda":
-        seconds = 4 * size.weight_bytes / DISK_BYTES_PER_S + 2 * 2 * size.parameters * tokens / GPU_FLOPS
+        seconds = loads * size.weight_bytes / DISK_BYTES_PER_S + 2 * 2 * size.parameters * tokens / GPU_FLOPS
         return request(CUDA_RUNTIME_BYTES + 1.1 * size.weight_bytes, seconds, attempt, GPU_THREADS)
     threads = size.compute_threads
-    seconds = 4 * size.weight_bytes / DISK_BYTES_PER_S + forward_seconds(size, tokens, threads, passes=2)
-    return request(4 * GB + 1.05 * size.weight_bytes, seconds, attempt, threads)
+    seconds = loads * size.weight_bytes / DISK_BYTES_PER_S + forward_seconds(size, tokens, threads, passes=2)
+    held = (2.1 if float32_package else 1.05) * size.weight_bytes
+    return request(2 * GB + REFERENCE_LOGITS_BYTES + held, seconds, attempt, threads)
 
 
 def tokenize(attempt, tokens):
