@@ -95,7 +95,8 @@ def verify(model, patched, upstream, settings):
     longest = max(len(ids) for ids in prompts_ids) + steps
     window_effect = None
     if window is not None and window < longest:
-        windowed = run_model(load_upstream(upstream, window), prompts_ids, steps, f"upstream (window {window})", device)
+        label = f"upstream (window {window})"
+        windowed = run_model(load_upstream(upstream, window), prompts_ids, steps, label, device, upstream)
         window_effect = compare(windowed, patched_results)
 
     worst = max(entry["prefill_max_abs_diff"] for entry in per_prompt)
