@@ -1,4 +1,5 @@
-# Stage 4: int8 checkpoints, streamed from the patched one with bounded memory.
+# Stage 4: int8 checkpoints, streamed from the patched one with bounded memory, and their
+# compressed-tensors exports for stock transformers and vLLM.
 
 
 rule quantize:
@@ -50,3 +51,23 @@ rule quantize_gptq:
         "python3 -m workflow_scripts.stages.quantize_gptq --model {wildcards.model:q}"
         " --patched results/{wildcards.model:q}/patched --calibration {input.calibration:q}"
         " --manifest {output:q} --settings {params.settings:q} > {log:q} 2>&1"
+
+
+rule export_compressed_tensors:
+    input:
+        code=code("export_compressed_tensors"),
+        int8="results/{model}/quantized/{scheme}/MANIFEST.json",
+    output:
+        "results/{model}/quantized/{scheme}-ct/MANIFEST.json",
+    log:
+        "logs/{model}/export-{scheme}-ct.log",
+    benchmark:
+        "benchmarks/{model}/export-{scheme}-ct.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: NEEDS["export"].threads
+    resources:
+        **NEEDS["export"].resources(),
+    shell:
+        "python3 -m workflow_scripts.stages.export_compressed_tensors --model {wildcards.model:q}"
+        " --int8 results/{wildcards.model:q}/quantized/{wildcards.scheme} --manifest {output:q} > {log:q} 2>&1"

@@ -114,6 +114,7 @@ NEEDS = {
     "patch": per_model("patch"),
     "verify": per_model("verify", verify_figures),
     "quantize": per_model("quantize"),
+    "export": per_model("export"),
     "gptq": per_model("gptq", gptq_figures),
     "vacc_compile": per_model(
         "vacc_compile", lambda model: {"workers": MODELS[model]["vamc"]["workers"]}

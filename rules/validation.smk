@@ -115,6 +115,11 @@ def model_outputs(models, reported=True):
             f"results/{model}/quantized/{scheme}/MANIFEST.json"
             for scheme in MODELS[model]["quantize"]["schemes"]
         ]
+        + [
+            f"results/{model}/quantized/{scheme}-ct/MANIFEST.json"
+            for scheme in MODELS[model]["quantize"]["schemes"]
+            if "compressed-tensors" in MODELS[model]["quantize"]["exports"]
+        ]
         + [f"results/{model}/vamc/{dtype}.yaml" for dtype in VAMC_DTYPES]
         + [
             f"results/{model}/aoti/{variant}/MANIFEST.json"

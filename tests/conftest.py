@@ -40,6 +40,7 @@ SHARED_FIXTURE_FILES = {
     "test_quantize_gptq.py": "GPTQ model",
     "test_real_text.py": "python-docs dataset",
     "test_docs.py": "schema and docs",
+    "test_stock_loading.py": "compressed-tensors export",
 }
 LONGEST_FIRST = ("real model run", "SLURM cluster", "reference run's code", "compiled packages")
 
@@ -311,12 +312,14 @@ def small_gptq(*aoti_variants):
 
 
 TIED = {**TINY_SHAPES["mistral"], "tie_word_embeddings": True}
+NO_EXPORTS = {"quantize": {**small_gptq()["quantize"], "exports": []}}
 
 
 def reference_config():
     """The smallest config that runs every stage: three tiny models, two of which (a, c) share a tokenizer;
     small calibration sizes. tiny-a ties its embeddings (no lm_head.weight), as Llama-style models do, and is
-    the one compiled by AOTInductor; tiny-b is Ministral-shaped with the Tekken tokenizer."""
+    the one compiled by AOTInductor and exported as compressed-tensors; tiny-b is Ministral-shaped with the Tekken
+    tokenizer."""
     return {
         "targets": ["tiny-a", "tiny-b", "tiny-c"],
         "models": {
@@ -325,11 +328,13 @@ def reference_config():
                 "source": {"demo": "ministral", "seed": 2, "shape": TINY_SHAPES["ministral"]},
                 "verify": {"greedy_tokens": 8},
                 **small_gptq(),
+                **NO_EXPORTS,
             },
             "tiny-c": {
                 "source": {"demo": "mistral", "seed": 3, "shape": TINY_SHAPES["mistral"]},
                 "verify": {"greedy_tokens": 4},
                 **small_gptq(),
+                **NO_EXPORTS,
             },
         },
         "datasets": {

@@ -6,6 +6,12 @@ Accounting is off (no slurmdbd), so job states come from ``squeue``, and
 executor plugin strips ``SLURM_CONF`` from a job's environment before its
 ``srun``, so that path is the only one that works. The cluster writes it only
 where it is absent, marks it as its own and removes it when it stops.
+
+A watchdog process stops the cluster when the process that started it is gone,
+however that ended (SIGTERM from a CI timeout, Ctrl-C, SIGKILL): a slurm.conf
+left pointing at no controller costs every later ``snakemake`` start on the
+machine about 9 s, in the SLURM plugin's import-time ``scontrol show config``.
+Run as a script (``python slurm_cluster.py ROOT``), this file is that watchdog.
 """
 
 import os
@@ -13,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +27,7 @@ BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "srun", "scontr
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 MARK = "# written by the vacc workflow's tests (tests/slurm_cluster.py)\n"
+DAEMONS = ("slurmd", "slurmctld", "munged")
 # No accounting: job states come from squeue. Successful jobs keep their SLURM logs, in which the job step
 # prints what the job declared.
 TEST_FLAGS = (
@@ -103,6 +111,18 @@ class Cluster:
     def start(self):
         for folder in ("state", "spool"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+        # the watchdog reads its stdin until this process's end of the pipe closes: at stop(), or at this
+        # process's death, whatever killed it; its own session keeps it out of a Ctrl-C to this process group
+        self.watchdog = subprocess.Popen(
+            [sys.executable, __file__, str(self.root)], stdin=subprocess.PIPE, start_new_session=True
+        )
+        try:
+            self.start_daemons()
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_daemons(self):
         SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
         SYSTEM_CONF.write_text(self.conf())
         root = self.root
@@ -166,14 +186,42 @@ class Cluster:
         raise TimeoutError(f"no {rule} job ran within {timeout} s")
 
     def stop(self):
-        subprocess.run(["scancel", "--full", "--user", "root"], check=False, capture_output=True)
-        for daemon in ("slurmd", "slurmctld", "munged"):
-            pid_file = self.root / f"{daemon}.pid"
-            if pid_file.exists():
-                try:
-                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        time.sleep(1)
-        if SYSTEM_CONF.exists() and SYSTEM_CONF.read_text().startswith(MARK):
-            SYSTEM_CONF.unlink()
+        self.watchdog.stdin.close()
+        self.watchdog.wait(timeout=60)
+
+
+def pid_of(root, daemon):
+    try:
+        return int((root / f"{daemon}.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def running(pid):
+    """Alive and not a zombie (a daemon that died unreaped is gone too)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def tear_down(root):
+    """Cancel the jobs, stop the daemons (waiting for them to exit) and remove slurm.conf if it is the tests'."""
+    subprocess.run(["scancel", "--full", "--user", "root"], check=False, capture_output=True, timeout=30)
+    pids = [pid for pid in (pid_of(root, daemon) for daemon in DAEMONS) if pid]
+    for signal_number in (signal.SIGTERM, signal.SIGKILL):  # slurmd may wait for a job step that never ends
+        for pid in filter(running, pids):
+            try:
+                os.kill(pid, signal_number)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 20
+        while any(map(running, pids)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    if SYSTEM_CONF.exists() and SYSTEM_CONF.read_text().startswith(MARK):
+        SYSTEM_CONF.unlink()
+
+
+if __name__ == "__main__":
+    sys.stdin.buffer.read()
+    tear_down(Path(sys.argv[1]))

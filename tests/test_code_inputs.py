@@ -75,6 +75,7 @@ EXPECTED = {
     "calibration": TOKEN_WINDOWS | SETTINGS | {"data/calibration.py"},
     "evaluation_sets": TOKEN_WINDOWS | SETTINGS | {"data/evaluation_sets.py"},
     "quantize": INT8_WRITER | {"quantization/rtn.py"},
+    "export_compressed_tensors": INT8_WRITER | {"quantization/compressed_tensors_export.py"},
     "quantize_gptq": INT8_WRITER
     | {
         "core/devices.py",

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.quantization.int8_checkpoint import PROJECTIONS
+from workflow_scripts.quantization.int8_checkpoint import INT8_MODEL_TYPE, PROJECTIONS
 from workflow_scripts.quantization.rtn import quantize_checkpoint
 
 from conftest import QUANTIZE_SETTINGS as SETTINGS
@@ -49,10 +49,12 @@ def test_checkpoint_layout_config_and_manifest(patched, quantized):
         "symmetric": True,
         "modules": list(PROJECTIONS),
     }
-    assert {k: v for k, v in config.items() if k != "vacc_quantization"} == json.loads(
-        (patched["mistral"] / "config.json").read_text()
-    )
-    assert json.loads((folder / "config_vacc.json").read_text())["vacc_quantization"] == config["vacc_quantization"]
+    assert config.pop("model_type") == INT8_MODEL_TYPE
+    assert {k: v for k, v in config.items() if k != "vacc_quantization"} == {
+        k: v for k, v in json.loads((patched["mistral"] / "config.json").read_text()).items() if k != "model_type"
+    }
+    vacc_config = json.loads((folder / "config_vacc.json").read_text())
+    assert vacc_config["vacc_quantization"] == config["vacc_quantization"] and vacc_config["model_type"] == "mistral"
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(shard_tensors(folder))
     manifest = json.loads((folder / "MANIFEST.json").read_text())

@@ -8,6 +8,7 @@ short; the figures are printed (``pytest -s``). docs/evaluation.md's figures are
 import json
 
 import pytest
+import torch
 
 from conftest import embedded_default_of
 from workflow_copy import Workflow
@@ -80,3 +81,54 @@ def test_gptq_beats_rtn_end_to_end_and_layer_by_layer(real_run):
         }
         print(f"{model} held-out GPTQ/RTN layer error: " + " ".join(f"{i}:{r:.3f}" for i, r in sorted(ratios.items())))
         assert max(ratios.values()) < 1.0, ratios
+
+
+def stock_load(folder):
+    """``(model, None)``, or ``(None, error)`` where stock transformers refuses (no trust_remote_code)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), None
+    except (ValueError, OSError) as error:
+        return None, str(error)
+
+
+def test_stock_transformers_loads_every_model_folder_correctly_or_refuses(real_run):
+    """Each folder holding a model's weights or packages, loaded as a user would without trust_remote_code: it
+    loads and its logits equal ours, or it refuses with an error that says what to do. None loads wrong."""
+    from workflow_scripts.checkpoint.vacc_code import load_vacc_model
+
+    flow, models = real_run
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 1208, 30, 1206]])
+    data = ("results/calibration/", "results/evaluation-sets/")
+    found = {
+        path.parent.relative_to(flow.work).as_posix()
+        for pattern in ("*/**/*.safetensors", "*/**/*.pt2")
+        for path in flow.work.glob(pattern)
+    }
+    found = {folder for folder in found if not folder.startswith(data)}
+    for model in models:
+        schemes = [p.parent.name for p in (flow.work / "results" / model / "quantized").glob("*-int8/MANIFEST.json")]
+        loads = {
+            f"resources/models/{model}": f"results/{model}/patched",
+            f"results/{model}/patched": f"results/{model}/patched",
+            **{f"results/{model}/quantized/{scheme}-ct": f"results/{model}/quantized/{scheme}" for scheme in schemes},
+        }
+        refuses = {f"results/{model}/quantized/{scheme}": "trust_remote_code=True" for scheme in schemes}
+        packages = (flow.work / "results" / model / "aoti").iterdir()
+        refuses |= {f"results/{model}/aoti/{package.name}": "config.json" for package in packages}
+        for folder, ours in loads.items():
+            found.discard(folder)
+            model_, error = stock_load(flow.work / folder)
+            assert error is None, (folder, error)
+            with torch.no_grad():
+                expected = load_vacc_model(flow.work / ours, torch.float32)(ids).logits
+                difference = (model_(ids).logits - expected).abs().max()
+            print(f"{folder}: loads; max |logit difference| against {ours} (our code) {difference:.2e}")
+            assert difference <= 1e-4 * expected.abs().max(), folder
+        for folder, advice in refuses.items():
+            found.discard(folder)
+            model_, error = stock_load(flow.work / folder)
+            print(f"{folder}: refused: {error.splitlines()[0] if error else None}")
+            assert model_ is None and advice in error, (folder, error)
+    assert not found, f"folders with weights this test does not know: {sorted(found)}"

@@ -9,13 +9,15 @@ skipped with a loud reason; under CI (``CI`` set) they fail instead, since
 
 import os
 import re
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import FAKE_HF_TOKEN, files_containing, output_digests, reference_config
-from slurm_cluster import TEST_FLAGS, Cluster, why_unavailable
+from slurm_cluster import DAEMONS, SYSTEM_CONF, TEST_FLAGS, Cluster, pid_of, running, why_unavailable
 from workflow_copy import Workflow, processes_running, wait_for
 
 pytestmark = pytest.mark.slow
@@ -26,14 +28,46 @@ FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", re.MULTILINE)
 LOCAL_RULES = {"all"}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def require_a_cluster():
     reason = why_unavailable()
     if reason:
         message = f"NO SLURM CLUSTER, the SLURM tests did not run: {reason}"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+START_AND_WAIT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from slurm_cluster import Cluster
+Cluster(sys.argv[2], cpus=1, memory_mb=1000).start()
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_test_process_leaves_no_cluster_behind(signal_number, tmp_path):
+    """SIGTERM is what a CI timeout sends, SIGKILL what nothing can catch: the cluster's watchdog stops the
+    daemons and removes slurm.conf either way (a stale one costs every snakemake start about 9 s)."""
+    require_a_cluster()
+    process = subprocess.Popen(
+        [sys.executable, "-c", START_AND_WAIT, str(Path(__file__).parent), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline() == "started\n"
+    daemons = [pid_of(tmp_path, daemon) for daemon in DAEMONS]
+    assert SYSTEM_CONF.exists() and all(map(running, daemons))
+    process.send_signal(signal_number)
+    process.wait(timeout=30)
+    wait_for(lambda: not SYSTEM_CONF.exists() and not any(map(running, daemons)), "the teardown", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require_a_cluster()
     with open("/proc/meminfo") as meminfo:
         total_mb = int(meminfo.readline().split()[1]) // 1024
     cluster = Cluster(tmp_path_factory.mktemp("slurm"), cpus=os.cpu_count(), memory_mb=total_mb - 2000)

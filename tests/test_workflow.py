@@ -46,9 +46,24 @@ def test_full_run_builds_verified_checkpoints(workflow):
     assert summary.count("| pass |") == 7 and "| tiny-c | gptq-int8 | eager |" in summary
     assert not (workflow.work / "results" / "tiny-b" / "aoti").exists()
     assert not (workflow.work / "results" / "tiny-a" / "vacc").exists()  # no vamc here
+    assert sorted(
+        p.parent.name for p in (workflow.work / "results" / "tiny-a" / "quantized").glob("*-ct/MANIFEST.json")
+    ) == [
+        "gptq-int8-ct",
+        "rtn-int8-ct",
+    ]
+    assert not list((workflow.work / "results" / "tiny-b" / "quantized").glob("*-ct"))
     for folder in ("patched", "quantized/rtn-int8", "quantized/gptq-int8"):
         index = json.loads((workflow.work / "results" / "tiny-a" / folder / "model.safetensors.index.json").read_text())
         assert "lm_head.weight" not in index["weight_map"], folder
+
+
+def test_job_logs_hold_no_progress_bars(workflow):
+    """Progress bars redraw with carriage returns, one line of noise per redraw in a file; the stages log their
+    own progress instead."""
+    logs = sorted((workflow.work / "logs").rglob("*.log"))
+    assert len(logs) > 20
+    assert [log for log in logs if "it/s]" in log.read_text() or "\r" in log.read_text()] == []
 
 
 def test_dry_run_after_a_full_run_schedules_nothing(workflow):
@@ -65,6 +80,7 @@ def test_changing_one_models_settings_reruns_that_model_only(workflow):
     workflow.write_config(config, "changed.yaml")
     assert rules_by_model(workflow.planned(config="changed.yaml")) == {
         "tiny-a": {"aoti_compile", "download", "patch", "quantize", "quantize_gptq", "vamc_config", "verify"}
+        | {"export_compressed_tensors"}
         | REPORTED,
         "tiny-b": {"plots", "verify"},
     }
@@ -112,7 +128,7 @@ def test_editing_the_patch_module_reruns_patch_jobs_and_nothing_upstream(workflo
     with edited(workflow.code / "workflow_scripts" / "checkpoint" / "patch.py"):
         downstream = {"patch", "quantize", "quantize_gptq", "vamc_config", "verify"} | REPORTED
         assert rules_by_model(workflow.planned()) == {
-            "tiny-a": downstream | {"aoti_compile"},
+            "tiny-a": downstream | {"aoti_compile", "export_compressed_tensors"},
             "tiny-b": downstream,
             "tiny-c": downstream,
         }
@@ -128,6 +144,7 @@ def test_editing_a_shipped_checkpoint_file_reruns_patch_jobs(workflow):
             "verify",
             "vamc_config",
             "aoti_compile",
+            "export_compressed_tensors",
         } | REPORTED
 
 

@@ -163,6 +163,11 @@ def quantize(size, attempt):
     return request(1.5 * GB + 3 * 4 * largest, 3 * size.weight_bytes / DISK_BYTES_PER_S, attempt, threads=2)
 
 
+def export(size, attempt):
+    """Streamed: a chunk of rows packed at a time; reads and writes the int8 weights once."""
+    return request(1 * GB, 2 * size.weight_bytes / DISK_BYTES_PER_S, attempt)
+
+
 def gptq(size, attempt, samples, seqlen, device):
     """Host memory at GPTQ's peak plus 15%; time from the layer's FLOPs on the CPU or GPU."""
     peak = gptq_memory_bytes(size.config, samples, seqlen, device)["host"]

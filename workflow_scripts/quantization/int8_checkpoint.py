@@ -27,6 +27,11 @@ from workflow_scripts.core.progress import Progress
 from workflow_scripts.core.settings import Settings
 
 QUANTIZATION_KEY = "vacc_quantization"
+# Stock transformers knows "mistral": it would load the int8 integers into a float model and drop every
+# weight_scale, silently. A model type it does not know makes its Auto classes and pipelines refuse and ask
+# for trust_remote_code, which runs the VACC code that reads the scales. config_vacc.json, which only vamc's
+# loader reads, keeps "mistral".
+INT8_MODEL_TYPE = "mistral_vacc_int8"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COPY_BYTES = 64 << 20
 
@@ -109,8 +114,13 @@ def write_quantized_checkpoint(
                 new_map[f"{name}_scale"] = shard
         total_size = sum((staging / name).stat().st_size for name in shard_names)
         write_weight_index(staging, new_map, total_size)
-        for name in ("config.json", "config_vacc.json"):
-            atomic_write_json(staging / name, {**read_json(patched / name), QUANTIZATION_KEY: record})
+        atomic_write_json(
+            staging / "config.json",
+            {**read_json(patched / "config.json"), "model_type": INT8_MODEL_TYPE, QUANTIZATION_KEY: record},
+        )
+        atomic_write_json(
+            staging / "config_vacc.json", {**read_json(patched / "config_vacc.json"), QUANTIZATION_KEY: record}
+        )
         for name in VACC_FILES:
             shutil.copyfile(patched / name, staging / name)
         patched_manifest = read_json(patched / MANIFEST_NAME)
