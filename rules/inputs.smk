@@ -37,7 +37,7 @@ def download_source_files(wildcards):
     the download."""
     source = MODELS[wildcards.model]["source"]
     if "gguf" in source:
-        path = gguf_source.existing_file(source)
+        path = gguf_source.existing_file(source, WORKFLOW_PYTHON)
         return [str(path)] if path is not None else []
     if "local" not in source:
         return []

@@ -24,7 +24,7 @@ def model_size(model):
     downloaded = f"resources/models/{model}/config.json"
     if os.path.exists(downloaded):
         return job_resources.ModelSize(read_json(downloaded))
-    return job_resources.planned_size(MODELS[model])
+    return job_resources.planned_size(MODELS[model], WORKFLOW_PYTHON)
 
 
 def per_model(stage, figures=lambda model: {}):
@@ -109,7 +109,9 @@ SMALL_JOB = Needs(lambda wildcards, attempt: job_resources.small(attempt))
 NEEDS = {
     "download": per_model(
         "download",
-        lambda model: job_resources.download_figures(MODELS[model]["source"]),
+        lambda model: job_resources.download_figures(
+            MODELS[model]["source"], WORKFLOW_PYTHON
+        ),
     ),
     "patch": per_model("patch"),
     "verify": per_model("verify", verify_figures),

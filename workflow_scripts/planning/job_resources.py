@@ -81,13 +81,14 @@ class ModelSize:
         return min(16, max(2, math.ceil(self.weight_bytes / (2 * GB))))
 
 
-def planned_size(model_settings):
+def planned_size(model_settings, python=None):
     """The size of a model before its download exists: demo preset, a GGUF file's header, the config's
-    ``shape``, else 8B-class."""
+    ``shape``, else 8B-class. ``python``: the interpreter of the jobs' environment, where a GGUF file's
+    package is found (gguf.package_folders)."""
     source = model_settings["source"]
     if "demo" in source:
         return ModelSize(demo_config(source["demo"], source.get("shape")))
-    planned = gguf_source.planned(source) if "gguf" in source else None
+    planned = gguf_source.planned(source, python) if "gguf" in source else None
     if planned is not None:
         return ModelSize(planned[1])
     return ModelSize({**DEFAULT_SHAPE, **model_settings.get("shape", {})})
@@ -108,11 +109,11 @@ def forward_seconds(size, tokens, threads, passes=1):
     return passes * 2 * size.parameters * tokens / (CPU_FLOPS_PER_THREAD * threads)
 
 
-def download_figures(source):
-    """The figures of :func:`download` for a model's source."""
+def download_figures(source, python=None):
+    """The figures of :func:`download` for a model's source (``python`` as for :func:`planned_size`)."""
     figures = {"generated": "demo" in source}
     if "gguf" in source:
-        planned = gguf_source.planned(source)
+        planned = gguf_source.planned(source, python)
         # an unreadable file fails the import at once; its size is a guess from the model's bf16 weights
         figures["gguf_bytes"] = planned[0] if planned else 0
     return figures
