@@ -301,10 +301,10 @@ def embedded_default_of(kind):
     return config
 
 
-def small_gptq(*aoti_variants):
+def small_gptq(*aoti_variants, exports=("compressed-tensors",)):
     """Small GPTQ settings; AOTInductor compiles only the named variants (each takes about 30 s here)."""
     return {
-        "quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}},
+        "quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}, "exports": list(exports)},
         "aoti": {"variants": list(aoti_variants), "seq_in": 64, "seq_total": 80},
         # random weights: near-uniform distributions make top-1 agreement meaningless (config.yaml says why)
         "gates": {"min_top1_agreement": None},
@@ -312,7 +312,6 @@ def small_gptq(*aoti_variants):
 
 
 TIED = {**TINY_SHAPES["mistral"], "tie_word_embeddings": True}
-NO_EXPORTS = {"quantize": {**small_gptq()["quantize"], "exports": []}}
 
 
 def reference_config():
@@ -327,14 +326,12 @@ def reference_config():
             "tiny-b": {
                 "source": {"demo": "ministral", "seed": 2, "shape": TINY_SHAPES["ministral"]},
                 "verify": {"greedy_tokens": 8},
-                **small_gptq(),
-                **NO_EXPORTS,
+                **small_gptq(exports=()),
             },
             "tiny-c": {
                 "source": {"demo": "mistral", "seed": 3, "shape": TINY_SHAPES["mistral"]},
                 "verify": {"greedy_tokens": 4},
-                **small_gptq(),
-                **NO_EXPORTS,
+                **small_gptq(exports=()),
             },
         },
         "datasets": {

@@ -208,6 +208,7 @@ def test_a_new_calibration_seed_rebuilds_only_those_shards(workflow):
                 ("plots", ""),
             )
         ]
+        + [("export_compressed_tensors", "model=tiny-a, scheme=gptq-int8")]
     )
 
 
