@@ -120,6 +120,21 @@ def run_stage(module, *args, env=None, check=True):
     return result
 
 
+def build_venv(folder, requirements):
+    """A new virtual environment in ``folder`` with ``requirements`` installed by pip: ``(its python, None)``, or
+    ``(None, why)`` when a step failed."""
+    python = Path(folder) / "bin" / "python"
+    steps = [
+        [sys.executable, "-m", "venv", str(folder)],
+        [str(python), "-m", "pip", "install", "-q", "-r", str(requirements)],
+    ]
+    for step in steps:
+        result = subprocess.run(step, capture_output=True, text=True)
+        if result.returncode != 0:
+            return None, f"{' '.join(step[:5])} ... failed:\n{result.stderr[-2000:]}"
+    return str(python), None
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """Hub-layout checkpoints of both presets with tiny shapes: {preset: folder}."""

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_HF_TOKEN, REPO, embedded_default, files_containing, output_digests, reference_config
+from conftest import (
+    FAKE_HF_TOKEN,
+    REPO,
+    build_venv,
+    embedded_default,
+    files_containing,
+    output_digests,
+    reference_config,
+)
 from slurm_cluster import DAEMONS, SYSTEM_CONF, TEST_FLAGS, Cluster, pid_of, running, why_unavailable
 from workflow_copy import Workflow, processes_running, wait_for
 
@@ -49,20 +57,10 @@ def require_a_cluster():
 @pytest.fixture(scope="module")
 def driver_python(tmp_path_factory):
     """The interpreter of a new environment holding requirements-slurm.txt: Snakemake and the SLURM plugin."""
-    venv = tmp_path_factory.mktemp("slurm-driver")
-    python = venv / "bin" / "python"
-    steps = [
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(python), "-m", "pip", "install", "-q", "-r", str(REPO / "requirements-slurm.txt")],
-    ]
-    for step in steps:
-        result = subprocess.run(step, capture_output=True, text=True)
-        if result.returncode != 0:
-            unavailable(
-                "NO SLURM DRIVER ENVIRONMENT, the SLURM tests did not run: "
-                f"{' '.join(step[:5])} ... failed:\n{result.stderr[-2000:]}"
-            )
-    return str(python)
+    python, failure = build_venv(tmp_path_factory.mktemp("slurm-driver"), REPO / "requirements-slurm.txt")
+    if failure:
+        unavailable(f"NO SLURM DRIVER ENVIRONMENT, the SLURM tests did not run: {failure}")
+    return python
 
 
 def jobs_env():

@@ -10,14 +10,13 @@ cannot be built; in CI (CI=true) it must run.
 import json
 import os
 import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO
+from conftest import REPO, build_venv
 
 pytestmark = pytest.mark.slow  # installs transformers 4.45 in a venv of its own
 
@@ -41,22 +40,16 @@ def vendor_python():
     if os.environ.get("VENDOR_PYTHON"):
         return os.environ["VENDOR_PYTHON"]
     python = VENV / "bin" / "python"
-    if not python.exists():
-        steps = [
-            [sys.executable, "-m", "venv", str(VENV)],
-            [str(python), "-m", "pip", "install", "-q", "-r", str(REPO / "requirements-vendor.txt")],
-        ]
-        for step in steps:
-            result = subprocess.run(step, capture_output=True, text=True)
-            if result.returncode != 0:
-                message = (
-                    f"cannot build the transformers 4.45 environment ({' '.join(step[:4])}...): {result.stderr[-2000:]}"
-                )
-                if os.environ.get("CI"):
-                    pytest.fail(message)
-                warnings.warn(message, stacklevel=2)
-                pytest.skip("SKIPPED LOUDLY: " + message)
-    return str(python)
+    if python.exists():
+        return str(python)
+    built, failure = build_venv(VENV, REPO / "requirements-vendor.txt")
+    if failure:
+        message = f"cannot build the transformers 4.45 environment: {failure}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        warnings.warn(message, stacklevel=2)
+        pytest.skip("SKIPPED LOUDLY: " + message)
+    return built
 
 
 @pytest.fixture(scope="module")
