@@ -18,6 +18,8 @@ sys.path.insert(0, str(REPO))
 
 from workflow_scripts.checkpoint.demo_checkpoint import write_demo_checkpoint  # noqa: E402
 from workflow_scripts.checkpoint.patch import PatchSettings, patch_checkpoint  # noqa: E402
+from workflow_scripts.compilation.aoti_build import AotiSettings, compile_variant  # noqa: E402
+from workflow_scripts.evaluation.decode import VerifyPrompts  # noqa: E402
 from workflow_scripts.quantization.int8_checkpoint import PROJECTIONS, QuantizeSettings  # noqa: E402
 from workflow_scripts.quantization.rtn import quantize_checkpoint  # noqa: E402
 
@@ -35,6 +37,7 @@ SHARED_FIXTURE_FILES = {
     "test_faults.py": "reference run's code",
     "test_workflow.py": "reference run's code",
     "test_compile.py": "compiled packages",
+    "test_serving.py": "compiled packages",
     "test_transformers445.py": "transformers 4.45 venv",
     "test_gguf_import.py": "SmolLM2 import",
     "test_quantize_gptq.py": "GPTQ model",
@@ -211,6 +214,28 @@ def quantized(patched, tmp_path_factory):
         folders[preset] = root / preset
         quantize_checkpoint(preset, "rtn-int8", folder, folders[preset], QUANTIZE_SETTINGS)
     return folders
+
+
+AOTI = AotiSettings(
+    device="auto",
+    batch=2,
+    seq_in=32,
+    seq_total=48,
+    dtype="auto",
+    max_abs_logit_diff={"float32": 1e-4, "bfloat16": 0.05},
+)
+VERIFY = VerifyPrompts(prompts=("The capital of France is", "def fibonacci(n):"), greedy_tokens=16)
+
+
+@pytest.fixture(scope="session")
+def compiled(patched, tmp_path_factory):
+    """The tiny Ministral-like model compiled as float and as rtn-int8 (tests/test_compile.py and
+    tests/test_serving.py share it: the same worker runs both)."""
+    root = tmp_path_factory.mktemp("aoti")
+    quantize_checkpoint("ministral", "rtn-int8", patched["ministral"], root / "rtn-int8", QUANTIZE_SETTINGS)
+    for variant, checkpoint in (("float", patched["ministral"]), ("rtn-int8", root / "rtn-int8")):
+        compile_variant("ministral", variant, patched["ministral"], checkpoint, AOTI, VERIFY, root / "aoti" / variant)
+    return root
 
 
 # What a fake vamc accepts: the documented keys (VAMC_KEYS mirrors vacc-reference.md) and their rules.

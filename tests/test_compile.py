@@ -9,15 +9,13 @@ import pytest
 import torch
 import yaml
 
-from workflow_scripts.compilation.aoti_build import AotiSettings, compile_variant
+from workflow_scripts.compilation.aoti_build import compile_variant
 from workflow_scripts.compilation.aoti_package import load_compiled
 from workflow_scripts.compilation.vamc import build_environment, check_lengths, check_overrides
 from workflow_scripts.compilation.vamc_config import VamcSettings, render
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.evaluation.decode import VerifyPrompts
-from workflow_scripts.quantization.rtn import quantize_checkpoint
 
-from conftest import QUANTIZE_SETTINGS, run_stage, stage_env
+from conftest import AOTI, VERIFY, run_stage, stage_env
 
 VAMC = {
     "tp": 4,
@@ -184,27 +182,6 @@ def test_a_failed_or_missing_vamc_leaves_nothing(patched, tmp_path, fake_vamc):
     missing = run_stage(*args, env=stage_env(PATH=os.path.dirname(sys.executable)), check=False)
     assert missing.returncode == 1 and "vamc, VastAI's model compiler, is not on PATH" in missing.stderr
     assert "VAMC_WHEEL_DIR" in missing.stderr and not manifest.exists()
-
-
-AOTI = AotiSettings(
-    device="auto",
-    batch=2,
-    seq_in=32,
-    seq_total=48,
-    dtype="auto",
-    max_abs_logit_diff={"float32": 1e-4, "bfloat16": 0.05},
-)
-VERIFY = VerifyPrompts(prompts=("The capital of France is", "def fibonacci(n):"), greedy_tokens=16)
-
-
-@pytest.fixture(scope="module")
-def compiled(patched, tmp_path_factory):
-    """The tiny Ministral-like model compiled as float and as rtn-int8."""
-    root = tmp_path_factory.mktemp("aoti")
-    quantize_checkpoint("ministral", "rtn-int8", patched["ministral"], root / "rtn-int8", QUANTIZE_SETTINGS)
-    for variant, checkpoint in (("float", patched["ministral"]), ("rtn-int8", root / "rtn-int8")):
-        compile_variant("ministral", variant, patched["ministral"], checkpoint, AOTI, VERIFY, root / "aoti" / variant)
-    return root
 
 
 @pytest.mark.slow  # compiles AOTInductor packages

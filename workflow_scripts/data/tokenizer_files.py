@@ -15,9 +15,50 @@ from tokenizers import normalizers, processors
 from workflow_scripts.core.files import atomic_write_json
 
 MISTRAL_COMMON_DATA = Path(mistral_common.__file__).parent / "data"
+# Chat templates that give the token ids mistral-common's own chat encoding gives (tests/test_serving.py):
+# v1 spaces its [INST] markers and puts the system prompt before the first user turn, Tekken writes them as
+# control tokens without spaces and puts it before the last one.
+CHAT_TURNS = (
+    "{%- set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | join('\\n\\n') -%}"
+    "{%- set turns = messages | rejectattr('role', 'equalto', 'system') | list -%}"
+    "{%- set ns = namespace(last_user=0) -%}"
+    "{%- for message in turns -%}{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{{- bos_token -}}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('roles must alternate user/assistant/user/... after an optional system message') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- set with_system = system and loop.index0 == SYSTEM_TURN -%}"
+    "{{- OPEN + (system + '\\n\\n' if with_system else '') + message['content'] + CLOSE -}}"
+    "{%- else -%}"
+    "{{- ANSWER + message['content'] + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def chat_template(open_marker, close_marker, answer_prefix, system_turn):
+    return (
+        CHAT_TURNS.replace("OPEN", repr(open_marker))
+        .replace("CLOSE", repr(close_marker))
+        .replace("ANSWER", repr(answer_prefix))
+        .replace("SYSTEM_TURN", system_turn)
+    )
+
+
 TOKENIZERS = {
-    "sentencepiece-v1": {"source": "tokenizer.model.v1", "native_name": "tokenizer.model"},
-    "tekken-240911": {"source": "tekken_240911.json", "native_name": "tekken.json"},
+    "sentencepiece-v1": {
+        "source": "tokenizer.model.v1",
+        "native_name": "tokenizer.model",
+        "chat_template": chat_template("[INST] ", " [/INST]", " ", "0"),
+    },
+    "tekken-240911": {
+        "source": "tekken_240911.json",
+        "native_name": "tekken.json",
+        "chat_template": chat_template("[INST]", "[/INST]", "", "ns.last_user"),
+    },
 }
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -64,6 +105,7 @@ def write_tokenizer(kind, folder):
             "clean_up_tokenization_spaces": False,
             "legacy": False,
             "model_max_length": 32768,
+            "chat_template": spec["chat_template"],
             **SPECIAL_TOKENS,
         },
     )

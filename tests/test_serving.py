@@ -1,0 +1,325 @@
+"""Serving a built variant: the batching engine against one-at-a-time decoding, the demo chat templates against
+mistral-common, and the HTTP server through the real `openai` client."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+import torch
+
+from workflow_scripts.core.errors import InputError
+from workflow_scripts.data.tokenizer_files import MISTRAL_COMMON_DATA, TOKENIZERS, write_tokenizer
+from workflow_scripts.data.tokenizers import read_tokenizer
+from workflow_scripts.evaluation.decode import greedy_decode
+from workflow_scripts.serving.engine import Engine, QueueFull, Sampling
+from workflow_scripts.serving.text import ChatTemplate, TextStream
+from workflow_scripts.serving.variant import EagerShape, load_variant
+
+from conftest import stage_env
+
+SHAPE = EagerShape(batch=2, seq_in=16, seq_total=40, device="cpu")
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,", "Hello")
+
+
+@pytest.fixture(scope="module")
+def eager(patched):
+    torch.set_grad_enabled(False)
+    return load_variant(patched["ministral"], SHAPE)
+
+
+def run_requests(engine, requests):
+    """Submit ``[(ids, Sampling)]`` at once; ``[(tokens, finish_reason)]`` in the same order."""
+    results = [([], None) for _ in requests]
+    done = threading.Semaphore(0)
+
+    def collector(index):
+        def on_event(token, reason):
+            if token is not None:
+                results[index][0].append(token)
+            else:
+                results[index] = (results[index][0], reason)
+                done.release()
+
+        return on_event
+
+    for index, (ids, sampling) in enumerate(requests):
+        engine.submit(ids, sampling, collector(index))
+    engine.start()
+    try:
+        for _ in requests:
+            assert done.acquire(timeout=120), "a request never finished"
+    finally:
+        engine.stop()
+    return results
+
+
+def test_requests_batched_and_joining_mid_batch_decode_as_they_would_alone(eager):
+    """Five prompts of different lengths and budgets through two rows: rows free at different steps and new
+    requests join the running batch at the shared cache slot, yet every request gets exactly the tokens that
+    decoding it alone through the model's own KV cache gives."""
+    tokenizer = read_tokenizer(eager.folder)
+    model = eager.generator.prefill.model
+    budgets = (24, 5, 12, 3, 9)
+    requests = [
+        (tokenizer.encode(prompt).ids, Sampling(max_tokens, temperature=0, ignore_eos=True))
+        for prompt, max_tokens in zip(PROMPTS, budgets, strict=True)
+    ]
+    engine = Engine(eager.generator, eager.stop_token_ids)
+    results = run_requests(engine, requests)
+    for (ids, sampling), (tokens, reason) in zip(requests, results, strict=True):
+        alone = greedy_decode(model, torch.tensor([ids]), sampling.max_tokens)[1]
+        assert (tokens, reason) == (alone, "length")
+    # two rows stepped together: fewer decode steps than the requests' own (each request's first token is its
+    # prefill's)
+    assert engine.steps < sum(budget - 1 for budget in budgets)
+
+
+def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(eager):
+    ids = read_tokenizer(eager.folder).encode(PROMPTS[0]).ids
+    requests = [
+        (ids, Sampling(10, temperature=1.0, seed=1, ignore_eos=True)),
+        (ids, Sampling(10, temperature=1.0, seed=1, ignore_eos=True)),
+        (ids, Sampling(10, temperature=1.0, seed=2, ignore_eos=True)),
+        (ids, Sampling(10, temperature=0.7, top_p=1e-6, seed=3, ignore_eos=True)),
+        (ids, Sampling(10, temperature=0, ignore_eos=True)),
+    ]
+    same_seed, again, other_seed, tiny_top_p, greedy = (
+        tokens for tokens, _ in run_requests(Engine(eager.generator, []), requests)
+    )
+    assert same_seed == again and same_seed != other_seed
+    assert tiny_top_p == greedy
+
+
+def test_the_engine_refuses_what_its_graphs_cannot_serve_and_bounds_its_queue(eager):
+    engine = Engine(eager.generator, eager.stop_token_ids, max_queue=2)
+    with pytest.raises(InputError, match="the prompt has 17 tokens; this variant's compiled prompt length is 16"):
+        engine.submit(list(range(1, 18)), Sampling(4), print)
+    with pytest.raises(InputError, match="max_tokens is 26; this variant's compiled graphs give 1 to 25"):
+        engine.submit([1, 2], Sampling(26), print)
+    engine.submit([1, 2], Sampling(4), print)
+    engine.submit([1, 2], Sampling(4), print)
+    with pytest.raises(QueueFull):
+        engine.submit([1, 2], Sampling(4), print)
+
+
+def test_a_stop_string_ends_the_text_before_it_even_across_tokens(eager):
+    tokenizer = read_tokenizer(eager.folder)
+    ids = tokenizer.encode("alpha beta gamma delta", add_special_tokens=False).ids
+    stream = TextStream(tokenizer, stop=["a gam"])
+    pieces = [stream.add(token) for token in ids]
+    assert stream.stopped and "".join(pieces) == "alpha bet"
+    plain = TextStream(tokenizer)
+    assert "".join(plain.add(token) for token in ids) + plain.flush() == "alpha beta gamma delta"
+
+
+@pytest.mark.parametrize("kind", sorted(TOKENIZERS))
+def test_the_demo_chat_templates_encode_as_mistral_common_does(kind, tmp_path):
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    write_tokenizer(kind, tmp_path)
+    template, tokenizer = ChatTemplate(tmp_path), read_tokenizer(tmp_path)
+    reference = MistralTokenizer.from_file(str(MISTRAL_COMMON_DATA / TOKENIZERS[kind]["source"]))
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    chats = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris"},
+            {"role": "user", "content": "And of Italy?"},
+        ],
+    ]
+    for chat in chats:
+        ours = tokenizer.encode(template.render(chat), add_special_tokens=False).ids
+        request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in chat])
+        assert ours == reference.encode_chat_completion(request).tokens
+    with pytest.raises(InputError, match="roles must alternate"):
+        template.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+class Server:
+    """``python -m workflow_scripts.serve`` in a subprocess on a free port."""
+
+    def __init__(self, folder, tmp_path, *args):
+        ready = tmp_path / f"ready-{os.getpid()}-{time.monotonic_ns()}.json"
+        self.log = open(tmp_path / f"{ready.stem}.log", "w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "workflow_scripts.serve", str(folder), "--port", "0", "--ready-file", str(ready)]
+            + [str(arg) for arg in args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=stage_env(),
+        )
+        deadline = time.monotonic() + 180
+        while not ready.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"the server did not start:\n{self.output()}")
+            time.sleep(0.2)
+        record = json.loads(ready.read_text())
+        self.model = record["model"]
+        self.url = f"http://127.0.0.1:{record['port']}/v1"
+        self.client = openai.OpenAI(base_url=self.url, api_key="none", max_retries=0, timeout=120)
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def served(compiled, tmp_path_factory):
+    """The compiled float package (batch 2) behind the server."""
+    server = Server(compiled / "aoti" / "float", tmp_path_factory.mktemp("serve"), "--max-queue", "64")
+    yield server
+    server.stop()
+
+
+def complete(server, prompt, **options):
+    return server.client.completions.create(model=server.model, prompt=prompt, temperature=0, **options)
+
+
+@pytest.mark.slow  # compiles AOTInductor packages
+def test_completions_match_the_compiled_runner_and_stream_the_same_text(served, compiled):
+    from workflow_scripts.compilation.aoti_package import load_compiled
+
+    models = served.client.models.list()
+    assert [model.id for model in models.data] == ["ministral-float"]
+    generator, tokenizer, graphs = load_compiled(compiled / "aoti" / "float")
+    ids = tokenizer.encode(PROMPTS[0]).ids
+    runner = generator.generate(ids, 12)[0]
+    whole = complete(served, PROMPTS[0], max_tokens=12, extra_body={"ignore_eos": True})
+    assert whole.choices[0].text == tokenizer.decode(runner, skip_special_tokens=True)
+    assert whole.choices[0].finish_reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ids), 12)
+    chunks = list(
+        complete(
+            served,
+            PROMPTS[0],
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-2].choices[0].finish_reason == "length"
+
+
+@pytest.mark.slow  # compiles AOTInductor packages
+def test_a_stop_sequence_and_the_chat_template(served):
+    whole = complete(served, PROMPTS[1], max_tokens=16, extra_body={"ignore_eos": True}).choices[0].text
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
+    stopped = complete(served, PROMPTS[1], max_tokens=16, stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert stopped.text == whole[: whole.index(stop)] and stopped.finish_reason == "stop"
+    chat = served.client.chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0
+    )
+    template_ids = read_tokenizer(served_folder(served)).encode("[INST]Hi[/INST]").ids
+    assert chat.usage.prompt_tokens == len(template_ids) and chat.choices[0].message.role == "assistant"
+    streamed = served.client.chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == chat.choices[0].message.content
+
+
+def served_folder(server):
+    return server.process.args[3]
+
+
+@pytest.mark.slow  # compiles AOTInductor packages
+def test_more_concurrent_requests_than_rows_all_get_their_own_answer(served):
+    """Eight requests at once on a batch of two: they queue, share the rows, and each gets what it gets alone."""
+    prompts = [f"{PROMPTS[index % len(PROMPTS)]} {index}" for index in range(8)]
+    alone = [
+        complete(served, prompt, max_tokens=8, extra_body={"ignore_eos": True}).choices[0].text for prompt in prompts
+    ]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(
+            pool.map(
+                lambda prompt: complete(served, prompt, max_tokens=8, extra_body={"ignore_eos": True}).choices[0].text,
+                prompts,
+            )
+        )
+    assert together == alone
+
+
+@pytest.mark.slow  # compiles AOTInductor packages
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
+    bad = [
+        (lambda: complete(served, "word " * 40), openai.BadRequestError, "compiled prompt length is 32 tokens"),
+        (lambda: complete(served, "Hi", max_tokens=100), openai.BadRequestError, "give 1 to 17 new tokens"),
+        (
+            lambda: served.client.completions.create(model="nonexistent", prompt="Hi"),
+            openai.NotFoundError,
+            "model 'nonexistent' does not exist",
+        ),
+        (lambda: complete(served, "Hi", n=2), openai.BadRequestError, "n: Input should be 1"),
+        (lambda: complete(served, [10**9]), openai.BadRequestError, "outside the vocabulary"),
+        (
+            lambda: served.client.chat.completions.create(model=served.model, messages=[]),
+            openai.BadRequestError,
+            "messages",
+        ),
+    ]
+    for call, error, message in bad:
+        with pytest.raises(error, match=message):
+            call()
+        assert complete(served, "Hi", max_tokens=2).choices[0].text is not None
+    malformed = httpx.post(
+        f"{served.url}/completions", content=b'{"model": ', headers={"Content-Type": "application/json"}
+    )
+    assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]
+    assert served.process.poll() is None
+
+
+@pytest.mark.slow  # loads a checkpoint in a server
+def test_an_eager_checkpoint_is_served_and_a_full_queue_answers_503(patched, compiled, tmp_path):
+    """The patched checkpoint, with no package, through the same engine: the compiled float package's answer;
+    with one row and a queue of one, a burst gets 503s with Retry-After and no request is lost."""
+    server = Server(
+        patched["ministral"], tmp_path, "--batch", "1", "--seq-in", "32", "--seq-total", "48", "--max-queue", "1"
+    )
+    try:
+        assert server.model == "ministral-float"
+        generator, tokenizer, _ = load_compiled_float(compiled)
+        expected = tokenizer.decode(
+            generator.generate(tokenizer.encode(PROMPTS[0]).ids, 8)[0], skip_special_tokens=True
+        )
+        assert complete(server, PROMPTS[0], max_tokens=8, extra_body={"ignore_eos": True}).choices[0].text == expected
+        statuses = []
+
+        def attempt(_):
+            try:
+                complete(server, PROMPTS[1], max_tokens=16, extra_body={"ignore_eos": True})
+                return 200
+            except openai.APIStatusError as error:
+                assert error.response.headers.get("retry-after") == "1"
+                return error.status_code
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(attempt, range(6)))
+        assert set(statuses) == {200, 503} and len(statuses) == 6
+    finally:
+        server.stop()
+
+
+def load_compiled_float(compiled):
+    from workflow_scripts.compilation.aoti_package import load_compiled
+
+    return load_compiled(compiled / "aoti" / "float")

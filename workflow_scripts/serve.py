@@ -1,0 +1,83 @@
+"""Serve a built variant over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions).
+
+Usage: python -m workflow_scripts.serve results/{model}/aoti/{variant} [--host 127.0.0.1] [--port 9000]
+       python -m workflow_scripts.serve results/{model}/quantized/{scheme} --batch 4 --seq-in 64 --seq-total 128
+
+A compiled package folder is served at the batch and lengths it was compiled
+for; a checkpoint folder (patched or quantized) runs eagerly at the shape
+given. Concurrent requests share the batch; more wait in a queue
+(docs/serving.md).
+"""
+
+import argparse
+import logging
+import socket
+from pathlib import Path
+
+import torch
+
+from workflow_scripts.core.cli import run_cli
+from workflow_scripts.core.errors import InputError
+from workflow_scripts.core.files import atomic_write_json
+from workflow_scripts.data.tokenizers import read_tokenizer
+from workflow_scripts.serving.api import create_app
+from workflow_scripts.serving.engine import Engine
+from workflow_scripts.serving.text import ChatTemplate
+from workflow_scripts.serving.variant import EagerShape, describe, load_variant
+
+LOG = logging.getLogger("workflow_scripts.serve")
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="results/{model}/aoti/{variant}, or a checkpoint folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=9000, help="0: any free port (see --ready-file)")
+    parser.add_argument("--served-model-name", help="the model id clients name (default: {model}-{variant})")
+    parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 503")
+    parser.add_argument("--ready-file", type=Path, help="written, with the port, once the server accepts requests")
+    eager = parser.add_argument_group("eager checkpoints (a compiled folder has its own)")
+    eager.add_argument("--batch", type=int, default=EagerShape.batch)
+    eager.add_argument("--seq-in", type=int, default=EagerShape.seq_in)
+    eager.add_argument("--seq-total", type=int, default=EagerShape.seq_total)
+    eager.add_argument("--device", choices=("auto", "cpu", "cuda"), default=EagerShape.device)
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    shape = EagerShape(args.batch, args.seq_in, args.seq_total, args.device)
+    variant = load_variant(args.folder, shape, args.served_model_name)
+    LOG.info("serving %s", describe(variant))
+    engine = Engine(variant.generator, variant.stop_token_ids, args.max_queue)
+    listener = bound_socket(args.host, args.port)
+    port = listener.getsockname()[1]
+
+    def ready():
+        LOG.info("ready: http://%s:%d/v1", args.host, port)
+        if args.ready_file is not None:
+            atomic_write_json(args.ready_file, {"host": args.host, "port": port, "model": variant.name})
+
+    app = create_app(variant, engine, read_tokenizer(args.folder), ChatTemplate(args.folder), ready)
+    serve(app, listener)
+
+
+def bound_socket(host, port):
+    """A listening socket: bound here, so port 0 gives a free port that no other process can take meanwhile."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        raise InputError(f"--host {host} --port {port}: cannot listen there ({error.strerror})") from error
+    listener.listen(2048)
+    return listener
+
+
+def serve(app, listener):
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    server.run(sockets=[listener])
+
+
+if __name__ == "__main__":
+    run_cli(main)
