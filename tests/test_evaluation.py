@@ -14,6 +14,7 @@ from workflow_scripts.evaluation.gates import GateSettings, check_variants
 from workflow_scripts.evaluation.metrics import TokenMetrics, choice_accuracy
 from workflow_scripts.evaluation.report import write_plots, write_summary
 from workflow_scripts.stages.gates import main as gates_main
+from workflow_scripts.stages.report import main as report_main
 
 
 def test_perplexity_of_known_distributions():
@@ -173,6 +174,96 @@ def test_summary_and_plots_still_build_when_a_variant_is_broken(tmp_path):
     write_plots(paths, manifest, benchmarks, tmp_path / "plots")
     for name in ("metrics", "stages", "quantization-error"):
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # no serving benchmark: no serving section, no serving plot
+    assert "Serving benchmark" not in markdown and not (tmp_path / "plots" / "serving.png").exists()
+
+
+def bench_case(input_tokens, output_tokens, concurrency, completed, ttft=0.05, tpot=0.01, tokens_per_s=100.0):
+    """A case of a serving benchmark record; no completed request: no figures."""
+    figures = completed > 0
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "concurrency": concurrency,
+        "requests": 4,
+        "completed": completed,
+        "failed": 4 - completed,
+        "errors": [] if completed == 4 else ["APIConnectionError: Connection error."],
+        "wall_s": 2.0,
+        "ttft_s": {"p50": ttft if figures else None, "p95": 2 * ttft if figures else None, "mean": None},
+        "tpot_s": {"p50": tpot if figures else None, "p95": 2 * tpot if figures else None, "mean": None},
+        "latency_s": {"p50": None, "p95": None, "mean": None},
+        "output_tokens_per_s": tokens_per_s if figures else 0.0,
+        "requests_per_s": completed / 2.0,
+        "prompt_tokens_reported": [input_tokens] if figures else [],
+        "output_tokens_received": [output_tokens] if figures else [],
+    }
+
+
+def bench_record(variant, cases, skipped=()):
+    return {
+        "model": "m",
+        "variant": variant,
+        "endpoint": {"url": "http://127.0.0.1:8000/v1", "served_model": "m"},
+        "limits": {"max_prompt_tokens": 64, "max_output_tokens": 64},
+        "settings": {"inputs": [510], "outputs": [512], "concurrency": [1, 4], "reference_length": 2048},
+        "cases": list(cases),
+        "skipped": [
+            {"input_tokens": i, "output_tokens": o, "concurrency": c, "reason": "longer"} for i, o, c in skipped
+        ],
+        "wall_s": 5.0,
+    }
+
+
+def test_the_serving_benchmark_is_a_summary_section_and_a_plot(tmp_path):
+    evaluation = tmp_path / "float.json"
+    evaluation.write_text(json.dumps(record(100.0, kl=None, top1=None)))
+    compiled = tmp_path / "bench-aoti-rtn-int8.json"
+    compiled.write_text(
+        json.dumps(
+            bench_record(
+                "aoti-rtn-int8",
+                [bench_case(15, 16, 1, 4, ttft=0.0123, tpot=0.0045), bench_case(15, 16, 4, 0)],
+                skipped=[(127, 16, 1), (127, 16, 4)],
+            )
+        )
+    )
+    # a record without a variant label is named by its file
+    eager = tmp_path / "float.bench.json"
+    eager.write_text(json.dumps(bench_record(None, [bench_case(15, 16, 1, 4), bench_case(15, 16, 4, 4)])))
+    summary = (tmp_path / "summary.md", tmp_path / "summary.html")
+    report_main(
+        ["summary", "--evaluations", json.dumps({"m": [str(evaluation)]}), "--gates", json.dumps({"m": GATES.record()})]
+        + ["--gptq", json.dumps({"m": None}), "--bench", json.dumps({"m": [str(compiled), str(eager)]})]
+        + ["--markdown", str(summary[0]), "--html", str(summary[1])]
+    )
+    markdown = summary[0].read_text()
+    assert "## Serving benchmark" in markdown and "Cases skipped: m aoti-rtn-int8: 2." in markdown
+    assert "| m | aoti-rtn-int8 | 15 | 16 | 1 | 4/4 | 0 | 12.3 | 24.6 | 4.5 | 9.0 | 100.00 | 2.00 |" in markdown
+    # a case whose every request failed is a row of its failures, without figures
+    assert "| m | aoti-rtn-int8 | 15 | 16 | 4 | 0/4 | 4 | n/a | n/a | n/a | n/a | 0.00 | 0.00 |" in markdown
+    assert "| m | float.bench | 15 | 16 | 4 | 4/4 | 0 |" in markdown
+    page = summary[1].read_text()
+    assert "<table id='bench'>" in page and page.count("<tr>") == (1 + 1) + (1 + 4)
+    # an empty list of records: no section
+    write_summary({"m": [str(evaluation)]}, {"m": GATES}, {"m": None}, *summary, bench_paths={"m": []})
+    assert "Serving benchmark" not in summary[0].read_text()
+    benchmarks = tmp_path / "benchmarks"
+    benchmarks.mkdir()
+    (benchmarks / "evaluate.tsv").write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t120.0\n")
+    plots = tmp_path / "plots"
+    report_main(
+        ["plots", "--model", "m", "--evaluations", str(evaluation), "--bench", str(compiled), str(eager)]
+        + ["--benchmarks", str(benchmarks), "--output", str(plots)]
+    )
+    assert (plots / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_serving_record_without_cases_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"model": "m", "skipped": []}))
+    with pytest.raises(InputError, match=f"serving benchmark {path} has no list 'cases'"):
+        write_plots([], None, tmp_path, tmp_path / "plots", bench_paths=[path])
 
 
 def test_evaluation_sets_of_another_tokenizer_or_empty_are_refused(tmp_path):

@@ -3,11 +3,13 @@
 * summary: one row per model and variant (backend, c4 perplexity and its change
   against float eager, KL divergence, top-1 agreement, ceval accuracy) and the
   gates' verdicts; each variant's greedy completions of the fixed prompts;
-  GPTQ's and RTN's held-out output error layer by layer; as Markdown for a
-  terminal and as HTML for ``snakemake --report``;
+  GPTQ's and RTN's held-out output error layer by layer; the serving
+  benchmark's cases (:mod:`workflow_scripts.serving.benchmark` records); as
+  Markdown for a terminal and as HTML for ``snakemake --report``;
 * plots (matplotlib, PNG): per-layer quantization error of RTN and GPTQ from
   the GPTQ manifest; perplexity and KL by variant; wall time and peak memory
-  of every stage from the rules' ``benchmark:`` files.
+  of every stage from the rules' ``benchmark:`` files; output tokens per
+  second and time to first token by concurrency from the serving benchmark.
 """
 
 import csv
@@ -15,6 +17,7 @@ import html
 import json
 from pathlib import Path
 
+from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_path, atomic_write_text, read_json
 from workflow_scripts.evaluation.gates import GateSettings, check_variants, describe, perplexity_increase
 
@@ -98,6 +101,69 @@ def layer_error_rows(model, manifest):
     return rows
 
 
+BENCH_COLUMNS = (
+    "model",
+    "variant",
+    "input tokens",
+    "output tokens",
+    "concurrency",
+    "completed",
+    "failed",
+    "TTFT p50 (ms)",
+    "TTFT p95 (ms)",
+    "TPOT p50 (ms)",
+    "TPOT p95 (ms)",
+    "output tokens/s",
+    "requests/s",
+)
+
+
+def milliseconds(seconds):
+    return "n/a" if seconds is None else f"{1000 * seconds:.1f}"
+
+
+def rate(value):
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def read_bench(path):
+    """``(variant, record)`` of a serving benchmark record; a record without a variant label is named by its
+    file."""
+    record = read_json(path, what="serving benchmark")
+    for key in ("cases", "skipped"):
+        if not isinstance(record.get(key), list):
+            raise InputError(f"serving benchmark {path} has no list {key!r}")
+    return record.get("variant") or Path(path).stem, record
+
+
+def bench_rows(model, paths):
+    """One row per case that ran, and ``(variant, cases skipped)`` for each record that skipped some."""
+    rows, skipped = [], []
+    for path in paths:
+        variant, record = read_bench(path)
+        for case in record["cases"]:
+            rows.append(
+                (
+                    model,
+                    variant,
+                    case["input_tokens"],
+                    case["output_tokens"],
+                    case["concurrency"],
+                    f"{case['completed']}/{case['requests']}",
+                    case["failed"],
+                    milliseconds(case["ttft_s"]["p50"]),
+                    milliseconds(case["ttft_s"]["p95"]),
+                    milliseconds(case["tpot_s"]["p50"]),
+                    milliseconds(case["tpot_s"]["p95"]),
+                    rate(case["output_tokens_per_s"]),
+                    rate(case["requests_per_s"]),
+                )
+            )
+        if record["skipped"]:
+            skipped.append(f"{model} {variant}: {len(record['skipped'])}")
+    return rows, skipped
+
+
 SECTIONS = (
     (
         "summary",
@@ -121,6 +187,16 @@ SECTIONS = (
         ("model", "layer", "RTN", "GPTQ", "GPTQ / RTN"),
         "Relative output error of each decoder layer on calibration samples that never entered a Hessian.",
     ),
+    (
+        "bench",
+        "Serving benchmark",
+        BENCH_COLUMNS,
+        "Each variant served over the OpenAI-compatible API and swept as VastAI benchmarks its VACC servers: "
+        "streamed completions of exactly the output tokens asked (ignore_eos) for prompts of exactly the input "
+        "tokens, at each concurrency. TTFT: time to the first token; TPOT: time per further output token; output "
+        "tokens and completed requests per second over the case's wall time. Cases longer than a variant's "
+        "compiled prompt length or output budget are skipped, as the vendor skips them.",
+    ),
 )
 
 
@@ -139,15 +215,27 @@ def html_table(table_id, columns, rows):
     return f"<table id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_summary(evaluation_paths, gate_settings, gptq_manifests, markdown, html_path):
-    tables = {"summary": [], "generations": [], "layers": []}
+def write_summary(evaluation_paths, gate_settings, gptq_manifests, markdown, html_path, bench_paths=None):
+    """``bench_paths``: ``{model: [serving benchmark record, ...]}``; without it, or with no records, the
+    summary has no serving section."""
+    tables = {"summary": [], "generations": [], "layers": [], "bench": []}
     for model, paths in evaluation_paths.items():
         evaluations = {Path(path).stem: read_json(path, what="evaluation") for path in paths}
         tables["summary"] += summary_rows(model, evaluations, gate_settings[model])
         tables["generations"] += generation_rows(model, evaluations)
         if gptq_manifests.get(model):
             tables["layers"] += layer_error_rows(model, gptq_manifests[model])
-    sections = [(table_id, title, columns, note) for table_id, title, columns, note in SECTIONS if tables[table_id]]
+    skipped = []
+    for model, paths in (bench_paths or {}).items():
+        rows, model_skipped = bench_rows(model, paths)
+        tables["bench"] += rows
+        skipped += model_skipped
+    notes = {table_id: note for table_id, _, _, note in SECTIONS}
+    if skipped:
+        notes["bench"] += " Cases skipped: " + "; ".join(skipped) + "."
+    sections = [
+        (table_id, title, columns, notes[table_id]) for table_id, title, columns, _ in SECTIONS if tables[table_id]
+    ]
     atomic_write_text(
         markdown,
         "\n".join(
@@ -233,7 +321,59 @@ def plot_stages(folder, path, pyplot):
     save_figure(figure, path)
 
 
-def write_plots(evaluation_paths, gptq_manifest, benchmarks, output):
+def bench_lines(records):
+    """``{(variant, input tokens, output tokens): [case, ...]}``, each list by concurrency."""
+    lines = {}
+    for variant, record in records:
+        for case in record["cases"]:
+            lines.setdefault((variant, case["input_tokens"], case["output_tokens"]), []).append(case)
+    return {key: sorted(cases, key=lambda case: case["concurrency"]) for key, cases in lines.items()}
+
+
+def completed_value(case, value):
+    """``value`` as a float to plot; NaN (a gap in the line) where no request of the case completed."""
+    return float("nan") if not case["completed"] or value is None else float(value)
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D")
+
+
+def plot_serving(bench_paths, path, pyplot):
+    lines = bench_lines([read_bench(bench) for bench in bench_paths])
+    # a colour per pair of lengths and a line style per variant: the same lengths compare across variants
+    variants = list(dict.fromkeys(variant for variant, _, _ in lines))
+    lengths = sorted({(input_tokens, output_tokens) for _, input_tokens, output_tokens in lines})
+    colours = pyplot.get_cmap("tab10" if len(lengths) <= 10 else "tab20")
+    figure, (throughput, first_token) = pyplot.subplots(1, 2, figsize=(12, 4))
+    for (variant, input_tokens, output_tokens), cases in lines.items():
+        style = {
+            "color": colours(lengths.index((input_tokens, output_tokens)) % colours.N),
+            "linestyle": LINE_STYLES[variants.index(variant) % len(LINE_STYLES)],
+            "marker": MARKERS[variants.index(variant) % len(MARKERS)],
+            "label": f"{variant}, in {input_tokens} / out {output_tokens}",
+        }
+        concurrency = [case["concurrency"] for case in cases]
+        throughput.plot(concurrency, [completed_value(c, c["output_tokens_per_s"]) for c in cases], **style)
+        first_token.plot(concurrency, [1000 * completed_value(c, c["ttft_s"]["p50"]) for c in cases], **style)
+    concurrencies = sorted({case["concurrency"] for cases in lines.values() for case in cases})
+    throughput.set(xlabel="concurrency", ylabel="output tokens/s", title="throughput by concurrency")
+    first_token.set(xlabel="concurrency", ylabel="TTFT p50, ms", title="time to first token by concurrency")
+    for axes in (throughput, first_token):
+        if concurrencies:
+            # concurrency doubles from case to case: even steps on a log scale, labelled with the values run
+            axes.set_xscale("log", base=2)
+            axes.set_xticks(concurrencies, [str(value) for value in concurrencies])
+            axes.set_xticks([], minor=True)
+        else:
+            axes.text(0.5, 0.5, "no case ran", ha="center", va="center", transform=axes.transAxes)
+    if lines:
+        first_token.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+    save_figure(figure, path)
+
+
+def write_plots(evaluation_paths, gptq_manifest, benchmarks, output, bench_paths=()):
+    """``bench_paths``: the model's serving benchmark records; ``serving.png`` is drawn when there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,4 +385,6 @@ def write_plots(evaluation_paths, gptq_manifest, benchmarks, output):
     plot_stages(benchmarks, output / "stages.png", pyplot)
     if gptq_manifest:
         plot_quantization_error(gptq_manifest, output / "quantization-error.png", pyplot)
+    if bench_paths:
+        plot_serving(bench_paths, output / "serving.png", pyplot)
     pyplot.close("all")

@@ -1,10 +1,10 @@
 """Stage 6, report: ``results/summary.md``, ``results/report/summary.html`` and per-model plots
 (:mod:`workflow_scripts.evaluation.report`).
 
-Usage: python -m workflow_scripts.stages.report summary --evaluations JSON --gates JSON --gptq JSON --markdown PATH
-           --html PATH
+Usage: python -m workflow_scripts.stages.report summary --evaluations JSON --gates JSON --gptq JSON [--bench JSON]
+           --markdown PATH --html PATH
        python -m workflow_scripts.stages.report plots --model ID --evaluations JSON [JSON ...] [--gptq MANIFEST]
-           --benchmarks DIR --output DIR
+           [--bench JSON ...] --benchmarks DIR --output DIR
 """
 
 import argparse
@@ -22,19 +22,23 @@ def main(argv):
     summary.add_argument("--evaluations", required=True, type=json.loads, help="{model: [evaluation JSON, ...]}")
     summary.add_argument("--gates", required=True, type=gate_settings_by_model, help="{model: gate settings}")
     summary.add_argument("--gptq", required=True, type=json.loads, help="{model: GPTQ manifest or null}")
+    summary.add_argument(
+        "--bench", default={}, type=json.loads, help="{model: [serving benchmark JSON, ...]}; lists may be empty"
+    )
     summary.add_argument("--markdown", required=True, type=Path)
     summary.add_argument("--html", required=True, type=Path)
     plots = commands.add_parser("plots")
     plots.add_argument("--model", required=True)
     plots.add_argument("--evaluations", required=True, nargs="+", type=Path)
     plots.add_argument("--gptq", type=Path)
+    plots.add_argument("--bench", nargs="*", default=[], type=Path, help="the model's serving benchmark records")
     plots.add_argument("--benchmarks", required=True, type=Path)
     plots.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
     if args.command == "summary":
-        write_summary(args.evaluations, args.gates, args.gptq, args.markdown, args.html)
+        write_summary(args.evaluations, args.gates, args.gptq, args.markdown, args.html, args.bench)
     else:
-        write_plots(args.evaluations, args.gptq, args.benchmarks, args.output)
+        write_plots(args.evaluations, args.gptq, args.benchmarks, args.output, args.bench)
 
 
 if __name__ == "__main__":
