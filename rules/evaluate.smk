@@ -106,6 +106,9 @@ rule summary:
             path for model in config["targets"] for path in model_evaluations(model)
         ],
         gptq=[report_gptq_manifest(model) for model in config["targets"]],
+        benchmarks=[
+            path for model in config["targets"] for path in model_benchmarks(model)
+        ],
     output:
         markdown="results/summary.md",
         html=report(
@@ -130,7 +133,11 @@ rule summary:
         gptq=json.dumps(
             {model: report_gptq_manifest(model) or None for model in config["targets"]}
         ),
+        benchmarks=json.dumps(
+            {model: model_benchmarks(model) for model in config["targets"]}
+        ),
     shell:
         "python3 -m workflow_scripts.stages.report summary --evaluations {params.evaluations:q}"
-        " --gates {params.gates:q} --gptq {params.gptq:q} --markdown {output.markdown:q}"
+        " --gates {params.gates:q} --gptq {params.gptq:q} --bench {params.benchmarks:q}"
+        " --markdown {output.markdown:q}"
         " --html {output.html:q} > {log:q} 2>&1"

@@ -206,6 +206,24 @@ def evaluate_settings(wildcards):
     return json.dumps(section, sort_keys=True)
 
 
+def bench_settings(model):
+    """The model's bench section without the variant list, so adding a variant reruns nothing."""
+    return {k: v for k, v in MODELS[model]["bench"].items() if k != "variants"}
+
+
+def serve_benchmark_settings(wildcards):
+    return json.dumps(bench_settings(wildcards.model), sort_keys=True)
+
+
+def serve_benchmark_shape(wildcards):
+    """An eager checkpoint is served at its compiled variant's shape and device, so that the two compare."""
+    if wildcards.evaluation.startswith("aoti-"):
+        return ""
+    aoti = MODELS[wildcards.model]["aoti"]
+    shape = {key: aoti[key] for key in ("batch", "seq_in", "seq_total", "device")}
+    return "--shape " + shlex.quote(json.dumps(shape, sort_keys=True))
+
+
 def report_gptq_manifest(model):
     """The GPTQ manifest (per-layer figures) where the model has that scheme."""
     if "gptq-int8" not in MODELS[model]["quantize"]["schemes"]:

@@ -94,6 +94,21 @@ def evaluation_figures(wildcards):
     }
 
 
+def serve_benchmark_figures(wildcards):
+    """Tokens the sweep sends and receives (each case's requests, and the warm-up), and where the server runs."""
+    model = wildcards.model
+    settings = BenchSettings.of(bench_settings(model), f"models.{model}.bench")
+    aoti = MODELS[model]["aoti"]
+    limits = Limits(aoti["seq_in"], output_budget(aoti["seq_in"], aoti["seq_total"]))
+    cases, _ = plan_cases(settings, limits)
+    tokens = sum(
+        case.requests(settings) * (case.input_tokens + case.output_tokens)
+        for case in cases
+    )
+    warmup = settings.warmup_requests * aoti["seq_in"]
+    return {"tokens": tokens + warmup, "device": stage_device(model, "aoti")}
+
+
 def tokenized(tokens_of):
     """Needs of a per-tokenizer or per-dataset job that tokenizes ``tokens_of(wildcards)`` tokens."""
     return Needs(
@@ -122,6 +137,11 @@ NEEDS = {
         "vacc_compile", lambda model: {"workers": MODELS[model]["vamc"]["workers"]}
     ),
     "aoti_compile": per_model("aoti_compile", aoti_figures),
+    "serve_benchmark": Needs(
+        lambda wildcards, attempt: job_resources.serve_benchmark(
+            model_size(wildcards.model), attempt, **serve_benchmark_figures(wildcards)
+        )
+    ),
     "evaluate": Needs(
         lambda wildcards, attempt: job_resources.evaluate(
             model_size(wildcards.model), attempt, **evaluation_figures(wildcards)

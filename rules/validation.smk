@@ -21,6 +21,8 @@ from workflow_scripts.planning.config import (
     source_kind,
     window_settings,
 )
+from workflow_scripts.serving import output_budget
+from workflow_scripts.serving.benchmark import BenchSettings, Limits, plan_cases
 
 validate(config, "../config/schema.yaml")
 try:
@@ -149,15 +151,35 @@ def model_outputs(models, reported=True):
             else []
         )
         + model_evaluations(model)
+        + model_benchmarks(model)
         + (
             [f"results/{model}/gate.json"]
             + [
                 f"results/report/{model}/{plot}.png"
                 for plot in ("metrics", "stages", "quantization-error")
             ]
+            + (
+                [f"results/report/{model}/serving.png"]
+                if model_benchmarks(model)
+                else []
+            )
             if reported
             else []
         )
+    ]
+
+
+def bench_variants(model):
+    """What a model's serving benchmark serves: bench.variants, by default every compiled variant."""
+    variants = MODELS[model]["bench"]["variants"]
+    if variants is None:
+        return [f"aoti-{variant}" for variant in MODELS[model]["aoti"]["variants"]]
+    return variants
+
+
+def model_benchmarks(model):
+    return [
+        f"results/{model}/bench/{variant}.json" for variant in bench_variants(model)
     ]
 
 

@@ -295,8 +295,9 @@ def fake_vamc(tmp_path):
 # Recognisable, so that a grep over everything a run wrote finds any leak of it.
 FAKE_HF_TOKEN = "hf_FAKEtokenVACCworkflowLEAKcheck0123"
 OUTPUT_FOLDERS = ("resources", "results")
-# plots of the run's own wall time and memory per stage (from Snakemake's benchmarks): a record of that run
-RUN_RECORDS = ("results/report/*/stages.png",)
+# records of the run itself: the plot of each stage's wall time and memory (from Snakemake's benchmarks), and
+# the serving benchmark's timings and their plot
+RUN_RECORDS = ("results/report/*/stages.png", "results/*/bench/*.json", "results/report/*/serving.png")
 
 
 def output_digests(work):
@@ -346,6 +347,8 @@ def small_gptq(*aoti_variants, exports=("compressed-tensors",)):
     return {
         "quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}, "exports": list(exports)},
         "aoti": {"variants": list(aoti_variants), "seq_in": 64, "seq_total": 80},
+        # the longest prompt and shortest output of the vendor's sweep, scaled (63 and 4 tokens), alone and two at once
+        "bench": {"inputs": [2040], "outputs": [512], "concurrency": [1, 2], "requests": 2},
         # random weights: near-uniform distributions make top-1 agreement meaningless (config.yaml says why)
         "gates": {"min_top1_agreement": None},
     }

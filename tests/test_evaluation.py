@@ -12,7 +12,7 @@ from workflow_scripts.core.errors import CheckFailed, InputError
 from workflow_scripts.evaluation.evaluate import load_ceval, load_windows
 from workflow_scripts.evaluation.gates import GateSettings, check_variants
 from workflow_scripts.evaluation.metrics import TokenMetrics, choice_accuracy
-from workflow_scripts.evaluation.report import write_plots, write_summary
+from workflow_scripts.evaluation.report import write_plots, write_serving_plot, write_summary
 from workflow_scripts.stages.gates import main as gates_main
 from workflow_scripts.stages.report import main as report_main
 
@@ -174,8 +174,8 @@ def test_summary_and_plots_still_build_when_a_variant_is_broken(tmp_path):
     write_plots(paths, manifest, benchmarks, tmp_path / "plots")
     for name in ("metrics", "stages", "quantization-error"):
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # no serving benchmark: no serving section, no serving plot
-    assert "Serving benchmark" not in markdown and not (tmp_path / "plots" / "serving.png").exists()
+    # no serving benchmark: no serving section, and the model's plots are the three
+    assert "Serving benchmark" not in markdown and len(list((tmp_path / "plots").iterdir())) == 3
 
 
 def bench_case(input_tokens, output_tokens, concurrency, completed, ttft=0.05, tpot=0.01, tokens_per_s=100.0):
@@ -248,22 +248,16 @@ def test_the_serving_benchmark_is_a_summary_section_and_a_plot(tmp_path):
     # an empty list of records: no section
     write_summary({"m": [str(evaluation)]}, {"m": GATES}, {"m": None}, *summary, bench_paths={"m": []})
     assert "Serving benchmark" not in summary[0].read_text()
-    benchmarks = tmp_path / "benchmarks"
-    benchmarks.mkdir()
-    (benchmarks / "evaluate.tsv").write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t120.0\n")
-    plots = tmp_path / "plots"
-    report_main(
-        ["plots", "--model", "m", "--evaluations", str(evaluation), "--bench", str(compiled), str(eager)]
-        + ["--benchmarks", str(benchmarks), "--output", str(plots)]
-    )
-    assert (plots / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot = tmp_path / "plots" / "serving.png"
+    report_main(["serving", "--bench", str(compiled), str(eager), "--output", str(plot)])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_serving_record_without_cases_is_refused_naming_the_file(tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"model": "m", "skipped": []}))
     with pytest.raises(InputError, match=f"serving benchmark {path} has no list 'cases'"):
-        write_plots([], None, tmp_path, tmp_path / "plots", bench_paths=[path])
+        write_serving_plot([path], tmp_path / "serving.png")
 
 
 def test_evaluation_sets_of_another_tokenizer_or_empty_are_refused(tmp_path):

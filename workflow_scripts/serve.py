@@ -53,7 +53,18 @@ def main(argv):
     def ready():
         LOG.info("ready: http://%s:%d/v1", args.host, port)
         if args.ready_file is not None:
-            atomic_write_json(args.ready_file, {"host": args.host, "port": port, "model": variant.name})
+            atomic_write_json(
+                args.ready_file,
+                {
+                    "host": args.host,
+                    "port": port,
+                    "model": variant.name,
+                    "backend": variant.backend,
+                    "batch": variant.generator.batch,
+                    "max_prompt_tokens": variant.generator.seq_in,
+                    "max_output_tokens": engine.budget,
+                },
+            )
 
     app = create_app(variant, engine, read_tokenizer(args.folder), ChatTemplate(args.folder), ready)
     serve(app, listener)

@@ -19,7 +19,8 @@ MISTRAL_COMMON_DATA = Path(mistral_common.__file__).parent / "data"
 # v1 spaces its [INST] markers and puts the system prompt before the first user turn, Tekken writes them as
 # control tokens without spaces and puts it before the last one.
 CHAT_TURNS = (
-    "{%- set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | join('\\n\\n') -%}"
+    "{%- set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content')"
+    " | join('\\n\\n') -%}"
     "{%- set turns = messages | rejectattr('role', 'equalto', 'system') | list -%}"
     "{%- set ns = namespace(last_user=0) -%}"
     "{%- for message in turns -%}{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}"

@@ -372,12 +372,24 @@ def plot_serving(bench_paths, path, pyplot):
     save_figure(figure, path)
 
 
-def write_plots(evaluation_paths, gptq_manifest, benchmarks, output, bench_paths=()):
-    """``bench_paths``: the model's serving benchmark records; ``serving.png`` is drawn when there is one."""
+def headless_pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
+
+    return pyplot
+
+
+def write_serving_plot(bench_paths, path):
+    """The serving benchmark records of one model as one figure."""
+    pyplot = headless_pyplot()
+    plot_serving(bench_paths, path, pyplot)
+    pyplot.close("all")
+
+
+def write_plots(evaluation_paths, gptq_manifest, benchmarks, output):
+    pyplot = headless_pyplot()
 
     output.mkdir(parents=True, exist_ok=True)
     evaluations = {Path(path).stem: read_json(path, what="evaluation") for path in evaluation_paths}
@@ -385,6 +397,4 @@ def write_plots(evaluation_paths, gptq_manifest, benchmarks, output, bench_paths
     plot_stages(benchmarks, output / "stages.png", pyplot)
     if gptq_manifest:
         plot_quantization_error(gptq_manifest, output / "quantization-error.png", pyplot)
-    if bench_paths:
-        plot_serving(bench_paths, output / "serving.png", pyplot)
     pyplot.close("all")

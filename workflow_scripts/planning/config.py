@@ -139,6 +139,23 @@ def check_aoti(model, settings):
         )
 
 
+def check_bench(model, settings):
+    """Each benchmarked variant must be built: a compiled one among aoti.variants, an eager one a checkpoint."""
+    eager = ["float", *settings["quantize"]["schemes"]]
+    for index, variant in enumerate(settings["bench"]["variants"] or ()):
+        compiled = variant.removeprefix("aoti-")
+        built = compiled in settings["aoti"]["variants"] if variant.startswith("aoti-") else variant in eager
+        if not built:
+            raise InputError(
+                f"config: models.{model}.bench.variants[{index}] = {variant} is not built: "
+                + (
+                    f"add {compiled} to models.{model}.aoti.variants"
+                    if variant.startswith("aoti-")
+                    else f"it is not float nor among models.{model}.quantize.schemes"
+                )
+            )
+
+
 def check_config(config):
     """Raise :class:`InputError` on the first relation between keys that does not hold."""
     models = config["models"]
@@ -160,6 +177,7 @@ def check_config(config):
         check_lengths(f"models.{model}.vamc", settings["vamc"]["seq_in"], settings["vamc"]["seq_total"])
         check_overrides(f"models.{model}.vamc.overrides", settings["vamc"]["overrides"])
         check_aoti(model, settings)
+        check_bench(model, settings)
     for index, target in enumerate(config["targets"]):
         if target not in models:
             raise InputError(

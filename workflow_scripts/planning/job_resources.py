@@ -216,6 +216,18 @@ def evaluate(size, attempt, tokens, device, logits_bytes, float32_package=False)
     return request(2 * GB + REFERENCE_LOGITS_BYTES + held, seconds, attempt, threads)
 
 
+def serve_benchmark(size, attempt, tokens, device):
+    """A server holding the variant (a float32 package or an eager float32 model at most: twice the bf16 weights)
+    and the benchmark client beside it. Decode steps are bound by reading the weights, not by their products:
+    four times the FLOPs estimate, which ran 8 s where SmolLM2's int8 package measured 8.3 s at batch 1."""
+    if device == "cuda":
+        seconds = 60 + 4 * size.weight_bytes / DISK_BYTES_PER_S + 4 * 2 * size.parameters * tokens / GPU_FLOPS
+        return request(CUDA_RUNTIME_BYTES + GB + 1.1 * size.weight_bytes, seconds, attempt, GPU_THREADS)
+    threads = size.compute_threads
+    seconds = 60 + 2 * size.weight_bytes / DISK_BYTES_PER_S + 4 * forward_seconds(size, tokens, threads)
+    return request(2 * GB + 2.1 * size.weight_bytes, seconds, attempt, threads)
+
+
 def tokenize(attempt, tokens):
     """A tokenizer (Tekken's is the largest), the raw records and the token ids."""
     return request(2 * GB + 16 * tokens, tokens / TOKENS_PER_S, attempt, threads=2)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workflow_scripts.core.errors import InputError
+from workflow_scripts.serving import output_budget
 
 LOG = logging.getLogger(__name__)
 
@@ -65,11 +66,6 @@ class Request:
 
     def cancel(self):
         self.cancelled = True
-
-
-def output_budget(seq_in, seq_total):
-    """Most tokens a request can get: its first from the prefill, then one per free cache slot."""
-    return seq_total - seq_in + 1
 
 
 def pick_token(logits, sampling, random):

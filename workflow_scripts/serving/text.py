@@ -66,10 +66,12 @@ class ChatTemplate:
     """The model's own chat template, from its ``tokenizer_config.json``, applied by transformers."""
 
     def __init__(self, folder):
-        from transformers import AutoTokenizer
+        # the fast tokenizer class itself: AutoTokenizer would read config.json, and an int8 folder's model type
+        # would have transformers ask whether to run its code
+        from transformers import PreTrainedTokenizerFast
 
         self.folder = folder
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
 
     @property
     def present(self):

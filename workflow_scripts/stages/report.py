@@ -4,7 +4,8 @@
 Usage: python -m workflow_scripts.stages.report summary --evaluations JSON --gates JSON --gptq JSON [--bench JSON]
            --markdown PATH --html PATH
        python -m workflow_scripts.stages.report plots --model ID --evaluations JSON [JSON ...] [--gptq MANIFEST]
-           [--bench JSON ...] --benchmarks DIR --output DIR
+           --benchmarks DIR --output DIR
+       python -m workflow_scripts.stages.report serving --bench JSON [JSON ...] --output PNG
 """
 
 import argparse
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 
 from workflow_scripts.core.cli import run_cli
-from workflow_scripts.evaluation.report import gate_settings_by_model, write_plots, write_summary
+from workflow_scripts.evaluation.report import gate_settings_by_model, write_plots, write_serving_plot, write_summary
 
 
 def main(argv):
@@ -31,14 +32,18 @@ def main(argv):
     plots.add_argument("--model", required=True)
     plots.add_argument("--evaluations", required=True, nargs="+", type=Path)
     plots.add_argument("--gptq", type=Path)
-    plots.add_argument("--bench", nargs="*", default=[], type=Path, help="the model's serving benchmark records")
     plots.add_argument("--benchmarks", required=True, type=Path)
     plots.add_argument("--output", required=True, type=Path)
+    serving = commands.add_parser("serving")
+    serving.add_argument("--bench", required=True, nargs="+", type=Path, help="a model's serving benchmark records")
+    serving.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
     if args.command == "summary":
         write_summary(args.evaluations, args.gates, args.gptq, args.markdown, args.html, args.bench)
+    elif args.command == "plots":
+        write_plots(args.evaluations, args.gptq, args.benchmarks, args.output)
     else:
-        write_plots(args.evaluations, args.gptq, args.benchmarks, args.output, args.bench)
+        write_serving_plot(args.bench, args.output)
 
 
 if __name__ == "__main__":

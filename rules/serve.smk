@@ -1,0 +1,56 @@
+# Stage 7: serving. Each benchmarked variant served over the OpenAI-compatible API on a free loopback port,
+# swept as the vendor benchmarks its VACC servers, and stopped; the report plots the sweep.
+
+
+rule serve_benchmark:
+    input:
+        code=code("serve_benchmark"),
+        served=evaluate_checkpoint_manifest,
+    output:
+        report(
+            "results/{model}/bench/{evaluation}.json",
+            category="{model}",
+            subcategory="serving",
+        ),
+    log:
+        "logs/{model}/serve-benchmark-{evaluation}.log",
+    benchmark:
+        "benchmarks/{model}/serve-benchmark-{evaluation}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: NEEDS["serve_benchmark"].threads
+    resources:
+        **NEEDS["serve_benchmark"].resources(gpu=gpus("aoti")),
+    params:
+        settings=serve_benchmark_settings,
+        shape=serve_benchmark_shape,
+        folder=lambda wildcards, input: os.path.dirname(input.served),
+    shell:
+        "python3 -m workflow_scripts.stages.serve_benchmark --model {wildcards.model:q}"
+        " --variant {wildcards.evaluation} --folder {params.folder:q} --settings {params.settings:q}"
+        " {params.shape} --output {output:q} > {log:q} 2>&1"
+
+
+rule serving_plot:
+    input:
+        code=code("report"),
+        benchmarks=lambda wildcards: model_benchmarks(wildcards.model),
+    output:
+        report(
+            "results/report/{model}/serving.png",
+            category="{model}",
+            subcategory="plots",
+            caption="report/serving.rst",
+        ),
+    log:
+        "logs/{model}/serving-plot.log",
+    benchmark:
+        "benchmarks/{model}/serving-plot.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: SMALL_JOB.threads
+    resources:
+        **SMALL_JOB.resources(),
+    shell:
+        "python3 -m workflow_scripts.stages.report serving --bench {input.benchmarks:q}"
+        " --output {output:q} > {log:q} 2>&1"
