@@ -294,5 +294,6 @@ def test_the_stages_on_cuda_ask_the_scheduler_for_a_gpu(tmp_path, device):
     jobs = re.findall(r"^(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    resources: (.*)$", result.stdout, re.MULTILINE)
     gpus = {rule: re.search(r"gpu=(\d+)", resources) for rule, resources in jobs}
     asked = {rule for rule, gpu in gpus.items() if gpu and gpu.group(1) == "1"}
-    assert {"verify", "evaluate", "aoti_compile", "quantize_gptq"} <= set(gpus)
-    assert asked == ({"verify", "evaluate", "aoti_compile", "quantize_gptq"} if device == "cuda" else set())
+    on_device = {"verify", "evaluate", "aoti_compile", "quantize_gptq", "serve_benchmark"}
+    assert on_device <= set(gpus)
+    assert asked == (on_device if device == "cuda" else set())

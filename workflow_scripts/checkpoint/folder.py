@@ -22,7 +22,14 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "tekken.json",
     "generation_config.json",
+    "chat_template.jinja",  # where transformers 4.43 and later save a chat template
 )
+
+
+def stop_token_ids(folder):
+    """The token ids that end generation: ``config.json``'s ``eos_token_id`` (one id or a list)."""
+    eos = read_json(Path(folder) / "config.json", what="config").get("eos_token_id")
+    return set(eos) if isinstance(eos, list) else {eos}
 
 
 def write_weight_index(folder, weight_map, total_size=None):

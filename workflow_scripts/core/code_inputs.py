@@ -5,6 +5,8 @@ every module it imports (transitively, within this package) makes reruns
 follow code content: a touched file reruns nothing, an edited one reruns exactly
 the rules whose code it is. A module that reads package data names the folders
 in a module-level ``PACKAGE_DATA`` tuple; their files count as its sources too.
+A module that runs another as a child process (``python -m ...``) names it in a
+module-level ``CHILD_MODULES`` tuple, and that module's sources count too.
 """
 
 import ast
@@ -36,16 +38,22 @@ def _imports_and_data(path, module):
                 imported.update(f"{base}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names if alias.name.startswith(PACKAGE + "."))
-        elif (
-            isinstance(node, ast.Assign)
-            and node in tree.body
-            and any(isinstance(t, ast.Name) and t.id == "PACKAGE_DATA" for t in node.targets)
-        ):
+        elif module_constant(node, tree, "PACKAGE_DATA"):
             for folder in ast.literal_eval(node.value):
                 data.update(
                     p for p in (path.parent / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts
                 )
+        elif module_constant(node, tree, "CHILD_MODULES"):
+            imported.update(ast.literal_eval(node.value))
     return {name for name in imported if _module_path(name).exists()}, data
+
+
+def module_constant(node, tree, name):
+    return (
+        isinstance(node, ast.Assign)
+        and node in tree.body
+        and any(isinstance(target, ast.Name) and target.id == name for target in node.targets)
+    )
 
 
 def module_sources(module):

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from workflow_scripts.checkpoint.folder import stop_token_ids
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
 from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, load_compiled
 from workflow_scripts.core.cli import LOG
@@ -231,11 +232,6 @@ def until_stop(tokens, stop):
         if token in stop:
             return tokens[: index + 1]
     return tokens
-
-
-def stop_token_ids(folder):
-    eos = read_json(Path(folder) / "config.json", what="config").get("eos_token_id")
-    return set(eos) if isinstance(eos, list) else {eos}
 
 
 def generations(complete, tokenizer_folder, prompts, steps):

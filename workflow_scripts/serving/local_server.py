@@ -18,6 +18,7 @@ from workflow_scripts.core.files import atomic_write_json
 from workflow_scripts.serving.benchmark import Limits
 
 STOP_GRACE_S = 30
+CHILD_MODULES = ("workflow_scripts.serve",)  # the server: its code is this stage's code too (core/code_inputs.py)
 
 
 class LocalServer:
@@ -32,7 +33,8 @@ class LocalServer:
     def __enter__(self):
         self.scratch = tempfile.TemporaryDirectory(prefix="serve-")
         ready = Path(self.scratch.name) / "ready.json"
-        command = [sys.executable, "-m", "workflow_scripts.serve", str(self.folder), "--host", "127.0.0.1"]
+        (server,) = CHILD_MODULES
+        command = [sys.executable, "-m", server, str(self.folder), "--host", "127.0.0.1"]
         command += ["--port", "0", "--ready-file", str(ready), *self.arguments]
         self.process = subprocess.Popen(command, stdout=self.output, stderr=self.output, env=self.env)
         try:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
+from workflow_scripts.checkpoint.folder import stop_token_ids
 from workflow_scripts.compilation.aoti_graphs import Decode, Prefill
 from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, StaticGenerator, load_compiled
 from workflow_scripts.core.devices import load_computing_in, resolve_device, resolve_dtype, stored_bytes
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import read_json
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE
-from workflow_scripts.evaluation.evaluate import stop_token_ids
 
 
 @dataclass(frozen=True)
