@@ -178,14 +178,18 @@ def aoti_compile_checkpoint_manifest(wildcards):
     return f"results/{wildcards.model}/quantized/{wildcards.variant}/MANIFEST.json"
 
 
-def evaluate_checkpoint_manifest(wildcards):
-    """What a variant runs from: the patched or a quantized checkpoint, or a compiled package folder."""
-    variant = wildcards.evaluation
-    if variant.startswith("aoti-"):
-        return f"results/{wildcards.model}/aoti/{variant[len('aoti-') :]}/MANIFEST.json"
+def variant_manifest(model, variant):
+    """What a variant runs from: the patched or a quantized checkpoint, a compiled package folder, a VACC build."""
+    for prefix, folder in (("aoti-", "aoti"), ("vacc-", "vacc")):
+        if variant.startswith(prefix):
+            return f"results/{model}/{folder}/{variant[len(prefix) :]}/MANIFEST.json"
     if variant == "float":
-        return f"results/{wildcards.model}/patched/MANIFEST.json"
-    return f"results/{wildcards.model}/quantized/{variant}/MANIFEST.json"
+        return f"results/{model}/patched/MANIFEST.json"
+    return f"results/{model}/quantized/{variant}/MANIFEST.json"
+
+
+def evaluate_checkpoint_manifest(wildcards):
+    return variant_manifest(wildcards.model, wildcards.evaluation)
 
 
 def evaluate_set(wildcards, name):
@@ -208,19 +212,47 @@ def evaluate_settings(wildcards):
 
 def bench_settings(model):
     """The model's bench section without the variant list, so adding a variant reruns nothing."""
-    return {k: v for k, v in MODELS[model]["bench"].items() if k != "variants"}
+    return {
+        k: v
+        for k, v in MODELS[model]["bench"].items()
+        if k not in ("variants", "vastgenx_batch_size")
+    }
 
 
 def serve_benchmark_settings(wildcards):
     return json.dumps(bench_settings(wildcards.model), sort_keys=True)
 
 
-def serve_benchmark_shape(wildcards):
-    """An eager checkpoint is served at its compiled variant's shape and device, so that the two compare."""
-    if wildcards.evaluation.startswith("aoti-"):
+def serve_benchmark_input(wildcards):
+    return variant_manifest(wildcards.model, wildcards.served)
+
+
+def serve_benchmark_gpus(wildcards):
+    """Ours runs where the compiled packages do (aoti.device); vastgenx runs on the VACC dies."""
+    if wildcards.served.startswith("vacc-"):
+        return 0
+    return int(stage_device(wildcards.model, "aoti") == "cuda")
+
+
+def serve_benchmark_server(wildcards):
+    """How the server runs: an eager checkpoint at its compiled variant's shape and device, so that the two
+    compare; a VACC build under vastgenx with its build's lengths and the model's dies.
+    """
+    settings = MODELS[wildcards.model]
+    if wildcards.served.startswith("aoti-"):
         return ""
-    aoti = MODELS[wildcards.model]["aoti"]
-    shape = {key: aoti[key] for key in ("batch", "seq_in", "seq_total", "device")}
+    if wildcards.served.startswith("vacc-"):
+        vamc = settings["vamc"]
+        options = {
+            "batch_size": settings["bench"]["vastgenx_batch_size"],
+            "devices": json.dumps(list(range(vamc["tp"])), separators=(",", ":")),
+            "max_prompt_tokens": vamc["seq_in"],
+            "max_output_tokens": vamc["seq_total"] - vamc["seq_in"],
+        }
+        return "--vastgenx " + shlex.quote(json.dumps(options, sort_keys=True))
+    shape = {
+        key: settings["aoti"][key] for key in ("batch", "seq_in", "seq_total", "device")
+    }
     return "--shape " + shlex.quote(json.dumps(shape, sort_keys=True))
 
 

@@ -98,15 +98,23 @@ def serve_benchmark_figures(wildcards):
     """Tokens the sweep sends and receives (each case's requests, and the warm-up), and where the server runs."""
     model = wildcards.model
     settings = BenchSettings.of(bench_settings(model), f"models.{model}.bench")
-    aoti = MODELS[model]["aoti"]
-    limits = Limits(aoti["seq_in"], output_budget(aoti["seq_in"], aoti["seq_total"]))
+    if wildcards.served.startswith("vacc-"):
+        vamc = MODELS[model]["vamc"]
+        limits = Limits(vamc["seq_in"], vamc["seq_total"] - vamc["seq_in"])
+        device = "vacc"
+    else:
+        aoti = MODELS[model]["aoti"]
+        limits = Limits(
+            aoti["seq_in"], output_budget(aoti["seq_in"], aoti["seq_total"])
+        )
+        device = stage_device(model, "aoti")
     cases, _ = plan_cases(settings, limits)
     tokens = sum(
         case.requests(settings) * (case.input_tokens + case.output_tokens)
         for case in cases
     )
-    warmup = settings.warmup_requests * aoti["seq_in"]
-    return {"tokens": tokens + warmup, "device": stage_device(model, "aoti")}
+    warmup = settings.warmup_requests * limits.max_prompt_tokens
+    return {"tokens": tokens + warmup, "device": device}
 
 
 def tokenized(tokens_of):

@@ -37,10 +37,23 @@ VAMC_FOUND = shutil.which("vamc")
 VACC_COMPILE = config["compile"]["vacc"] == "on" or (
     config["compile"]["vacc"] == "auto" and VAMC_FOUND is not None
 )
+VASTGENX_FOUND = shutil.which("vastgenx")
 logger.info(
     f"VACC compile: {'on' if VACC_COMPILE else 'off'} (compile.vacc: {config['compile']['vacc']}; "
     + (f"vamc at {VAMC_FOUND})" if VAMC_FOUND else "vamc not on PATH)")
+    + (
+        f"; vastgenx at {VASTGENX_FOUND}"
+        if VASTGENX_FOUND
+        else "; vastgenx not on PATH"
+    )
 )
+for model, settings in MODELS.items():
+    for index, variant in enumerate(settings["bench"]["variants"] or ()):
+        if variant.startswith("vacc-") and not VACC_COMPILE:
+            raise ValueError(
+                f"config: models.{model}.bench.variants[{index}] = {variant} serves a VACC build, but the VACC "
+                "compile is off (compile.vacc, and vamc on PATH)"
+            )
 
 # Jobs run `python3 -m workflow_scripts.stages.<stage>` from this checkout
 # (PYTHONPATH) with the python3 beside WORKFLOW_PYTHON (by default the
@@ -82,6 +95,7 @@ wildcard_constraints:
     dtype="fp16|int8",
     variant="float|rtn-int8|gptq-int8",
     evaluation="float|rtn-int8|gptq-int8|aoti-float|aoti-rtn-int8|aoti-gptq-int8",
+    served="float|rtn-int8|gptq-int8|aoti-float|aoti-rtn-int8|aoti-gptq-int8|vacc-fp16|vacc-int8",
 
 
 def code(stage):
@@ -170,10 +184,15 @@ def model_outputs(models, reported=True):
 
 
 def bench_variants(model):
-    """What a model's serving benchmark serves: bench.variants, by default every compiled variant."""
+    """What a model's serving benchmark serves: bench.variants, by default every compiled variant and, where
+    vastgenx is on PATH, every VACC build."""
     variants = MODELS[model]["bench"]["variants"]
     if variants is None:
-        return [f"aoti-{variant}" for variant in MODELS[model]["aoti"]["variants"]]
+        return [f"aoti-{variant}" for variant in MODELS[model]["aoti"]["variants"]] + (
+            [f"vacc-{dtype}" for dtype in VAMC_DTYPES]
+            if VACC_COMPILE and VASTGENX_FOUND
+            else []
+        )
     return variants
 
 

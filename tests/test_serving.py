@@ -4,8 +4,7 @@ mistral-common, and the HTTP server through the real `openai` client."""
 import concurrent.futures
 import json
 import os
-import signal
-import subprocess
+import stat
 import sys
 import threading
 import time
@@ -20,10 +19,11 @@ from workflow_scripts.data.tokenizer_files import MISTRAL_COMMON_DATA, TOKENIZER
 from workflow_scripts.data.tokenizers import read_tokenizer
 from workflow_scripts.evaluation.decode import greedy_decode
 from workflow_scripts.serving.engine import Engine, QueueFull, Sampling
+from workflow_scripts.serving.local_server import OwnServer
 from workflow_scripts.serving.text import ChatTemplate, TextStream
 from workflow_scripts.serving.variant import EagerShape, load_variant
 
-from conftest import stage_env
+from conftest import run_stage, stage_env
 
 SHAPE = EagerShape(batch=2, seq_in=16, seq_total=40, device="cpu")
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,", "Hello")
@@ -147,45 +147,18 @@ def test_the_demo_chat_templates_encode_as_mistral_common_does(kind, tmp_path):
         template.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
-class Server:
-    """``python -m workflow_scripts.serve`` in a subprocess on a free port."""
-
-    def __init__(self, folder, tmp_path, *args):
-        ready = tmp_path / f"ready-{os.getpid()}-{time.monotonic_ns()}.json"
-        self.log = open(tmp_path / f"{ready.stem}.log", "w+")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "workflow_scripts.serve", str(folder), "--port", "0", "--ready-file", str(ready)]
-            + [str(arg) for arg in args],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=stage_env(),
-        )
-        deadline = time.monotonic() + 180
-        while not ready.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"the server did not start:\n{self.output()}")
-            time.sleep(0.2)
-        record = json.loads(ready.read_text())
-        self.model = record["model"]
-        self.url = f"http://127.0.0.1:{record['port']}/v1"
-        self.client = openai.OpenAI(base_url=self.url, api_key="none", max_retries=0, timeout=120)
-
-    def output(self):
-        self.log.seek(0)
-        return self.log.read()[-4000:]
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
-        self.log.close()
+def start_server(folder, tmp_path, *arguments):
+    """Our server of ``folder`` on a free loopback port, with an ``openai`` client (no retries) as ``.client``."""
+    log = open(tmp_path / f"server-{time.monotonic_ns()}.log", "w")
+    server = OwnServer(folder, *arguments, output=log).__enter__()
+    server.client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+    return server
 
 
 @pytest.fixture(scope="module")
 def served(compiled, tmp_path_factory):
     """The compiled float package (batch 2) behind the server."""
-    server = Server(compiled / "aoti" / "float", tmp_path_factory.mktemp("serve"), "--max-queue", "64")
+    server = start_server(compiled / "aoti" / "float", tmp_path_factory.mktemp("serve"), "--max-queue", "64")
     yield server
     server.stop()
 
@@ -230,16 +203,12 @@ def test_a_stop_sequence_and_the_chat_template(served):
     chat = served.client.chat.completions.create(
         model=served.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0
     )
-    template_ids = read_tokenizer(served_folder(served)).encode("[INST]Hi[/INST]").ids
+    template_ids = read_tokenizer(served.folder).encode("[INST]Hi[/INST]").ids
     assert chat.usage.prompt_tokens == len(template_ids) and chat.choices[0].message.role == "assistant"
     streamed = served.client.chat.completions.create(
         model=served.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, stream=True
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == chat.choices[0].message.content
-
-
-def served_folder(server):
-    return server.process.args[3]
 
 
 @pytest.mark.slow  # compiles AOTInductor packages
@@ -292,9 +261,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
 def test_an_eager_checkpoint_is_served_and_a_full_queue_answers_503(patched, compiled, tmp_path):
     """The patched checkpoint, with no package, through the same engine: the compiled float package's answer;
     with one row and a queue of one, a burst gets 503s with Retry-After and no request is lost."""
-    server = Server(
-        patched["ministral"], tmp_path, "--batch", "1", "--seq-in", "32", "--seq-total", "48", "--max-queue", "1"
-    )
+    server = start_server(patched["ministral"], tmp_path, "--batch=1", "--seq-in=32", "--seq-total=48", "--max-queue=1")
     try:
         assert server.model == "ministral-float"
         generator, tokenizer, _ = load_compiled_float(compiled)
@@ -323,3 +290,89 @@ def load_compiled_float(compiled):
     from workflow_scripts.compilation.aoti_package import load_compiled
 
     return load_compiled(compiled / "aoti" / "float")
+
+
+BENCH = {"inputs": [2040], "outputs": [512, 2048], "concurrency": [1, 3], "requests": 3}
+
+
+@pytest.mark.slow  # compiles AOTInductor packages
+def test_the_benchmark_stage_serves_sweeps_and_stops(compiled, tmp_path):
+    """The rule's stage against our server of the compiled package: the vendor's longest prompt and two outputs
+    scaled to its lengths (31 tokens in; 4 and 17 out), one and three at a time on its two rows. The server
+    counts the prompts' tokens as the client made them, and every request gets all its tokens."""
+    output = tmp_path / "bench" / "aoti-float.json"
+    folder = compiled / "aoti" / "float"
+    result = run_stage(
+        "serve_benchmark",
+        *("--model", "ministral", "--variant", "aoti-float", "--folder", folder),
+        *("--settings", json.dumps(BENCH), "--output", output),
+    )
+    record = json.loads(output.read_text())
+    assert record["server"] == {"folder": str(folder), "backend": "compiled", "batch": 2}
+    assert record["limits"] == {"max_prompt_tokens": 32, "max_output_tokens": 17}
+    cases = [(c["input_tokens"], c["output_tokens"], c["concurrency"]) for c in record["cases"]]
+    assert cases == [(31, 4, 1), (31, 4, 3), (31, 17, 1), (31, 17, 3)]
+    for case in record["cases"]:
+        assert (case["completed"], case["failed"]) == (3, 0)
+        assert case["prompt_tokens_reported"] == [31]
+        assert case["output_tokens_received"] == [case["output_tokens"]]
+        assert 0 < case["ttft_s"]["p50"] <= case["latency_s"]["p50"] and case["output_tokens_per_s"] > 0
+    assert "bench: input 31, output 17, concurrency 3: 3/3 completed" in result.stderr
+
+
+FAKE_VASTGENX = """#!{python}
+import json, os, sys
+# what vastgenx serve takes (docs/vacc-reference.md, step 4); anything else is refused
+args = sys.argv[1:]
+assert args[0] == "serve", args
+options = dict(zip(args[1::2], args[2::2]))
+assert set(options) == {{"--model", "--port", "--batch_size", "--llm_devices"}}, options
+assert os.path.isfile(os.path.join(options["--model"], "tokenizer", "tokenizer.json")), options["--model"]
+assert int(options["--batch_size"]) >= 1 and json.loads(options["--llm_devices"]) == [0, 1], options
+with open(os.environ["FAKE_VASTGENX_CALLS"], "a") as calls:
+    calls.write(json.dumps(args) + "\\n")
+# an OpenAI-compatible server on the port asked: ours, of a compiled package, under the build's name
+os.execv(sys.executable, [sys.executable, "-m", "workflow_scripts.serve", os.environ["FAKE_VASTGENX_SERVES"],
+         "--port", options["--port"], "--served-model-name", os.path.basename(options["--model"])])
+"""
+
+
+@pytest.mark.slow  # compiles AOTInductor packages
+def test_a_vacc_build_is_benchmarked_under_vastgenx_where_it_exists(compiled, tmp_path):
+    """A fake vastgenx that checks its call and serves with our server: the stage starts it on a free port with
+    the build's folder, batch size and dies, waits for its /v1/models, sweeps it within the build's lengths.
+    Without vastgenx on PATH the stage fails saying so, and writes nothing."""
+    build = tmp_path / "vacc" / "int8"
+    artifact = build / "ministral-int8-tp2-32-48"
+    (artifact / "tokenizer").mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (artifact / "tokenizer" / name).write_bytes((compiled / "aoti" / "float" / name).read_bytes())
+    (build / "MANIFEST.json").write_text(json.dumps({"artifact": str(artifact), "name": artifact.name}))
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    fake = bin_folder / "vastgenx"
+    fake.write_text(FAKE_VASTGENX.format(python=sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    calls = tmp_path / "calls.jsonl"
+    options = {"batch_size": 16, "devices": "[0,1]", "max_prompt_tokens": 32, "max_output_tokens": 16}
+    arguments = [
+        *("--model", "ministral", "--variant", "vacc-int8", "--folder", build, "--settings", json.dumps(BENCH)),
+        *("--vastgenx", json.dumps(options), "--output", tmp_path / "vacc-int8.json"),
+    ]
+    env = stage_env(FAKE_VASTGENX_CALLS=str(calls), FAKE_VASTGENX_SERVES=str(compiled / "aoti" / "float"))
+    missing = run_stage("serve_benchmark", *arguments, env=env, check=False)
+    assert missing.returncode == 1 and "vastgenx, VastAI's serving runtime, is not on PATH" in missing.stderr
+    assert not (tmp_path / "vacc-int8.json").exists()
+    env["PATH"] = f"{bin_folder}{os.pathsep}{env['PATH']}"
+    run_stage("serve_benchmark", *arguments, env=env)
+    (call,) = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert call[:3] == ["serve", "--model", str(artifact)] and call[5:] == [
+        "--batch_size",
+        "16",
+        "--llm_devices",
+        "[0,1]",
+    ]
+    record = json.loads((tmp_path / "vacc-int8.json").read_text())
+    assert record["endpoint"]["served_model"] == artifact.name and record["endpoint"]["url"].endswith(f":{call[4]}/v1")
+    assert record["server"] == {"folder": str(artifact), "backend": "vastgenx", "batch": 16}
+    assert [(c["output_tokens"], c["completed"]) for c in record["cases"]] == [(4, 3), (4, 3), (16, 3), (16, 3)]

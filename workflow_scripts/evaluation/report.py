@@ -360,6 +360,7 @@ def plot_serving(bench_paths, path, pyplot):
     throughput.set(xlabel="concurrency", ylabel="output tokens/s", title="throughput by concurrency")
     first_token.set(xlabel="concurrency", ylabel="TTFT p50, ms", title="time to first token by concurrency")
     for axes in (throughput, first_token):
+        axes.set_ylim(bottom=0)
         if concurrencies:
             # concurrency doubles from case to case: even steps on a log scale, labelled with the values run
             axes.set_xscale("log", base=2)

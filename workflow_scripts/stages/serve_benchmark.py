@@ -1,22 +1,25 @@
 """Stage 7, serving benchmark: ``results/{model}/bench/{variant}.json``.
 
-Starts ``python -m workflow_scripts.serve`` on a free loopback port for a
-compiled package folder (``aoti-{variant}``) or an eager checkpoint (at the
-shape of ``--shape``), drives it through the vendor's sweep scaled to the
-compiled lengths, and stops it (workflow_scripts/serving/local_server.py,
-workflow_scripts/serving/benchmark.py, docs/serving.md).
+Starts a server on a free port of this host, drives it through the vendor's
+sweep scaled to the compiled lengths, and stops it
+(workflow_scripts/serving/local_server.py, workflow_scripts/serving/benchmark.py,
+docs/serving.md). The server is ours (``python -m workflow_scripts.serve``) for
+a compiled package folder (``aoti-{variant}``) or an eager checkpoint (at the
+shape of ``--shape``), and VastAI's ``vastgenx serve`` for a VACC build
+(``vacc-{dtype}``, with ``--vastgenx``).
 
 Usage: python -m workflow_scripts.stages.serve_benchmark --model ID --variant NAME --folder DIR --settings JSON
-           [--shape JSON] --output PATH
+           [--shape JSON | --vastgenx JSON] --output PATH
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from workflow_scripts.core.cli import run_cli
 from workflow_scripts.serving.benchmark import BenchSettings
-from workflow_scripts.serving.local_server import benchmark_variant
+from workflow_scripts.serving.local_server import OwnServer, benchmark_variant, vacc_server
 
 
 def serve_arguments(shape):
@@ -27,13 +30,19 @@ def serve_arguments(shape):
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--variant", required=True, help="aoti-{variant} for a package, else an eager checkpoint")
-    parser.add_argument("--folder", required=True, type=Path, help="the package folder or the checkpoint folder")
+    parser.add_argument("--variant", required=True, help="aoti-{variant}, an eager checkpoint's name, or vacc-{dtype}")
+    parser.add_argument("--folder", required=True, type=Path, help="the package, checkpoint or VACC build folder")
     parser.add_argument("--settings", required=True, type=BenchSettings.parse, help="models.<id>.bench")
-    parser.add_argument("--shape", type=json.loads, default={}, help="an eager checkpoint's batch, lengths, device")
+    served = parser.add_mutually_exclusive_group()
+    served.add_argument("--shape", type=json.loads, default={}, help="an eager checkpoint's batch, lengths, device")
+    served.add_argument("--vastgenx", type=json.loads, help="batch_size, devices and the build's lengths")
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
-    benchmark_variant(args.model, args.variant, args.folder, args.settings, args.output, serve_arguments(args.shape))
+    if args.vastgenx is not None:
+        server, tokenizer = vacc_server(args.folder, args.vastgenx, output=sys.stderr)
+    else:
+        server, tokenizer = OwnServer(args.folder, *serve_arguments(args.shape), output=sys.stderr), args.folder
+    benchmark_variant(args.model, args.variant, server, tokenizer, args.settings, args.output)
 
 
 if __name__ == "__main__":
