@@ -249,11 +249,11 @@ def serve_benchmark_server(wildcards):
             "max_prompt_tokens": vamc["seq_in"],
             "max_output_tokens": vamc["seq_total"] - vamc["seq_in"],
         }
-        return "--vastgenx " + shlex.quote(json.dumps(options, sort_keys=True))
+        return f"--vastgenx {shlex.quote(json.dumps(options, sort_keys=True))}"
     shape = {
         key: settings["aoti"][key] for key in ("batch", "seq_in", "seq_total", "device")
     }
-    return "--shape " + shlex.quote(json.dumps(shape, sort_keys=True))
+    return f"--shape {shlex.quote(json.dumps(shape, sort_keys=True))}"
 
 
 def report_gptq_manifest(model):

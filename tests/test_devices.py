@@ -1,6 +1,7 @@
 """Device and precision of the heavy stages, the memory-bounded float32 path, the shared weights of compiled
 packages and the streamed demo checkpoints; the CUDA paths run where torch sees a GPU."""
 
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,8 @@ from workflow_scripts.compilation.aoti_package import read_constants, write_cons
 from workflow_scripts.core.devices import float32_compute, load_computing_in, resolve_device, resolve_dtype
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.evaluation.decode import greedy_decode
+
+from conftest import AOTI, VERIFY
 
 IDS = torch.tensor([[1, 415, 5565, 302, 4843, 349, 5465, 28723, 661, 349, 264, 1628]])
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -166,19 +169,11 @@ def test_on_a_gpu_the_stages_models_compute_on_it(patched):
 
 @CUDA
 def test_on_a_gpu_the_compiled_packages_are_cuda_packages_that_match_eager(patched, tmp_path):
-    from workflow_scripts.compilation.aoti_build import AotiSettings, compile_variant
+    from workflow_scripts.compilation.aoti_build import compile_variant
     from workflow_scripts.compilation.aoti_package import load_compiled
-    from workflow_scripts.evaluation.decode import VerifyPrompts
 
-    settings = AotiSettings(
-        device="cuda",
-        batch=1,
-        seq_in=32,
-        seq_total=48,
-        dtype="auto",
-        max_abs_logit_diff={"float32": 1e-4, "bfloat16": 0.05},
-    )
-    verify = VerifyPrompts(prompts=("The capital of France is",), greedy_tokens=8)
+    settings = dataclasses.replace(AOTI, device="cuda", batch=1)
+    verify = dataclasses.replace(VERIFY, prompts=VERIFY.prompts[:1], greedy_tokens=8)
     compile_variant("mistral", "float", patched["mistral"], patched["mistral"], settings, verify, tmp_path / "aoti")
     graphs = json.loads((tmp_path / "aoti" / "graphs.json").read_text())
     assert graphs["device"] == "cuda" and graphs["dtype"] == "bfloat16"

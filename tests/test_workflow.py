@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import reference_config
-from workflow_copy import REPORTED, Workflow, downloaded_tokenizer, rules_by_model
+from workflow_copy import REPORTED, SERVED, Workflow, downloaded_tokenizer, rules_by_model
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +81,7 @@ def test_changing_one_models_settings_reruns_that_model_only(workflow):
     assert rules_by_model(workflow.planned(config="changed.yaml")) == {
         "tiny-a": {"aoti_compile", "download", "patch", "quantize", "quantize_gptq", "vamc_config", "verify"}
         | {"export_compressed_tensors"}
+        | SERVED
         | REPORTED,
         "tiny-b": {"plots", "verify"},
     }
@@ -128,7 +129,7 @@ def test_editing_the_patch_module_reruns_patch_jobs_and_nothing_upstream(workflo
     with edited(workflow.code / "workflow_scripts" / "checkpoint" / "patch.py"):
         downstream = {"patch", "quantize", "quantize_gptq", "vamc_config", "verify"} | REPORTED
         assert rules_by_model(workflow.planned()) == {
-            "tiny-a": downstream | {"aoti_compile", "export_compressed_tensors"},
+            "tiny-a": downstream | {"aoti_compile", "export_compressed_tensors"} | SERVED,
             "tiny-b": downstream,
             "tiny-c": downstream,
         }
@@ -145,7 +146,7 @@ def test_editing_a_shipped_checkpoint_file_reruns_patch_jobs(workflow):
             "vamc_config",
             "aoti_compile",
             "export_compressed_tensors",
-        } | REPORTED
+        } | SERVED | REPORTED
 
 
 def test_retuning_a_job_size_reruns_nothing(workflow):
@@ -156,10 +157,11 @@ def test_retuning_a_job_size_reruns_nothing(workflow):
 
 
 def test_editing_a_library_module_reruns_only_the_stages_that_import_it(workflow):
-    """evaluation/gates.py is the code of the gate and report stages only: the rest of the run stays."""
+    """evaluation/gates.py is the code of the gate and report stages only (the plots, the serving plot and the
+    summary): the rest of the run stays."""
     with edited(workflow.code / "workflow_scripts" / "evaluation" / "gates.py"):
         # (planned() lists the jobs with wildcards: the run-wide summary, also a report job, is not among them)
-        assert {rule for rule, _ in workflow.planned()} == {"gate", "plots"}
+        assert {rule for rule, _ in workflow.planned()} == {"gate", "plots", "serving_plot"}
 
 
 def test_unknown_model_in_a_file_target_fails_fast(workflow):
@@ -277,8 +279,10 @@ def test_the_report_renders_its_table_and_plots_in_a_browser(workflow, tmp_path)
         rows = table.locator("table#summary tbody tr")
         assert rows.count() == 4 + 3 + 3  # tiny-a: float, two schemes, one aoti; tiny-b and tiny-c: float, two schemes
         assert "tiny-a" in rows.first.inner_text() and "reference" in rows.first.inner_text()
+        # tiny-a's compiled package, served and swept: its longest prompt, one output length, two concurrencies
+        assert table.locator("table#bench tbody tr").count() == 2
         page.screenshot(path=str(tmp_path / "summary.png"))
-        for plot in ("metrics", "stages", "quantization-error"):
+        for plot in ("metrics", "stages", "quantization-error", "serving"):
             view("tiny-a", f"results/report/tiny-a/{plot}.png", "plots")
             image = page.locator("img[src^='data:image/png']").last
             assert image.evaluate("img => img.complete && img.naturalWidth") > 300, plot

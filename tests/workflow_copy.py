@@ -100,6 +100,7 @@ def rules_by_model(jobs):
 
 
 REPORTED = {"evaluate", "gate", "plots"}  # what follows any change of a model's outputs
+SERVED = {"serve_benchmark", "serving_plot"}  # and, for a model with a compiled package, its serving benchmark
 
 
 def model_jobs(jobs):
