@@ -8,8 +8,9 @@ import stat
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
-import httpx2 as httpx
 import openai
 import pytest
 import torch
@@ -250,10 +251,12 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
         with pytest.raises(error, match=message):
             call()
         assert complete(served, "Hi", max_tokens=2).choices[0].text is not None
-    malformed = httpx.post(
-        f"{served.url}/completions", content=b'{"model": ', headers={"Content-Type": "application/json"}
+    malformed = urllib.request.Request(
+        f"{served.url}/completions", data=b'{"model": ', headers={"Content-Type": "application/json"}
     )
-    assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(malformed, timeout=30)
+    assert refused.value.code == 400 and "not valid JSON" in json.load(refused.value)["error"]["message"]
     assert served.process.poll() is None
 
 
