@@ -19,8 +19,7 @@ import torch
 from workflow_scripts.core.cli import run_cli
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_write_json
-from workflow_scripts.data.tokenizers import read_tokenizer
-from workflow_scripts.serving.api import create_app
+from workflow_scripts.serving.api import create_app, model_card
 from workflow_scripts.serving.engine import Engine
 from workflow_scripts.serving.text import ChatTemplate
 from workflow_scripts.serving.variant import EagerShape, describe, load_variant
@@ -53,20 +52,9 @@ def main(argv):
     def ready():
         LOG.info("ready: http://%s:%d/v1", args.host, port)
         if args.ready_file is not None:
-            atomic_write_json(
-                args.ready_file,
-                {
-                    "host": args.host,
-                    "port": port,
-                    "model": variant.name,
-                    "backend": variant.backend,
-                    "batch": variant.generator.batch,
-                    "max_prompt_tokens": variant.generator.seq_in,
-                    "max_output_tokens": engine.budget,
-                },
-            )
+            atomic_write_json(args.ready_file, {"host": args.host, "port": port, **model_card(variant, engine)})
 
-    app = create_app(variant, engine, read_tokenizer(args.folder), ChatTemplate(args.folder), ready)
+    app = create_app(variant, engine, ChatTemplate(args.folder), ready)
     serve(app, listener)
 
 

@@ -86,9 +86,11 @@ class ChatRequest(GenerationRequest):
     logprobs: Literal[False] | None = None
 
 
-def create_app(variant, engine, tokenizer, chat_template, on_ready=None):
-    """The app serving ``variant`` through ``engine``; ``tokenizer`` (a ``tokenizers.Tokenizer``) encodes
-    prompts and decodes tokens, ``chat_template`` renders chats; ``on_ready()`` runs once the engine runs."""
+def create_app(variant, engine, chat_template, on_ready=None):
+    """The app serving ``variant`` through ``engine``: its tokenizer encodes prompts and decodes tokens,
+    ``chat_template`` renders chats (a refusal, like any :class:`InputError`, is a 400); ``on_ready()`` runs once
+    the engine runs."""
+    tokenizer = variant.tokenizer
 
     async def lifespan(app):
         engine.start()
@@ -103,6 +105,10 @@ def create_app(variant, engine, tokenizer, chat_template, on_ready=None):
     async def api_error(request, error):
         return error.response()
 
+    @app.exception_handler(InputError)
+    async def unservable_request(request, error):
+        return ApiError(400, str(error)).response()
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, error):
         return ApiError(400, validation_message(error.errors())).response()
@@ -114,22 +120,8 @@ def create_app(variant, engine, tokenizer, chat_template, on_ready=None):
 
     @app.get("/v1/models")
     async def models():
-        graphs = variant.generator
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": variant.name,
-                    "object": "model",
-                    "created": int(variant.folder.stat().st_mtime),
-                    "owned_by": "vacc-mistral-workflow",
-                    "backend": variant.backend,
-                    "max_batch": graphs.batch,
-                    "max_prompt_tokens": graphs.seq_in,
-                    "max_output_tokens": engine.budget,
-                }
-            ],
-        }
+        card = {"object": "model", "created": int(variant.folder.stat().st_mtime), "owned_by": "vacc-mistral-workflow"}
+        return {"object": "list", "data": [{**card, **model_card(variant, engine)}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -140,8 +132,7 @@ def create_app(variant, engine, tokenizer, chat_template, on_ready=None):
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         check_model(body.model, variant)
-        messages = [message.model_dump() for message in body.messages]
-        text = reraise(lambda: chat_template.render(messages))
+        text = chat_template.render([message.model_dump() for message in body.messages])
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         return await respond(body, ids, body.sampling(engine.budget), True)
 
@@ -166,6 +157,19 @@ def create_app(variant, engine, tokenizer, chat_template, on_ready=None):
     return app
 
 
+def model_card(variant, engine):
+    """What a client needs to know of the served model: its id, backend and limits (this API's extension of
+    OpenAI's model object; the server's ready file holds the same)."""
+    graphs = variant.generator
+    return {
+        "id": variant.name,
+        "backend": variant.backend,
+        "max_batch": graphs.batch,
+        "max_prompt_tokens": graphs.seq_in,
+        "max_output_tokens": engine.budget,
+    }
+
+
 def token_ids(prompt, tokenizer):
     """A prompt's tokens: encoded text (with the special tokens the tokenizer adds), or token ids as given."""
     if isinstance(prompt, str):
@@ -182,13 +186,6 @@ def check_model(name, variant):
         raise ApiError(
             404, f"model {name!r} does not exist; this server serves {variant.name!r}", code="model_not_found"
         )
-
-
-def reraise(action):
-    try:
-        return action()
-    except InputError as error:
-        raise ApiError(400, str(error)) from error
 
 
 def validation_message(errors):
@@ -219,8 +216,6 @@ def submit(engine, ids, sampling):
     events = Events()
     try:
         events.request = engine.submit(ids, sampling, events.put)
-    except InputError as error:
-        raise ApiError(400, str(error)) from error
     except QueueFull as error:
         raise ApiError(503, f"the server is busy: {error}; retry later", kind="server_busy") from error
     return events

@@ -17,8 +17,7 @@ from workflow_scripts.compilation.aoti_graphs import Decode, Prefill
 from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, StaticGenerator, load_compiled
 from workflow_scripts.core.devices import load_computing_in, resolve_device, resolve_dtype, stored_bytes
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.core.files import read_json
-from workflow_scripts.data.tokenizers import TOKENIZER_FILE
+from workflow_scripts.data.tokenizers import TOKENIZER_FILE, read_tokenizer
 
 
 @dataclass(frozen=True)
@@ -38,14 +37,12 @@ class ServedVariant:
     backend: str  # "compiled" or "eager"
     generator: StaticGenerator
     stop_token_ids: list[int]
+    tokenizer: object  # a tokenizers.Tokenizer
 
 
-def default_name(folder):
-    """``{model}-{variant}`` for the workflow's folders, else the folder's name."""
+def eager_name(folder):
+    """``{model}-{variant}`` for the workflow's checkpoint folders, else the folder's name."""
     folder = Path(folder).resolve()
-    if (folder / GRAPHS_FILE).is_file():
-        graphs = read_json(folder / GRAPHS_FILE, what="compiled graphs record")
-        return f"{graphs['model']}-{graphs['variant']}"
     if folder.name == "patched":
         return f"{folder.parent.name}-float"
     if folder.parent.name == "quantized":
@@ -57,13 +54,16 @@ def load_variant(folder, eager_shape=EagerShape(), name=None):
     folder = Path(folder)
     if not (folder / TOKENIZER_FILE).is_file():
         raise InputError(f"{folder}: no {TOKENIZER_FILE}; serve a compiled package folder or a checkpoint folder")
-    name = name or default_name(folder)
     if (folder / GRAPHS_FILE).is_file():
-        generator, _, graphs = load_compiled(folder)
-        return ServedVariant(name, folder, "compiled", generator, list(graphs["stop_token_ids"]))
+        generator, tokenizer, graphs = load_compiled(folder)
+        name = name or f"{graphs['model']}-{graphs['variant']}"
+        return ServedVariant(name, folder, "compiled", generator, list(graphs["stop_token_ids"]), tokenizer)
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: neither {GRAPHS_FILE} (a compiled package) nor config.json (a checkpoint)")
-    return ServedVariant(name, folder, "eager", eager_generator(folder, eager_shape), sorted(stop_token_ids(folder)))
+    generator = eager_generator(folder, eager_shape)
+    return ServedVariant(
+        name or eager_name(folder), folder, "eager", generator, sorted(stop_token_ids(folder)), read_tokenizer(folder)
+    )
 
 
 def eager_generator(folder, shape):
