@@ -66,7 +66,7 @@ rule calibration_shard:
         settings=calibration_shard_settings,
         format=lambda wildcards: DATASETS[wildcards.dataset]["format"],
     shell:
-        "python3 -m workflow_scripts.stages.calibration --dataset {wildcards.dataset} --format {params.format}"
+        "python3 -m workflow_scripts.stages.calibration_shard --dataset {wildcards.dataset} --format {params.format}"
         " --files resources/datasets/{wildcards.dataset} --tokenizer $(dirname {input.tokenizer:q})"
         " --fingerprint {wildcards.tokenizer} --settings {params.settings:q}"
         " --shard {output.shard:q} --record {output.record:q} > {log:q} 2>&1"

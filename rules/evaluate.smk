@@ -52,7 +52,7 @@ rule gate:
     params:
         settings=model_settings("gates"),
     shell:
-        "python3 -m workflow_scripts.stages.gates --model {wildcards.model:q} --evaluations {input.evaluations:q}"
+        "python3 -m workflow_scripts.stages.gate --model {wildcards.model:q} --evaluations {input.evaluations:q}"
         " --settings {params.settings:q} --output {output:q} > {log:q} 2>&1"
 
 

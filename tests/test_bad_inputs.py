@@ -37,7 +37,7 @@ from workflow_scripts.core.manifest import MANIFEST_NAME
 from workflow_scripts.data.assemble import assemble_dataset
 from workflow_scripts.data.calibration import write_shard
 from workflow_scripts.data.datasets import DATASET_FILES
-from workflow_scripts.stages.dataset_fetch import fetch_local as fetch_local_dataset
+from workflow_scripts.stages.fetch_dataset import fetch_local as fetch_local_dataset
 from workflow_scripts.stages.download import fetch_local
 
 from conftest import (
@@ -270,7 +270,7 @@ def llama_architecture(bench):
 
 
 def gguf_import(source):
-    """The download rule's run for a gguf source (workflow_scripts.stages.gguf_import)."""
+    """The download rule's run for a gguf source (workflow_scripts.stages.download_gguf)."""
     return StageRun(
         "gguf_import",
         ("--model", MODEL, "--source", json.dumps(source), "--manifest", DOWNLOADED / MANIFEST_NAME),

@@ -13,7 +13,7 @@ from workflow_scripts.evaluation.evaluate import load_ceval, load_windows
 from workflow_scripts.evaluation.gates import GateSettings, check_variants
 from workflow_scripts.evaluation.metrics import TokenMetrics, choice_accuracy
 from workflow_scripts.evaluation.report import write_plots, write_serving_plot, write_summary
-from workflow_scripts.stages.gates import main as gates_main
+from workflow_scripts.stages.gate import main as gates_main
 from workflow_scripts.stages.report import main as report_main
 
 

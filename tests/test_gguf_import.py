@@ -375,7 +375,7 @@ def test_the_workflow_imports_a_gguf_source_and_reruns_when_the_file_changes(tmp
     workflow = Workflow(tmp_path, {"targets": ["g"], "models": {"g": {"source": {"gguf": str(path)}}}})
     target = "resources/models/g/MANIFEST.json"
     plan = workflow.run("--dry-run", "--printshellcmds", target)
-    assert "python3 -m workflow_scripts.stages.gguf_import --model g" in plan and str(path) in plan
+    assert "python3 -m workflow_scripts.stages.download_gguf --model g" in plan and str(path) in plan
     workflow.run(target)
     assert json.loads((workflow.work / target).read_text())["origin"]["gguf"] == str(path.resolve())
     assert workflow.planned(target) == []

@@ -55,8 +55,8 @@ def test_a_7b_model_asks_for_more_than_a_demo_model(stage):
 
 
 def test_gptq_on_a_gpu_needs_little_host_memory_and_minutes_instead_of_hours():
-    cpu = job_resources.gptq(SEVEN_B, 1, samples=144, seqlen=1024, device="cpu")
-    gpu = job_resources.gptq(SEVEN_B, 1, samples=144, seqlen=1024, device="cuda")
+    cpu = job_resources.quantize_gptq(SEVEN_B, 1, samples=144, seqlen=1024, device="cpu")
+    gpu = job_resources.quantize_gptq(SEVEN_B, 1, samples=144, seqlen=1024, device="cuda")
     assert gpu["mem_mb"] < cpu["mem_mb"] and gpu["runtime"] * 10 < cpu["runtime"]
 
 

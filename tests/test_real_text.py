@@ -298,6 +298,6 @@ def test_a_model_on_python_docs_gets_its_shard_windows_and_vamc_dataset(tmp_path
     rules = {rule for rule, wildcards in jobs if "python-docs" in wildcards}
     assert rules == {"fetch_dataset", "calibration_shard", "c4_evaluation_windows"}
     assert ("fetch_dataset", "dataset=ceval") in jobs  # the ceval evaluation set
-    assert "workflow_scripts.stages.dataset_python_docs --dataset python-docs --format c4" in plan
+    assert "workflow_scripts.stages.fetch_dataset_python_docs --dataset python-docs --format c4" in plan
     assert "python-docs-validation.safetensors" in plan
     assert '--dataset-dir resources/datasets/python-docs --calibration \'{"name": "c4"' in plan

@@ -24,7 +24,7 @@ from workflow_scripts.serving.engine import Engine
 from workflow_scripts.serving.text import ChatTemplate
 from workflow_scripts.serving.variant import EagerShape, describe, load_variant
 
-LOG = logging.getLogger("workflow_scripts.serve")
+LOG = logging.getLogger(__name__)
 
 
 def main(argv):

@@ -5,7 +5,7 @@ Synthesizes a gzip JSON-lines file shaped like ``en/c4-train.00000-of-01024.json
 written once and cached under ``.cache/bench/``, about 0.6 GB of disk), then in
 one run:
 
-* the stage: ``python -m workflow_scripts.stages.calibration --dataset c4`` as the
+* the stage: ``python -m workflow_scripts.stages.calibration_shard --dataset c4`` as the
   workflow runs it, timed as a whole process, with its peak RSS;
 * the baseline: the same texts, already in memory, through raw batched calls
   of the same fast tokenizer (``Tokenizer.encode_batch_fast``, 4096 texts a call).
@@ -91,7 +91,7 @@ def main():
     command = [
         sys.executable,
         "-m",
-        "workflow_scripts.stages.calibration",
+        "workflow_scripts.stages.calibration_shard",
         "--dataset",
         "c4",
         "--files",

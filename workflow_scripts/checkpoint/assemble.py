@@ -4,6 +4,7 @@ The download, demo and gguf_import stages differ only in how they fill the
 folder; this module checks the result the same way for all three.
 """
 
+import logging
 import pickle
 
 from workflow_scripts.checkpoint.folder import (
@@ -13,9 +14,10 @@ from workflow_scripts.checkpoint.folder import (
     weight_files,
     write_weight_index,
 )
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.fetch import assemble
+
+LOG = logging.getLogger(__name__)
 
 
 def convert_pickled_weights(model, staging):

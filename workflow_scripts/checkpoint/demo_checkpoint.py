@@ -8,6 +8,7 @@ shape (``config/scale-7b.yaml``) is built in the memory of its largest tensor.
 """
 
 import itertools
+import logging
 import math
 
 import torch
@@ -16,10 +17,11 @@ from workflow_scripts.checkpoint.demo_presets import PRESETS, demo_config
 from workflow_scripts.checkpoint.folder import INDEX_FILE, write_weight_index
 from workflow_scripts.checkpoint.layout import tensor_shapes
 from workflow_scripts.checkpoint.safetensors_stream import SafetensorsWriter
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.files import atomic_path, atomic_write_json
 from workflow_scripts.core.progress import Progress
 from workflow_scripts.data.tokenizer_files import write_tokenizer
+
+LOG = logging.getLogger(__name__)
 
 SHARD_BYTES = 2 * 10**9  # at most this many bytes of weights per shard, and at least two shards
 

@@ -2,7 +2,7 @@
 
 The Snakefile reads this (the file is an input of the download rule, and jobs
 are sized from the header before the import has run); the import stage
-(``workflow_scripts.stages.gguf_import``) reads the same header and builds the same
+(``workflow_scripts.stages.download_gguf``) reads the same header and builds the same
 ``config.json``. A GGUF (llama.cpp's format) is a header of typed key/value
 metadata and tensor descriptions followed by the tensor data; only the header
 is read here, through a memory map, arrays skipped (a vocabulary of 131072

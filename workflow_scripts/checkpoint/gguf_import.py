@@ -21,6 +21,7 @@ float32.
 """
 
 import collections
+import logging
 import mmap
 import os
 import tempfile
@@ -30,9 +31,10 @@ from pathlib import Path
 from workflow_scripts.checkpoint.folder import write_weight_index
 from workflow_scripts.checkpoint.gguf import FLOAT_TYPES, describe, gguf_path, hf_name, mistral_config, read_header
 from workflow_scripts.checkpoint.layout import tensor_shapes
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_write_json, read_json, sha256_file
+
+LOG = logging.getLogger(__name__)
 
 SHARD_BYTES = 5 * 10**9  # huggingface_hub's default max_shard_size, "5GB"
 BF16_BYTES = 2

@@ -6,18 +6,20 @@ the model's own config with ``auto_map`` merged in, and ``config_vacc.json``
 adds the keys of vamc's ``model_arch: vacc`` loader.
 """
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from workflow_scripts.checkpoint.folder import is_weight_file, read_mistral_config
 from workflow_scripts.checkpoint.vacc_code import AUTO_MAP, VACC_FILES, VACC_FILES_DIR
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_write_json, link_file, read_json, sha256_file, staged_directory
 from workflow_scripts.core.manifest import MANIFEST_NAME, describe_files
 from workflow_scripts.core.settings import Settings
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE
+
+LOG = logging.getLogger(__name__)
 
 WRITTEN_HERE = {"config.json", "config_vacc.json", MANIFEST_NAME, *VACC_FILES}
 

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import gc
 import hashlib
+import logging
 import math
 import os
 import shutil
@@ -42,7 +43,6 @@ from workflow_scripts.checkpoint.safetensors_stream import DTYPES, SafetensorsFi
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
 from workflow_scripts.compilation.aoti_graphs import Decode, Prefill, example_inputs
 from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, WEIGHTS_FILE, load_compiled, write_constants
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.code_inputs import sources_digest
 from workflow_scripts.core.devices import require_memory, resolve_device, resolve_dtype, stored_bytes
 from workflow_scripts.core.errors import CheckFailed, InputError
@@ -51,6 +51,8 @@ from workflow_scripts.core.manifest import MANIFEST_NAME, write_folder_manifest
 from workflow_scripts.core.settings import Settings
 from workflow_scripts.data.tokenizers import encode_prompts
 from workflow_scripts.evaluation.decode import greedy_decode
+
+LOG = logging.getLogger(__name__)
 
 RUNTIME_BYTES = 10**9  # the interpreter, torch, the compiler
 # Peak memory of a CPU compile per byte of the model in its compute dtype: the model, export's and the compiler's

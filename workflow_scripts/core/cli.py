@@ -1,12 +1,13 @@
 """Running a stage from the command line: log format, and a stage error as one line and exit status 1."""
 
+import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from workflow_scripts.core.errors import StageError
 
-LOG = logging.getLogger("workflow_scripts")
 
 
 def run_cli(main, argv=None):
@@ -37,3 +38,17 @@ def quiet_progress_bars():
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+
+
+def folder_of(file_name):
+    """An argparse type for a folder named by a file in it: the path the rule declares (``MANIFEST.json``,
+    ``tokenizer.json``), so that no rule rebuilds the folder's path by hand. A folder given instead is refused."""
+
+    def folder(value):
+        path = Path(value)
+        if path.name != file_name:
+            raise argparse.ArgumentTypeError(f"{value}: name the folder's {file_name}, not the folder")
+        return path.parent
+
+    folder.__name__ = file_name  # argparse names the type in its error
+    return folder

@@ -3,13 +3,15 @@
 import argparse
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import staged_directory
 from workflow_scripts.core.manifest import write_folder_manifest
+
+LOG = logging.getLogger(__name__)
 
 
 def fetch_arguments(argv, doc, subject, choices=None, formats=None):

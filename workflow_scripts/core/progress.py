@@ -1,8 +1,9 @@
 """Progress of long work in the job's log: done out of total, the rate and the time left."""
 
+import logging
 import time
 
-from workflow_scripts.core.cli import LOG
+LOG = logging.getLogger(__name__)
 
 
 def _figure(value):

@@ -25,10 +25,10 @@ same inputs and seed.
 import heapq
 import itertools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_path, atomic_write_json, read_json
 from workflow_scripts.core.manifest import MANIFEST_NAME
@@ -38,6 +38,8 @@ from workflow_scripts.data.datasets import dataset_file, dataset_format
 from workflow_scripts.data.readers import C4Lines, alpaca_prompt, ceval_text, read_alpaca, read_ceval
 from workflow_scripts.data.tokenizers import encode, load_tokenizer, pad_token_id
 from workflow_scripts.data.windows import BATCH_SIZE, check_size, pad_rows, sample_key
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,14 @@ is byte-identical for the same dataset id and seed.
 import csv
 import io
 import json
+import logging
 import random
 import zipfile
 
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.data.assemble import gzip_json_lines
 from workflow_scripts.data.datasets import DATASET_FILES
+
+LOG = logging.getLogger(__name__)
 
 SUBJECTS = ("workflow", "compiler", "tokenizer", "quantization", "accelerator", "memory")
 NOUNS = (

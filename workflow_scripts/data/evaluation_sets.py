@@ -12,10 +12,10 @@
 """
 
 import itertools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_path, atomic_write_json, read_json
 from workflow_scripts.core.manifest import MANIFEST_NAME
@@ -24,6 +24,8 @@ from workflow_scripts.data.datasets import dataset_file
 from workflow_scripts.data.readers import LETTERS, C4Lines, ceval_header, ceval_question, read_ceval
 from workflow_scripts.data.tokenizers import encode, load_tokenizer, pad_token_id
 from workflow_scripts.data.windows import BATCH_SIZE, check_size, pad_rows
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

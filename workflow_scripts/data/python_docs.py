@@ -30,15 +30,17 @@ import ast
 import hashlib
 import itertools
 import json
+import logging
 import sys
 import sysconfig
 import warnings
 from pathlib import Path
 
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.data.assemble import gzip_json_lines
 from workflow_scripts.data.datasets import DATASET_FILES
+
+LOG = logging.getLogger(__name__)
 
 MIN_CHARS = 500
 VALIDATION_PERCENT = 10

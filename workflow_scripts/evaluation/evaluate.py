@@ -23,6 +23,7 @@ memory of its bf16 reference alone.
 """
 
 import gc
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,6 @@ from safetensors import safe_open
 from workflow_scripts.checkpoint.folder import stop_token_ids
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
 from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, load_compiled
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.devices import (
     available_memory_bytes,
     load_computing_in,
@@ -51,6 +51,8 @@ from workflow_scripts.data.tokenizers import TOKENIZER_FILE, file_fingerprint, r
 from workflow_scripts.evaluation import REFERENCE_LOGITS_BYTES
 from workflow_scripts.evaluation.decode import greedy_decode
 from workflow_scripts.evaluation.metrics import TokenMetrics, choice_accuracy
+
+LOG = logging.getLogger(__name__)
 
 CHUNK = 256  # positions per log-softmax, so a large vocabulary never needs one huge float64 copy
 

@@ -17,6 +17,7 @@ also show how far upstream *with* the window is from the patched model.
 
 import gc
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +25,14 @@ from pathlib import Path
 import torch
 
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.devices import load_computing_in, resolve_device, stored_bytes
 from workflow_scripts.core.errors import CheckFailed
 from workflow_scripts.core.files import atomic_write_json, read_json, sha256_file
 from workflow_scripts.core.manifest import MANIFEST_NAME
 from workflow_scripts.data.tokenizers import encode_prompts
 from workflow_scripts.evaluation.decode import VerifyPrompts, greedy_decode
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ def download(size, attempt, generated, gguf_bytes=None):
     return request(GB, size.weight_bytes / NETWORK_BYTES_PER_S, attempt)
 
 
-def download_dataset(attempt):
+def fetch_dataset(attempt):
     """A calibration dataset's files (c4's validation shard is the largest, about 40 MB)."""
     return request(GB, 1800, attempt)
 
@@ -164,12 +164,12 @@ def quantize(size, attempt):
     return request(1.5 * GB + 3 * 4 * largest, 3 * size.weight_bytes / DISK_BYTES_PER_S, attempt, threads=2)
 
 
-def export(size, attempt):
+def export_compressed_tensors(size, attempt):
     """Streamed: a chunk of rows packed at a time; reads and writes the int8 weights once."""
     return request(1 * GB, 2 * size.weight_bytes / DISK_BYTES_PER_S, attempt)
 
 
-def gptq(size, attempt, samples, seqlen, device):
+def quantize_gptq(size, attempt, samples, seqlen, device):
     """Host memory at GPTQ's peak plus 15%; time from the layer's FLOPs on the CPU or GPU."""
     peak = gptq_memory_bytes(size.config, samples, seqlen, device)["host"]
     hidden, inter = size.config["hidden_size"], size.config["intermediate_size"]

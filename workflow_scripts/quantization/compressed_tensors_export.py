@@ -11,6 +11,7 @@ copied byte for byte; the config is the model's own stock Mistral config (no
 ``auto_map``, no VACC code), so no ``trust_remote_code`` is needed.
 """
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,14 @@ import torch
 from workflow_scripts.checkpoint.folder import INDEX_FILE, write_weight_index
 from workflow_scripts.checkpoint.safetensors_stream import BackgroundWriter, SafetensorsFile, SafetensorsWriter
 from workflow_scripts.checkpoint.vacc_code import VACC_FILES
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.code_inputs import sources_digest
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_write_json, link_file, read_json, sha256_file, staged_directory
 from workflow_scripts.core.manifest import MANIFEST_NAME, write_folder_manifest
 from workflow_scripts.core.progress import Progress
 from workflow_scripts.quantization.int8_checkpoint import PROJECTIONS, QUANTIZATION_KEY, copy_tensor, weight_map
+
+LOG = logging.getLogger(__name__)
 
 FORMAT = "pack-quantized"
 ROWS_ELEMENTS = 1 << 22  # int8 elements packed per step: bounded memory for any matrix size

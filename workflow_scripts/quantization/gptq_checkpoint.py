@@ -23,6 +23,7 @@ an uninterrupted run. The checkpoint is then written like ``rtn-int8``'s.
 import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,7 +40,6 @@ from workflow_scripts.checkpoint.vacc_files.modeling_mistral_vacc import (
     causal_attention_bias,
 )
 from workflow_scripts.checkpoint.vacc_files.quantization_vacc import quantize_per_channel
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.code_inputs import sources_digest
 from workflow_scripts.core.devices import resolve_device, resolve_dtype
 from workflow_scripts.core.errors import InputError
@@ -55,6 +55,8 @@ from workflow_scripts.quantization.int8_checkpoint import (
     quantization_record,
     write_quantized_checkpoint,
 )
+
+LOG = logging.getLogger(__name__)
 
 # Projections that read the same input share one Hessian.
 HESSIAN_GROUPS = {

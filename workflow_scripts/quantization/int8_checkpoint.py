@@ -7,6 +7,7 @@ the configs with the ``vacc_quantization`` key, and the manifest.
 """
 
 import ctypes
+import logging
 import math
 import shutil
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ from workflow_scripts.checkpoint.folder import INDEX_FILE, read_weight_map, writ
 from workflow_scripts.checkpoint.layout import tensor_shapes
 from workflow_scripts.checkpoint.safetensors_stream import BackgroundWriter, SafetensorsFile, SafetensorsWriter
 from workflow_scripts.checkpoint.vacc_code import VACC_FILES
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.code_inputs import sources_digest
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_write_json, link_file, read_json, sha256_file, staged_directory
 from workflow_scripts.core.manifest import MANIFEST_NAME, write_folder_manifest
 from workflow_scripts.core.progress import Progress
 from workflow_scripts.core.settings import Settings
+
+LOG = logging.getLogger(__name__)
 
 QUANTIZATION_KEY = "vacc_quantization"
 # Stock transformers knows "mistral": it would load the int8 integers into a float model and drop every

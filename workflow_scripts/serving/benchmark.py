@@ -28,11 +28,13 @@ import re
 import time
 from pathlib import Path
 
-from workflow_scripts.core.cli import LOG, run_cli
+from workflow_scripts.core.cli import run_cli
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_write_json
 from workflow_scripts.core.settings import Settings
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE, read_tokenizer
+
+LOG = logging.getLogger(__name__)
 
 # The distinct error messages a case keeps: enough to tell apart a timeout from a refusal, not a log.
 KEPT_ERRORS = 5

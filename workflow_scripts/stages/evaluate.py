@@ -1,14 +1,14 @@
 """Stage 6, evaluate: ``results/{model}/eval/{variant}.json``, a variant's perplexity, KL divergence and top-1
 agreement against float, ceval accuracy and sample completions (:mod:`workflow_scripts.evaluation.evaluate`).
 
-Usage: python -m workflow_scripts.stages.evaluate --model ID --variant NAME --patched DIR --checkpoint DIR
+Usage: python -m workflow_scripts.stages.evaluate --model ID --variant NAME --patched MANIFEST --checkpoint MANIFEST
            --windows PATH --ceval PATH --settings JSON --output PATH
 """
 
 import argparse
 from pathlib import Path
 
-from workflow_scripts.core.cli import run_cli
+from workflow_scripts.core.cli import folder_of, run_cli
 from workflow_scripts.evaluation.evaluate import EvaluateSettings, evaluate
 
 
@@ -16,8 +16,15 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--variant", required=True)
-    parser.add_argument("--patched", required=True, type=Path)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint, or an aoti package folder")
+    parser.add_argument(
+        "--patched", required=True, type=folder_of("MANIFEST.json"), help="the patched checkpoint's MANIFEST.json"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=folder_of("MANIFEST.json"),
+        help="a checkpoint's or a compiled package folder's MANIFEST.json",
+    )
     parser.add_argument("--windows", required=True, type=Path)
     parser.add_argument("--ceval", required=True, type=Path)
     parser.add_argument("--settings", required=True, type=EvaluateSettings.parse, help="models.<id>.evaluate")

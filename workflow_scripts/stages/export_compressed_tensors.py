@@ -6,20 +6,22 @@ load without ``trust_remote_code``: symmetric per-channel int8 weights with
 16-bit activations, ``pack-quantized``. Streamed shard by shard with bounded
 memory (workflow_scripts/quantization/compressed_tensors_export.py).
 
-Usage: python -m workflow_scripts.stages.export_compressed_tensors --model ID --int8 DIR --manifest PATH
+Usage: python -m workflow_scripts.stages.export_compressed_tensors --model ID --int8 MANIFEST --manifest PATH
 """
 
 import argparse
 from pathlib import Path
 
-from workflow_scripts.core.cli import run_cli
+from workflow_scripts.core.cli import folder_of, run_cli
 from workflow_scripts.quantization.compressed_tensors_export import export_compressed_tensors
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--int8", required=True, type=Path, help="results/{model}/quantized/{scheme}")
+    parser.add_argument(
+        "--int8", required=True, type=folder_of("MANIFEST.json"), help="the int8 checkpoint's MANIFEST.json"
+    )
     parser.add_argument("--manifest", required=True, type=Path)
     args = parser.parse_args(argv)
     export_compressed_tensors(args.model, args.int8, args.manifest.parent)

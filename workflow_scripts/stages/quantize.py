@@ -16,14 +16,14 @@ the int8 model; the manifest carries the fingerprint of its inputs and, per
 matrix, the relative Frobenius error and the largest error in units of the
 row's scale.
 
-Usage: python -m workflow_scripts.stages.quantize --model ID --scheme rtn-int8 --patched DIR --manifest PATH
+Usage: python -m workflow_scripts.stages.quantize --model ID --scheme rtn-int8 --patched MANIFEST --manifest PATH
            --settings JSON
 """
 
 import argparse
 from pathlib import Path
 
-from workflow_scripts.core.cli import run_cli
+from workflow_scripts.core.cli import folder_of, run_cli
 from workflow_scripts.quantization.int8_checkpoint import QuantizeSettings, keep_freed_chunks
 from workflow_scripts.quantization.rtn import quantize_checkpoint
 
@@ -32,7 +32,9 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--scheme", required=True)
-    parser.add_argument("--patched", required=True, type=Path)
+    parser.add_argument(
+        "--patched", required=True, type=folder_of("MANIFEST.json"), help="the patched checkpoint's MANIFEST.json"
+    )
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--settings", required=True, type=QuantizeSettings.parse, help="models.<id>.quantize.<scheme>")
     args = parser.parse_args(argv)

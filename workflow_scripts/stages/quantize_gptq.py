@@ -1,14 +1,14 @@
 """Stage 4, quantize with GPTQ: ``results/{model}/quantized/gptq-int8/``, layer by layer, resumable
 (:mod:`workflow_scripts.quantization.gptq_checkpoint`).
 
-Usage: python -m workflow_scripts.stages.quantize_gptq --model ID --patched DIR --calibration SHARD [SHARD ...]
+Usage: python -m workflow_scripts.stages.quantize_gptq --model ID --patched MANIFEST --calibration SHARD [SHARD ...]
            --manifest PATH --settings JSON
 """
 
 import argparse
 from pathlib import Path
 
-from workflow_scripts.core.cli import run_cli
+from workflow_scripts.core.cli import folder_of, run_cli
 from workflow_scripts.quantization.gptq_checkpoint import GptqSettings, quantize_gptq
 from workflow_scripts.quantization.int8_checkpoint import keep_freed_chunks
 
@@ -16,7 +16,9 @@ from workflow_scripts.quantization.int8_checkpoint import keep_freed_chunks
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--patched", required=True, type=Path)
+    parser.add_argument(
+        "--patched", required=True, type=folder_of("MANIFEST.json"), help="the patched checkpoint's MANIFEST.json"
+    )
     parser.add_argument("--calibration", required=True, nargs="+", type=Path)
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--settings", required=True, type=GptqSettings.parse, help="models.<id>.quantize.gptq-int8")

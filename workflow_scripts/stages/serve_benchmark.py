@@ -8,7 +8,7 @@ a compiled package folder (``aoti-{variant}``) or an eager checkpoint (at the
 shape of ``--shape``), and VastAI's ``vastgenx serve`` for a VACC build
 (``vacc-{dtype}``, with ``--vastgenx``).
 
-Usage: python -m workflow_scripts.stages.serve_benchmark --model ID --variant NAME --folder DIR --settings JSON
+Usage: python -m workflow_scripts.stages.serve_benchmark --model ID --variant NAME --served MANIFEST --settings JSON
            [--shape JSON | --vastgenx JSON] --output PATH
 """
 
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from workflow_scripts.core.cli import run_cli
+from workflow_scripts.core.cli import folder_of, run_cli
 from workflow_scripts.serving.benchmark import BenchSettings
 from workflow_scripts.serving.local_server import OwnServer, benchmark_variant, vacc_server
 
@@ -31,7 +31,12 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--variant", required=True, help="aoti-{variant}, an eager checkpoint's name, or vacc-{dtype}")
-    parser.add_argument("--folder", required=True, type=Path, help="the package, checkpoint or VACC build folder")
+    parser.add_argument(
+        "--served",
+        required=True,
+        type=folder_of("MANIFEST.json"),
+        help="the package's, checkpoint's or VACC build's MANIFEST.json",
+    )
     parser.add_argument("--settings", required=True, type=BenchSettings.parse, help="models.<id>.bench")
     served = parser.add_mutually_exclusive_group()
     served.add_argument("--shape", type=json.loads, default={}, help="an eager checkpoint's batch, lengths, device")
@@ -39,9 +44,9 @@ def main(argv):
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
     if args.vastgenx is not None:
-        server, tokenizer = vacc_server(args.folder, args.vastgenx, output=sys.stderr)
+        server, tokenizer = vacc_server(args.served, args.vastgenx, output=sys.stderr)
     else:
-        server, tokenizer = OwnServer(args.folder, *serve_arguments(args.shape), output=sys.stderr), args.folder
+        server, tokenizer = OwnServer(args.served, *serve_arguments(args.shape), output=sys.stderr), args.served
     benchmark_variant(args.model, args.variant, server, tokenizer, args.settings, args.output)
 
 

@@ -10,13 +10,16 @@ Usage: python -m workflow_scripts.stages.tokenizer_store --fingerprint HEX --mod
 """
 
 import argparse
+import logging
 import shutil
 from pathlib import Path
 
-from workflow_scripts.core.cli import LOG, run_cli
+from workflow_scripts.core.cli import run_cli
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_path
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE, file_fingerprint
+
+LOG = logging.getLogger(__name__)
 
 
 def store_tokenizer(fingerprint, models, output):

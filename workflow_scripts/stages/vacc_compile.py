@@ -1,22 +1,27 @@
 """Stage 5, VACC compile: ``vamc compile`` of a build config into ``<workspace>/<name>/``, with the tokenizer
 that ``vastgenx serve`` reads; the real vamc, or an error that says what to install
-(:mod:`workflow_scripts.compilation.vamc_compile`).
+(:mod:`workflow_scripts.compilation.vacc_compile`).
 
-Usage: python -m workflow_scripts.stages.vacc_compile --model ID --config YAML --patched DIR --manifest PATH
+Usage: python -m workflow_scripts.stages.vacc_compile --model ID --config YAML --patched MANIFEST --manifest PATH
 """
 
 import argparse
 from pathlib import Path
 
-from workflow_scripts.compilation.vamc_compile import compile_config
-from workflow_scripts.core.cli import run_cli
+from workflow_scripts.compilation.vacc_compile import compile_config
+from workflow_scripts.core.cli import folder_of, run_cli
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--config", required=True, type=Path, help="the rendered vamc build config")
-    parser.add_argument("--patched", required=True, type=Path, help="the patched checkpoint (tokenizer files)")
+    parser.add_argument(
+        "--patched",
+        required=True,
+        type=folder_of("MANIFEST.json"),
+        help="the patched checkpoint's MANIFEST.json (tokenizer files)",
+    )
     parser.add_argument("--manifest", required=True, type=Path)
     args = parser.parse_args(argv)
     compile_config(args.model, args.config, args.patched, args.manifest)

@@ -10,6 +10,7 @@ output). The folder also gets the ``tokenizer/`` subfolder that
 ``vastgenx serve --model <folder>`` reads.
 """
 
+import logging
 import os
 import shutil
 import subprocess
@@ -19,10 +20,11 @@ import yaml
 
 from workflow_scripts.checkpoint.folder import copy_tokenizer_files, read_mistral_config
 from workflow_scripts.compilation.vamc import build_environment
-from workflow_scripts.core.cli import LOG
 from workflow_scripts.core.errors import StageError
 from workflow_scripts.core.files import atomic_write_json, sha256_file
 from workflow_scripts.core.manifest import describe_files
+
+LOG = logging.getLogger(__name__)
 
 MISSING_VAMC = (
     "vamc, VastAI's model compiler, is not on PATH. It is a closed wheel (vamc 3.4.x, with torch 2.1 "

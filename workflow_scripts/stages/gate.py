@@ -7,7 +7,7 @@ at most ``max_kl_divergence``. Non-finite logits fail every gate. A failure
 names the variant, the metric and both values; the summary and the report
 show the same verdicts, so they still build when a gate fails.
 
-Usage: python -m workflow_scripts.stages.gates --model ID --evaluations JSON [JSON ...] --settings JSON --output PATH
+Usage: python -m workflow_scripts.stages.gate --model ID --evaluations JSON [JSON ...] --settings JSON --output PATH
 """
 
 import argparse

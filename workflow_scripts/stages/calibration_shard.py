@@ -1,14 +1,14 @@
 """Stage 3, calibration: ``results/calibration/{tokenizer}/{dataset}.safetensors`` and its record, a dataset
 tokenized and sampled for one tokenizer (:mod:`workflow_scripts.data.calibration`).
 
-Usage: python -m workflow_scripts.stages.calibration --dataset NAME [--format c4|alpaca|ceval] --files DIR
-           --tokenizer DIR --fingerprint HEX --settings JSON --shard PATH --record PATH
+Usage: python -m workflow_scripts.stages.calibration_shard --dataset NAME [--format c4|alpaca|ceval] --files MANIFEST
+           --tokenizer TOKENIZER_JSON --fingerprint HEX --settings JSON --shard PATH --record PATH
 """
 
 import argparse
 from pathlib import Path
 
-from workflow_scripts.core.cli import run_cli
+from workflow_scripts.core.cli import folder_of, run_cli
 from workflow_scripts.data.calibration import CalibrationSettings, calibrate
 from workflow_scripts.data.datasets import FORMATS
 
@@ -17,8 +17,12 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="the dataset's id under datasets in the config")
     parser.add_argument("--format", choices=FORMATS, help="its files' format (default: the id, for c4/alpaca/ceval)")
-    parser.add_argument("--files", required=True, type=Path, help="the fetched dataset folder")
-    parser.add_argument("--tokenizer", required=True, type=Path, help="a checkpoint folder with tokenizer.json")
+    parser.add_argument(
+        "--files", required=True, type=folder_of("MANIFEST.json"), help="the fetched dataset's MANIFEST.json"
+    )
+    parser.add_argument(
+        "--tokenizer", required=True, type=folder_of("tokenizer.json"), help="the stored tokenizer.json"
+    )
     parser.add_argument("--fingerprint", required=True)
     parser.add_argument("--settings", required=True, type=CalibrationSettings.parse, help="the dataset's settings")
     parser.add_argument("--shard", required=True, type=Path)

@@ -1,7 +1,7 @@
 """Stage 1, download, for a ``demo`` source: a small random-weight Mistral checkpoint with the hub's layout,
 generated offline and deterministically (:mod:`workflow_scripts.checkpoint.demo_checkpoint`).
 
-Usage: python -m workflow_scripts.stages.demo --model ID --source JSON --manifest PATH
+Usage: python -m workflow_scripts.stages.download_demo --model ID --source JSON --manifest PATH
 """
 
 from workflow_scripts.checkpoint.assemble import assemble_checkpoint

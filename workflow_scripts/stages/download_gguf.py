@@ -1,7 +1,7 @@
 """Stage 1, download, for a ``gguf`` source: a llama.cpp GGUF file imported as a bf16 Mistral checkpoint
 (:mod:`workflow_scripts.checkpoint.gguf_import`).
 
-Usage: python -m workflow_scripts.stages.gguf_import --model ID --source JSON --manifest PATH
+Usage: python -m workflow_scripts.stages.download_gguf --model ID --source JSON --manifest PATH
 """
 
 from workflow_scripts.checkpoint.assemble import assemble_checkpoint

@@ -1,13 +1,13 @@
-"""Stage 3, datasets, for a ``demo`` source: small stand-ins for c4, ceval-exam and alpaca-cleaned in the real
-files' formats, generated offline (:mod:`workflow_scripts.data.demo_datasets`).
+"""Stage 3, datasets, for a ``python_docs`` source: real English from Python's own documentation in c4's or
+alpaca's format, offline (:mod:`workflow_scripts.data.python_docs`).
 
-Usage: python -m workflow_scripts.stages.dataset_demo --dataset NAME [--format c4|alpaca|ceval] --source JSON
+Usage: python -m workflow_scripts.stages.fetch_dataset_python_docs --dataset NAME --format c4|alpaca --source JSON
            --manifest PATH
 """
 
 from workflow_scripts.core.cli import run_cli
 from workflow_scripts.data.assemble import assemble_dataset, dataset_arguments
-from workflow_scripts.data.demo_datasets import generate
+from workflow_scripts.data.python_docs import generate
 
 
 def main(argv):
