@@ -44,7 +44,7 @@ TOKEN_WINDOWS = MANIFEST | {"data/datasets.py", "data/readers.py", "data/tokeniz
 
 EXPECTED = {
     "download": FETCH | {"checkpoint/assemble.py", "checkpoint/folder.py"},
-    "demo": FETCH
+    "download_demo": FETCH
     | {
         "checkpoint/assemble.py",
         "checkpoint/demo_checkpoint.py",
@@ -54,7 +54,7 @@ EXPECTED = {
         "checkpoint/safetensors_stream.py",
         "data/tokenizer_files.py",
     },
-    "gguf_import": FETCH
+    "download_gguf": FETCH
     | {
         "checkpoint/assemble.py",
         "checkpoint/folder.py",
@@ -68,12 +68,13 @@ EXPECTED = {
     | SETTINGS
     | VACC
     | {"core/devices.py", "data/tokenizers.py", "evaluation/decode.py", "evaluation/verify.py"},
-    "dataset_fetch": DATASET_FOLDER,
-    "dataset_demo": DATASET_FOLDER | {"data/demo_datasets.py"},
-    "dataset_python_docs": DATASET_FOLDER | {"data/python_docs.py"},
+    "fetch_dataset": DATASET_FOLDER,
+    "fetch_dataset_demo": DATASET_FOLDER | {"data/demo_datasets.py"},
+    "fetch_dataset_python_docs": DATASET_FOLDER | {"data/python_docs.py"},
     "tokenizer_store": CLI | {"data/tokenizers.py"},
-    "calibration": TOKEN_WINDOWS | SETTINGS | {"data/calibration.py"},
-    "evaluation_sets": TOKEN_WINDOWS | SETTINGS | {"data/evaluation_sets.py"},
+    "calibration_shard": TOKEN_WINDOWS | SETTINGS | {"data/calibration.py"},
+    "c4_evaluation_windows": TOKEN_WINDOWS | SETTINGS | {"data/evaluation_sets.py"},
+    "ceval_evaluation_set": TOKEN_WINDOWS | SETTINGS | {"data/evaluation_sets.py"},
     "quantize": INT8_WRITER | {"quantization/rtn.py"},
     "export_compressed_tensors": INT8_WRITER | {"quantization/compressed_tensors_export.py"},
     "quantize_gptq": INT8_WRITER
@@ -94,7 +95,7 @@ EXPECTED = {
         "core/settings.py",
     },
     "vacc_compile": MANIFEST
-    | {"checkpoint/folder.py", "checkpoint/layout.py", "compilation/vamc.py", "compilation/vamc_compile.py"},
+    | {"checkpoint/folder.py", "checkpoint/layout.py", "compilation/vamc.py", "compilation/vacc_compile.py"},
     "aoti_compile": MANIFEST
     | SETTINGS
     | VACC
@@ -144,8 +145,10 @@ EXPECTED = {
         "serving/text.py",
         "serving/variant.py",
     },
-    "gates": SETTINGS | {"evaluation/gates.py"},
-    "report": SETTINGS | {"evaluation/gates.py", "evaluation/report.py"},
+    "gate": SETTINGS | {"evaluation/gates.py"},
+    "plots": SETTINGS | {"evaluation/gates.py", "evaluation/report.py"},
+    "summary": SETTINGS | {"evaluation/gates.py", "evaluation/report.py"},
+    "serving_plot": SETTINGS | {"evaluation/gates.py", "evaluation/report.py"},
 }
 STAGES = sorted(path.stem for path in (ROOT / "stages").glob("*.py") if path.stem != "__init__")
 
