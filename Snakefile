@@ -5,6 +5,8 @@ import sys
 
 from snakemake.utils import min_version
 
+from workflow_scripts.planning.config import rule_name
+
 min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)
@@ -16,7 +18,8 @@ configfile: "config/config.yaml"
 report: "rules/report/workflow.rst"
 
 
-include: "rules/validation.smk"
+include: "rules/common.smk"
+include: "rules/targets.smk"
 include: "rules/inputs.smk"
 include: "rules/resources.smk"
 
@@ -30,6 +33,17 @@ rule all:
         "results/report/summary.html",
 
 
+# One target rule per configured model, named after its id: `snakemake demo_mistral`.
+for model_id in MODELS:
+
+    rule:
+        name:
+            rule_name(model_id)
+        input:
+            model_outputs([model_id]),
+            shared_outputs([model_id]),
+
+
 include: "rules/download.smk"
 include: "rules/patch.smk"
 include: "rules/calibration.smk"
@@ -37,4 +51,3 @@ include: "rules/quantize.smk"
 include: "rules/compile.smk"
 include: "rules/evaluate.smk"
 include: "rules/serve.smk"
-include: "rules/targets.smk"

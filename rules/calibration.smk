@@ -1,4 +1,5 @@
 # Stage 3: calibration datasets, fetched once, tokenized once per distinct tokenizer.
+import json
 
 
 rule fetch_dataset:
@@ -29,6 +30,7 @@ rule fetch_dataset:
 rule tokenizer_store:
     input:
         code=code("tokenizer_store"),
+        source=tokenizer_store_source,
     output:
         "resources/tokenizers/{tokenizer}/tokenizer.json",
     log:
@@ -37,17 +39,17 @@ rule tokenizer_store:
         "benchmarks/tokenizers/{tokenizer}.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: SMALL_JOB.threads
+    threads: NEEDS["tokenizer_store"].threads
     resources:
-        **SMALL_JOB.resources(),
+        **NEEDS["tokenizer_store"].resources(),
     shell:
         "python3 -m workflow_scripts.stages.tokenizer_store --fingerprint {wildcards.tokenizer}"
-        " --models resources/models --output {output:q} > {log:q} 2>&1"
+        " --source {input.source:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule calibration_shard:
     input:
-        code=code("calibration"),
+        code=code("calibration_shard"),
         dataset="resources/datasets/{dataset}/MANIFEST.json",
         tokenizer="resources/tokenizers/{tokenizer}/tokenizer.json",
     output:
@@ -67,7 +69,7 @@ rule calibration_shard:
         format=lambda wildcards: DATASETS[wildcards.dataset]["format"],
     shell:
         "python3 -m workflow_scripts.stages.calibration_shard --dataset {wildcards.dataset} --format {params.format}"
-        " --files resources/datasets/{wildcards.dataset} --tokenizer $(dirname {input.tokenizer:q})"
+        " --files {input.dataset:q} --tokenizer {input.tokenizer:q}"
         " --fingerprint {wildcards.tokenizer} --settings {params.settings:q}"
         " --shard {output.shard:q} --record {output.record:q} > {log:q} 2>&1"
 
@@ -75,7 +77,7 @@ rule calibration_shard:
 # perplexity windows from the validation file of a c4-format dataset (c4, python-docs, ...)
 rule c4_evaluation_windows:
     input:
-        code=code("evaluation_sets"),
+        code=code("c4_evaluation_windows"),
         dataset="resources/datasets/{dataset}/MANIFEST.json",
         tokenizer="resources/tokenizers/{tokenizer}/tokenizer.json",
     output:
@@ -89,21 +91,21 @@ rule c4_evaluation_windows:
         dataset="|".join(c4_format_datasets()),
     conda:
         "../envs/workflow.yaml"
-    threads: NEEDS["c4_windows"].threads
+    threads: NEEDS["c4_evaluation_windows"].threads
     resources:
-        **NEEDS["c4_windows"].resources(),
+        **NEEDS["c4_evaluation_windows"].resources(),
     params:
         settings=c4_evaluation_windows_settings,
     shell:
-        "python3 -m workflow_scripts.stages.evaluation_sets c4-windows --files resources/datasets/{wildcards.dataset}"
-        " --tokenizer $(dirname {input.tokenizer:q}) --fingerprint {wildcards.tokenizer}"
+        "python3 -m workflow_scripts.stages.c4_evaluation_windows --files {input.dataset:q}"
+        " --tokenizer {input.tokenizer:q} --fingerprint {wildcards.tokenizer}"
         " --settings {params.settings:q} --output {output.windows:q} --record {output.record:q}"
         " > {log:q} 2>&1"
 
 
 rule ceval_evaluation_set:
     input:
-        code=code("evaluation_sets"),
+        code=code("ceval_evaluation_set"),
         dataset="resources/datasets/ceval/MANIFEST.json",
         tokenizer="resources/tokenizers/{tokenizer}/tokenizer.json",
     output:
@@ -114,12 +116,12 @@ rule ceval_evaluation_set:
         "benchmarks/evaluation-sets/{tokenizer}/ceval.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: NEEDS["ceval_set"].threads
+    threads: NEEDS["ceval_evaluation_set"].threads
     resources:
-        **NEEDS["ceval_set"].resources(),
+        **NEEDS["ceval_evaluation_set"].resources(),
     params:
         settings=json.dumps(config["evaluation"]["ceval"], sort_keys=True),
     shell:
-        "python3 -m workflow_scripts.stages.evaluation_sets ceval --files resources/datasets/ceval"
-        " --tokenizer $(dirname {input.tokenizer:q}) --fingerprint {wildcards.tokenizer}"
+        "python3 -m workflow_scripts.stages.ceval_evaluation_set --files {input.dataset:q}"
+        " --tokenizer {input.tokenizer:q} --fingerprint {wildcards.tokenizer}"
         " --settings {params.settings:q} --output {output:q} > {log:q} 2>&1"

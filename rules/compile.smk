@@ -16,15 +16,15 @@ rule vamc_config:
         "benchmarks/{model}/vamc-config-{dtype}.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: SMALL_JOB.threads
+    threads: NEEDS["vamc_config"].threads
     resources:
-        **SMALL_JOB.resources(),
+        **NEEDS["vamc_config"].resources(),
     params:
         settings=vamc_config_settings,
         calibration=vamc_config_calibration_arguments,
     shell:
         "python3 -m workflow_scripts.stages.vamc_config --model {wildcards.model:q} --dtype {wildcards.dtype}"
-        " --patched results/{wildcards.model:q}/patched --settings {params.settings:q} {params.calibration}"
+        " --patched {input.patched:q} --settings {params.settings:q} {params.calibration}"
         " --workspace results/{wildcards.model:q}/vacc/{wildcards.dtype} --output {output:q} > {log:q} 2>&1"
 
 
@@ -47,7 +47,7 @@ rule vacc_compile:
         **NEEDS["vacc_compile"].resources(),
     shell:
         "python3 -m workflow_scripts.stages.vacc_compile --model {wildcards.model:q} --config {input.config:q}"
-        " --patched results/{wildcards.model:q}/patched --manifest {output:q} > {log:q} 2>&1"
+        " --patched {input.patched:q} --manifest {output:q} > {log:q} 2>&1"
 
 
 rule aoti_compile:
@@ -66,13 +66,12 @@ rule aoti_compile:
         "../envs/workflow.yaml"
     threads: NEEDS["aoti_compile"].threads
     resources:
-        **NEEDS["aoti_compile"].resources(gpu=gpus("aoti")),
+        **NEEDS["aoti_compile"].resources(),
     params:
         settings=aoti_compile_settings,
         verify=aoti_compile_verify_settings,
-        checkpoint=lambda wildcards, input: os.path.dirname(input.checkpoint),
     shell:
         "python3 -m workflow_scripts.stages.aoti_compile --model {wildcards.model:q} --variant {wildcards.variant}"
-        " --patched results/{wildcards.model:q}/patched --checkpoint {params.checkpoint:q}"
+        " --patched {input.patched:q} --checkpoint {input.checkpoint:q}"
         " --settings {params.settings:q} --verify {params.verify:q}"
-        " --output results/{wildcards.model:q}/aoti/{wildcards.variant} > {log:q} 2>&1"
+        " --manifest {output:q} > {log:q} 2>&1"

@@ -1,4 +1,5 @@
 # Stage 6: every variant evaluated, gated, summarised and plotted for the report.
+import json
 
 
 rule evaluate:
@@ -23,20 +24,19 @@ rule evaluate:
         "../envs/workflow.yaml"
     threads: NEEDS["evaluate"].threads
     resources:
-        **NEEDS["evaluate"].resources(gpu=evaluate_gpus),
+        **NEEDS["evaluate"].resources(),
     params:
         settings=evaluate_settings,
-        checkpoint=lambda wildcards, input: os.path.dirname(input.checkpoint),
     shell:
         "python3 -m workflow_scripts.stages.evaluate --model {wildcards.model:q} --variant {wildcards.evaluation}"
-        " --patched results/{wildcards.model:q}/patched --checkpoint {params.checkpoint:q}"
+        " --patched {input.patched:q} --checkpoint {input.checkpoint:q}"
         " --windows {input.windows:q} --ceval {input.ceval:q} --settings {params.settings:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 
 rule gate:
     input:
-        code=code("gates"),
+        code=code("gate"),
         evaluations=lambda wildcards: model_evaluations(wildcards.model),
     output:
         report("results/{model}/gate.json", category="{model}", subcategory="gates"),
@@ -46,9 +46,9 @@ rule gate:
         "benchmarks/{model}/gate.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: SMALL_JOB.threads
+    threads: NEEDS["gate"].threads
     resources:
-        **SMALL_JOB.resources(),
+        **NEEDS["gate"].resources(),
     params:
         settings=model_settings("gates"),
     shell:
@@ -58,11 +58,11 @@ rule gate:
 
 rule plots:
     input:
-        code=code("report"),
+        code=code("plots"),
         evaluations=lambda wildcards: model_evaluations(wildcards.model),
         gptq=lambda wildcards: report_gptq_manifest(wildcards.model),
         # every other job of the model first, so that its benchmark files are all there
-        built=lambda wildcards: model_outputs([wildcards.model], reported=False),
+        built=lambda wildcards: model_builds(wildcards.model),
     output:
         report(
             "results/report/{model}/metrics.png",
@@ -88,20 +88,20 @@ rule plots:
         "benchmarks/{model}/plots.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: SMALL_JOB.threads
+    threads: NEEDS["plots"].threads
     resources:
-        **SMALL_JOB.resources(),
+        **NEEDS["plots"].resources(),
     params:
         gptq=lambda wildcards, input: f"--gptq {input.gptq}" if input.gptq else "",
     shell:
-        "python3 -m workflow_scripts.stages.report plots --model {wildcards.model:q}"
+        "python3 -m workflow_scripts.stages.plots"
         " --evaluations {input.evaluations:q} {params.gptq} --benchmarks benchmarks/{wildcards.model:q}"
         " --output results/report/{wildcards.model:q} > {log:q} 2>&1"
 
 
 rule summary:
     input:
-        code=code("report"),
+        code=code("summary"),
         evaluations=[
             path for model in config["targets"] for path in model_evaluations(model)
         ],
@@ -122,9 +122,9 @@ rule summary:
         "benchmarks/summary.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: SMALL_JOB.threads
+    threads: NEEDS["summary"].threads
     resources:
-        **SMALL_JOB.resources(),
+        **NEEDS["summary"].resources(),
     params:
         evaluations=json.dumps(
             {model: model_evaluations(model) for model in config["targets"]}
@@ -137,7 +137,7 @@ rule summary:
             {model: model_benchmarks(model) for model in config["targets"]}
         ),
     shell:
-        "python3 -m workflow_scripts.stages.report summary --evaluations {params.evaluations:q}"
+        "python3 -m workflow_scripts.stages.summary --evaluations {params.evaluations:q}"
         " --gates {params.gates:q} --gptq {params.gptq:q} --bench {params.benchmarks:q}"
         " --markdown {output.markdown:q}"
         " --html {output.html:q} > {log:q} 2>&1"

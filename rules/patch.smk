@@ -19,7 +19,7 @@ rule patch:
     params:
         settings=model_settings("patch"),
     shell:
-        "python3 -m workflow_scripts.stages.patch --model {wildcards.model:q} --source resources/models/{wildcards.model:q}"
+        "python3 -m workflow_scripts.stages.patch --model {wildcards.model:q} --source {input.source:q}"
         " --manifest {output:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
@@ -38,10 +38,10 @@ rule verify:
         "../envs/workflow.yaml"
     threads: NEEDS["verify"].threads
     resources:
-        **NEEDS["verify"].resources(gpu=gpus("verify")),
+        **NEEDS["verify"].resources(),
     params:
         settings=model_settings("verify"),
     shell:
-        "python3 -m workflow_scripts.stages.verify --model {wildcards.model:q} --patched results/{wildcards.model:q}/patched"
-        " --upstream resources/models/{wildcards.model:q} --output {output:q}"
+        "python3 -m workflow_scripts.stages.verify --model {wildcards.model:q} --patched {input.patched:q}"
+        " --upstream {input.upstream:q} --output {output:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"

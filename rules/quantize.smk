@@ -24,7 +24,7 @@ rule quantize:
         settings=model_settings("quantize", "{scheme}"),
     shell:
         "python3 -m workflow_scripts.stages.quantize --model {wildcards.model:q} --scheme {wildcards.scheme}"
-        " --patched results/{wildcards.model:q}/patched --manifest {output:q}"
+        " --patched {input.patched:q} --manifest {output:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"
 
 
@@ -42,14 +42,14 @@ rule quantize_gptq:
         "benchmarks/{model}/quantize-gptq-int8.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: NEEDS["gptq"].threads
+    threads: NEEDS["quantize_gptq"].threads
     resources:
-        **NEEDS["gptq"].resources(gpu=gpus("quantize", "gptq-int8")),
+        **NEEDS["quantize_gptq"].resources(),
     params:
         settings=model_settings("quantize", "gptq-int8"),
     shell:
         "python3 -m workflow_scripts.stages.quantize_gptq --model {wildcards.model:q}"
-        " --patched results/{wildcards.model:q}/patched --calibration {input.calibration:q}"
+        " --patched {input.patched:q} --calibration {input.calibration:q}"
         " --manifest {output:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
@@ -65,9 +65,9 @@ rule export_compressed_tensors:
         "benchmarks/{model}/export-{scheme}-ct.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: NEEDS["export"].threads
+    threads: NEEDS["export_compressed_tensors"].threads
     resources:
-        **NEEDS["export"].resources(),
+        **NEEDS["export_compressed_tensors"].resources(),
     shell:
         "python3 -m workflow_scripts.stages.export_compressed_tensors --model {wildcards.model:q}"
-        " --int8 results/{wildcards.model:q}/quantized/{wildcards.scheme} --manifest {output:q} > {log:q} 2>&1"
+        " --int8 {input.int8:q} --manifest {output:q} > {log:q} 2>&1"

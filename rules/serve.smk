@@ -21,20 +21,19 @@ rule serve_benchmark:
         "../envs/workflow.yaml"
     threads: NEEDS["serve_benchmark"].threads
     resources:
-        **NEEDS["serve_benchmark"].resources(gpu=serve_benchmark_gpus),
+        **NEEDS["serve_benchmark"].resources(),
     params:
         settings=serve_benchmark_settings,
         server=serve_benchmark_server,
-        folder=lambda wildcards, input: os.path.dirname(input.served),
     shell:
         "python3 -m workflow_scripts.stages.serve_benchmark --model {wildcards.model:q}"
-        " --variant {wildcards.served} --folder {params.folder:q} --settings {params.settings:q}"
+        " --variant {wildcards.served} --served {input.served:q} --settings {params.settings:q}"
         " {params.server} --output {output:q} > {log:q} 2>&1"
 
 
 rule serving_plot:
     input:
-        code=code("report"),
+        code=code("serving_plot"),
         benchmarks=lambda wildcards: model_benchmarks(wildcards.model),
     output:
         report(
@@ -49,9 +48,9 @@ rule serving_plot:
         "benchmarks/{model}/serving-plot.tsv"
     conda:
         "../envs/workflow.yaml"
-    threads: SMALL_JOB.threads
+    threads: NEEDS["serving_plot"].threads
     resources:
-        **SMALL_JOB.resources(),
+        **NEEDS["serving_plot"].resources(),
     shell:
-        "python3 -m workflow_scripts.stages.report serving --bench {input.benchmarks:q}"
+        "python3 -m workflow_scripts.stages.serving_plot --bench {input.benchmarks:q}"
         " --output {output:q} > {log:q} 2>&1"

@@ -19,9 +19,9 @@ sys.path.insert(0, str(REPO))
 from workflow_scripts.checkpoint.demo_checkpoint import write_demo_checkpoint  # noqa: E402
 from workflow_scripts.checkpoint.patch import PatchSettings, patch_checkpoint  # noqa: E402
 from workflow_scripts.compilation.aoti_build import AotiSettings, compile_variant  # noqa: E402
-from workflow_scripts.evaluation.decode import VerifyPrompts  # noqa: E402
 from workflow_scripts.quantization.int8_checkpoint import PROJECTIONS, QuantizeSettings  # noqa: E402
 from workflow_scripts.quantization.rtn import quantize_checkpoint  # noqa: E402
+from workflow_scripts.runtime.decode import VerifyPrompts  # noqa: E402
 
 from workflow_copy import Workflow  # noqa: E402
 
@@ -99,6 +99,9 @@ TINY_SHAPES = {
 
 PATCH_SETTINGS = PatchSettings(insert_slice=True, iter_num=0)
 QUANTIZE_SETTINGS = QuantizeSettings(bits=8, modules=PROJECTIONS)
+# a library called directly fingerprints its code as the stage that calls it would
+QUANTIZE_STAGE = "workflow_scripts.stages.quantize"
+AOTI_STAGE = "workflow_scripts.stages.aoti_compile"
 
 
 def stage_env(**extra):
@@ -212,7 +215,7 @@ def quantized(patched, tmp_path_factory):
     folders = {}
     for preset, folder in patched.items():
         folders[preset] = root / preset
-        quantize_checkpoint(preset, "rtn-int8", folder, folders[preset], QUANTIZE_SETTINGS)
+        quantize_checkpoint(preset, "rtn-int8", folder, folders[preset], QUANTIZE_SETTINGS, QUANTIZE_STAGE)
     return folders
 
 
@@ -232,9 +235,12 @@ def compiled(patched, tmp_path_factory):
     """The tiny Ministral-like model compiled as float and as rtn-int8 (tests/test_compile.py and
     tests/test_serving.py share it: the same worker runs both)."""
     root = tmp_path_factory.mktemp("aoti")
-    quantize_checkpoint("ministral", "rtn-int8", patched["ministral"], root / "rtn-int8", QUANTIZE_SETTINGS)
+    quantize_checkpoint(
+        "ministral", "rtn-int8", patched["ministral"], root / "rtn-int8", QUANTIZE_SETTINGS, QUANTIZE_STAGE
+    )
     for variant, checkpoint in (("float", patched["ministral"]), ("rtn-int8", root / "rtn-int8")):
-        compile_variant("ministral", variant, patched["ministral"], checkpoint, AOTI, VERIFY, root / "aoti" / variant)
+        output = root / "aoti" / variant
+        compile_variant("ministral", variant, patched["ministral"], checkpoint, AOTI, VERIFY, output, AOTI_STAGE)
     return root
 
 

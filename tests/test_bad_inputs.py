@@ -35,9 +35,9 @@ from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import sha256_file
 from workflow_scripts.core.manifest import MANIFEST_NAME
 from workflow_scripts.data.assemble import assemble_dataset
-from workflow_scripts.data.calibration import write_shard
 from workflow_scripts.data.datasets import DATASET_FILES
-from workflow_scripts.stages.fetch_dataset import fetch_local as fetch_local_dataset
+from workflow_scripts.data.fetch import fetch_local as fetch_local_dataset
+from workflow_scripts.data.provenance import write_token_tensors
 from workflow_scripts.stages.download import fetch_local
 
 from conftest import (
@@ -272,7 +272,7 @@ def llama_architecture(bench):
 def gguf_import(source):
     """The download rule's run for a gguf source (workflow_scripts.stages.download_gguf)."""
     return StageRun(
-        "gguf_import",
+        "download_gguf",
         ("--model", MODEL, "--source", json.dumps(source), "--manifest", DOWNLOADED / MANIFEST_NAME),
         (DOWNLOADED,),
     )
@@ -299,7 +299,7 @@ def patch(bench, alter_source=lambda source: None, alter_download=lambda folder:
             "--model",
             MODEL,
             "--source",
-            DOWNLOADED,
+            DOWNLOADED / MANIFEST_NAME,
             "--manifest",
             PATCHED / MANIFEST_NAME,
             "--settings",
@@ -359,9 +359,9 @@ def verify_with_wrong_rope(bench):
             "--model",
             MODEL,
             "--patched",
-            PATCHED,
+            PATCHED / MANIFEST_NAME,
             "--upstream",
-            DOWNLOADED,
+            DOWNLOADED / MANIFEST_NAME,
             "--output",
             output,
             "--settings",
@@ -377,7 +377,7 @@ def empty_dataset_file(bench):
     (raw / ALPACA).write_bytes(b"")
     manifest = Path("resources/datasets/alpaca", MANIFEST_NAME)
     return StageRun(
-        "dataset_fetch",
+        "fetch_dataset",
         ("--dataset", "alpaca", "--source", json.dumps({"local": str(raw)}), "--manifest", manifest),
         (manifest.parent,),
     )
@@ -390,14 +390,14 @@ def calibration(bench, dataset, alter=lambda raw: None, settings=None, fingerpri
     fingerprint = bench.tokenizer(fingerprint=fingerprint)
     shard = f"results/calibration/{fingerprint}/{dataset}"
     return StageRun(
-        "calibration",
+        "calibration_shard",
         (
             "--dataset",
             dataset,
             "--files",
-            f"resources/datasets/{dataset}",
+            f"resources/datasets/{dataset}/{MANIFEST_NAME}",
             "--tokenizer",
-            f"resources/tokenizers/{fingerprint}",
+            f"resources/tokenizers/{fingerprint}/tokenizer.json",
             "--fingerprint",
             fingerprint,
             "--settings",
@@ -438,7 +438,7 @@ def quantize(bench, alter):
             "--scheme",
             "rtn-int8",
             "--patched",
-            PATCHED,
+            PATCHED / MANIFEST_NAME,
             "--manifest",
             output / MANIFEST_NAME,
             "--settings",
@@ -460,7 +460,7 @@ def shard_of_another_tokenizer(bench):
     shard = Path("results/calibration", other, "c4.safetensors")
     rows = GPTQ_SETTINGS["nsamples"] + GPTQ_SETTINGS["holdout"]  # enough samples: only the tokenizer is wrong
     tensors = {"input_ids": np.ones((rows, 16), np.int32), "attention_mask": np.ones((rows, 16), np.int8)}
-    write_shard(
+    write_token_tensors(
         tensors,
         {"dataset": "c4", "tokenizer_fingerprint": other},
         bench.path(shard),
@@ -473,7 +473,7 @@ def shard_of_another_tokenizer(bench):
             "--model",
             MODEL,
             "--patched",
-            PATCHED,
+            PATCHED / MANIFEST_NAME,
             "--calibration",
             shard,
             "--manifest",
@@ -496,7 +496,7 @@ def vamc_config(bench, **settings):
             "--dtype",
             "fp16",
             "--patched",
-            PATCHED,
+            PATCHED / MANIFEST_NAME,
             "--settings",
             json.dumps({**VAMC, **settings}),
             "--workspace",
@@ -515,7 +515,16 @@ def vacc_compile(bench, vamc_env):
     manifest = Path("results", MODEL, "vacc", "fp16", MANIFEST_NAME)
     return StageRun(
         "vacc_compile",
-        ("--model", MODEL, "--config", config.relative_to(bench.work), "--patched", PATCHED, "--manifest", manifest),
+        (
+            "--model",
+            MODEL,
+            "--config",
+            config.relative_to(bench.work),
+            "--patched",
+            PATCHED / MANIFEST_NAME,
+            "--manifest",
+            manifest,
+        ),
         (manifest,),
         vamc_env(bench),
     )
@@ -540,15 +549,15 @@ def aoti_compile(bench, variant, checkpoint, settings):
             "--variant",
             variant,
             "--patched",
-            PATCHED,
+            PATCHED / MANIFEST_NAME,
             "--checkpoint",
-            checkpoint,
+            checkpoint / MANIFEST_NAME,
             "--settings",
             json.dumps(settings.record()),
             "--verify",
             json.dumps(VERIFY.record()),
-            "--output",
-            output,
+            "--manifest",
+            output / MANIFEST_NAME,
         ),
         (output,),
     )
@@ -878,7 +887,7 @@ CASES = [
     ),
     Case(
         "gptq-shard-of-another-tokenizer",
-        "GPTQ calibration shards made with another tokenizer",
+        "calibration shards or evaluation sets made with another tokenizer (GPTQ, evaluate)",
         shard_of_another_tokenizer,
         rf"{SHARD}c4\.safetensors: made with tokenizer [0-9a-f]{{16}}, but the model's tokenizer is [0-9a-f]{{16}}",
     ),

@@ -14,8 +14,9 @@ from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import sha256_file
 from workflow_scripts.data import demo_datasets as dataset_demo
 from workflow_scripts.data.assemble import assemble_dataset
-from workflow_scripts.data.calibration import CalibrationSettings, build_shard, write_shard
+from workflow_scripts.data.calibration import CalibrationSettings, build_shard
 from workflow_scripts.data.datasets import DATASET_FILES
+from workflow_scripts.data.provenance import read_provenance, write_token_tensors
 from workflow_scripts.data.readers import C4Lines, read_alpaca, read_ceval
 from workflow_scripts.data.tokenizers import load_tokenizer
 
@@ -99,7 +100,7 @@ def test_same_seed_gives_byte_identical_shards_and_a_new_seed_does_not(demo_data
     outputs = []
     for run, seed in enumerate((3, 3, 4)):
         tensors, record = shard(demo_datasets, tokenizers, dataset, seed=seed)
-        write_shard(tensors, record, tmp_path / f"{run}.safetensors", tmp_path / f"{run}.json")
+        write_token_tensors(tensors, record, tmp_path / f"{run}.safetensors", tmp_path / f"{run}.json")
         outputs.append(((tmp_path / f"{run}.safetensors").read_bytes(), (tmp_path / f"{run}.json").read_bytes()))
     assert outputs[0][0] == outputs[1][0]
     assert outputs[0][1] == outputs[1][1]
@@ -117,12 +118,11 @@ def test_evaluation_sets(demo_datasets, tokenizers, tmp_path):
     folder, print_ = tokenizers["ministral"]
     windows, record = tmp_path / "c4.safetensors", tmp_path / "c4.json"
     run_stage(
-        "evaluation_sets",
-        "c4-windows",
+        "c4_evaluation_windows",
         "--files",
-        demo_datasets / "c4",
+        demo_datasets / "c4" / "MANIFEST.json",
         "--tokenizer",
-        folder,
+        folder / "tokenizer.json",
         "--fingerprint",
         print_,
         "--settings",
@@ -144,12 +144,11 @@ def test_evaluation_sets(demo_datasets, tokenizers, tmp_path):
 
     ceval = tmp_path / "ceval.json"
     run_stage(
-        "evaluation_sets",
-        "ceval",
+        "ceval_evaluation_set",
         "--files",
-        demo_datasets / "ceval",
+        demo_datasets / "ceval" / "MANIFEST.json",
         "--tokenizer",
-        folder,
+        folder / "tokenizer.json",
         "--fingerprint",
         print_,
         "--settings",
@@ -158,6 +157,9 @@ def test_evaluation_sets(demo_datasets, tokenizers, tmp_path):
         ceval,
     )
     data = json.loads(ceval.read_text())
+    # one provenance for every token file: in a safetensors file's metadata, at the top of a JSON one
+    assert read_provenance(windows) == {"dataset": "c4", "tokenizer_fingerprint": print_}
+    assert (data["dataset"], data["tokenizer_fingerprint"]) == ("ceval", print_)
     assert len(data["questions"]) == 30 * 8
     prompt = tokenizer.decode(data["questions"][0]["input_ids"])
     assert prompt.count("答案：") == 6 and prompt.endswith("答案：")
@@ -176,38 +178,36 @@ def test_fetch_from_a_hub_cache_of_the_named_files(tmp_path, demo_datasets):
     files = {path: demo_datasets / "c4" / path for path in DATASET_FILES["c4"][1].values()}
     commit = "c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4"
     add_to_hub_cache(cache, "allenai/c4", files, commit, kind="datasets")
-    manifest = tmp_path / "resources" / "c4" / "MANIFEST.json"
-    env = stage_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    run_stage(
-        "dataset_fetch",
-        "--dataset",
-        "c4",
-        "--source",
-        json.dumps({"hub": "allenai/c4", "revision": "main"}),
-        "--manifest",
-        manifest,
-        env=env,
-    )
+
+    def fetch(dataset, repo):
+        manifest = tmp_path / "resources" / dataset / "MANIFEST.json"
+        source = json.dumps({"hub": repo, "revision": "main"})
+        env = stage_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+        result = run_stage(
+            "fetch_dataset", "--dataset", dataset, "--source", source, "--manifest", manifest, env=env, check=False
+        )
+        return manifest, result
+
+    manifest, _ = fetch("c4", "allenai/c4")
     data = json.loads(manifest.read_text())
     assert data["origin"] == {"hub": "allenai/c4", "revision": "main", "commit": commit}
     assert sorted(data["files"]) == sorted(DATASET_FILES["c4"][1].values())
     for path, entry in data["files"].items():
         assert entry["sha256"] == sha256_file(files[path])
 
-    missing = run_stage(
-        "dataset_fetch",
-        "--dataset",
-        "ceval",
-        "--source",
-        json.dumps({"hub": "ceval/ceval-exam", "revision": "main"}),
-        "--manifest",
-        tmp_path / "resources" / "ceval" / "MANIFEST.json",
-        env=env,
-        check=False,
-    )
+    manifest, missing = fetch("ceval", "ceval/ceval-exam")
     assert missing.returncode == 1
     assert "dataset ceval: ceval-exam.zip of ceval/ceval-exam@main is not in the local hub cache" in missing.stderr
-    assert not (tmp_path / "resources" / "ceval").exists()
+    assert not manifest.parent.exists()
+
+    # a snapshot without the named file (a repo that lacks it, or a file never fetched): named, nothing linked
+    add_to_hub_cache(
+        cache, "ceval/ceval-exam", {"README.md": files[DATASET_FILES["c4"][1]["train"]]}, commit, kind="datasets"
+    )
+    manifest, lacking = fetch("ceval", "ceval/ceval-exam")
+    assert lacking.returncode == 1
+    assert f"dataset ceval: ceval/ceval-exam@main (commit {commit}) has no ceval-exam.zip" in lacking.stderr
+    assert not manifest.parent.exists()
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
@@ -291,13 +291,13 @@ def test_a_failed_shard_leaves_no_partial_output(demo_datasets, tokenizers, tmp_
     folder, print_ = tokenizers["mistral"]
     settings = {**SMALL["c4"], "nsamples": 300, "seqlen": 2048}
     result = run_stage(
-        "calibration",
+        "calibration_shard",
         "--dataset",
         "c4",
         "--files",
-        demo_datasets / "c4",
+        demo_datasets / "c4" / "MANIFEST.json",
         "--tokenizer",
-        folder,
+        folder / "tokenizer.json",
         "--fingerprint",
         print_,
         "--settings",

@@ -40,7 +40,13 @@ INT8_WRITER = (
     }
 )
 DATASET_FOLDER = FETCH | {"data/assemble.py", "data/datasets.py"}
-TOKEN_WINDOWS = MANIFEST | {"data/datasets.py", "data/readers.py", "data/tokenizers.py", "data/windows.py"}
+TOKEN_WINDOWS = MANIFEST | {
+    "data/datasets.py",
+    "data/provenance.py",
+    "data/readers.py",
+    "data/tokenizers.py",
+    "data/windows.py",
+}
 
 EXPECTED = {
     "download": FETCH | {"checkpoint/assemble.py", "checkpoint/folder.py"},
@@ -67,8 +73,8 @@ EXPECTED = {
     "verify": MANIFEST
     | SETTINGS
     | VACC
-    | {"core/devices.py", "data/tokenizers.py", "evaluation/decode.py", "evaluation/verify.py"},
-    "fetch_dataset": DATASET_FOLDER,
+    | {"core/devices.py", "data/tokenizers.py", "evaluation/verify.py", "runtime/decode.py"},
+    "fetch_dataset": DATASET_FOLDER | {"data/fetch.py"},
     "fetch_dataset_demo": DATASET_FOLDER | {"data/demo_datasets.py"},
     "fetch_dataset_python_docs": DATASET_FOLDER | {"data/python_docs.py"},
     "tokenizer_store": CLI | {"data/tokenizers.py"},
@@ -80,6 +86,7 @@ EXPECTED = {
     "quantize_gptq": INT8_WRITER
     | {
         "core/devices.py",
+        "data/provenance.py",
         "data/tokenizers.py",
         "quantization/__init__.py",
         "quantization/gptq.py",
@@ -104,12 +111,13 @@ EXPECTED = {
         "checkpoint/layout.py",
         "checkpoint/safetensors_stream.py",
         "compilation/aoti_build.py",
-        "compilation/aoti_graphs.py",
-        "compilation/aoti_package.py",
         "core/code_inputs.py",
         "core/devices.py",
+        "core/variants.py",
         "data/tokenizers.py",
-        "evaluation/decode.py",
+        "runtime/decode.py",
+        "runtime/graphs.py",
+        "runtime/package.py",
     },
     "evaluate": MANIFEST
     | SETTINGS
@@ -117,13 +125,15 @@ EXPECTED = {
     | {
         "checkpoint/folder.py",
         "checkpoint/safetensors_stream.py",
-        "compilation/aoti_package.py",
         "core/devices.py",
+        "core/variants.py",
         "evaluation/__init__.py",
+        "data/provenance.py",
         "data/tokenizers.py",
-        "evaluation/decode.py",
         "evaluation/evaluate.py",
         "evaluation/metrics.py",
+        "runtime/decode.py",
+        "runtime/package.py",
     },
     # the server runs as a child process (CHILD_MODULES): its code, down to the model's, is the benchmark's too
     "serve_benchmark": SETTINGS
@@ -132,17 +142,20 @@ EXPECTED = {
         "checkpoint/folder.py",
         "checkpoint/layout.py",
         "checkpoint/safetensors_stream.py",
-        "compilation/aoti_graphs.py",
-        "compilation/aoti_package.py",
         "core/devices.py",
         "data/tokenizers.py",
+        "runtime/graphs.py",
+        "runtime/package.py",
         "serve.py",
         "serving/__init__.py",
         "serving/api.py",
-        "serving/benchmark.py",
+        "serving/bench_client.py",
         "serving/engine.py",
         "serving/local_server.py",
+        "serving/prompts.py",
+        "serving/sweep.py",
         "serving/text.py",
+        "serving/timings.py",
         "serving/variant.py",
     },
     "gate": SETTINGS | {"evaluation/gates.py"},
@@ -187,6 +200,42 @@ def test_no_module_imports_a_stage():
     for path in package_modules():
         stages = {name for name in imports_of(path) if name.startswith(f"{PACKAGE}.stages.")}
         assert not stages, f"{path.relative_to(ROOT)} imports {sorted(stages)}"
+
+
+# The sibling packages (and top-level modules) of workflow_scripts each one may import. Compilation, evaluation
+# and serving share the runtime (graphs, compiled packages, greedy decoding) and import none of one another;
+# planning reads the constants the Snakefile sizes jobs and checks config with; a stage calls any library.
+ALLOWED_IMPORTS = {
+    "__init__": set(),
+    "core": set(),
+    "data": {"core"},
+    "checkpoint": {"core", "data"},
+    "quantization": {"core", "checkpoint", "data"},
+    "runtime": {"core", "checkpoint", "data"},
+    "compilation": {"core", "checkpoint", "data", "runtime"},
+    "evaluation": {"core", "checkpoint", "data", "runtime"},
+    "serving": {"core", "checkpoint", "data", "runtime"},
+    "planning": {"core", "checkpoint", "compilation", "data", "evaluation", "quantization"},
+    "stages": {"core", "checkpoint", "data", "quantization", "runtime", "compilation", "evaluation", "serving"},
+    "serve": {"core", "serving"},
+    "run_compiled": {"core", "runtime"},
+}
+
+
+def domain_of(path):
+    """The sibling package of workflow_scripts that ``path`` is in, or the top-level module it is."""
+    relative = path.relative_to(ROOT)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def test_packages_import_only_the_packages_they_build_on():
+    modules = package_modules()
+    assert {domain_of(path) for path in modules} == set(ALLOWED_IMPORTS), "a package was added: list its imports"
+    for path in modules:
+        own = domain_of(path)
+        imported = {name.split(".")[1] for name in imports_of(path) if "." in name} - {own}
+        forbidden = imported - ALLOWED_IMPORTS[own]
+        assert not forbidden, f"{path.relative_to(ROOT)} imports {sorted(forbidden)}, outside {own}'s allowed list"
 
 
 def test_planning_code_is_no_stages_code_input():

@@ -10,12 +10,12 @@ import torch
 import yaml
 
 from workflow_scripts.compilation.aoti_build import compile_variant
-from workflow_scripts.compilation.aoti_package import load_compiled
 from workflow_scripts.compilation.vamc import build_environment, check_lengths, check_overrides
 from workflow_scripts.compilation.vamc_config import VamcSettings, render
 from workflow_scripts.core.errors import InputError
+from workflow_scripts.runtime.package import load_compiled
 
-from conftest import AOTI, VERIFY, run_stage, stage_env
+from conftest import AOTI, AOTI_STAGE, VERIFY, run_stage, stage_env
 
 VAMC = {
     "tp": 4,
@@ -32,13 +32,17 @@ CALIBRATION = {"name": "c4", "nsamples": 128, "seqlen": 1024}
 
 def write_vamc_config(patched, tmp_path, dtype, settings=VAMC):
     output = tmp_path / "vamc" / f"{dtype}.yaml"
-    extra = ["--dataset-dir", str(tmp_path), "--calibration", json.dumps(CALIBRATION)] if dtype == "int8" else []
+    extra = (
+        ["--dataset", str(tmp_path / "MANIFEST.json"), "--calibration", json.dumps(CALIBRATION)]
+        if dtype == "int8"
+        else []
+    )
     run_stage(
         "vamc_config",
         "--model",
         "tiny",
         "--patched",
-        patched,
+        patched / "MANIFEST.json",
         "--dtype",
         dtype,
         "--settings",
@@ -142,7 +146,7 @@ def test_vamc_compile_runs_the_real_call_and_adds_the_tokenizer(patched, tmp_pat
         "--config",
         config,
         "--patched",
-        patched["mistral"],
+        patched["mistral"] / "MANIFEST.json",
         "--manifest",
         manifest,
         env=env,
@@ -172,7 +176,7 @@ def test_a_failed_or_missing_vamc_leaves_nothing(patched, tmp_path, fake_vamc):
         "--config",
         config,
         "--patched",
-        patched["mistral"],
+        patched["mistral"] / "MANIFEST.json",
         "--manifest",
         manifest,
     )
@@ -205,7 +209,7 @@ def test_both_graphs_share_one_copy_of_the_weights_in_the_checkpoints_dtype(comp
     bfloat16 weights widened; int8 stays int8), plus the rotary tables of the graphs' 48 positions."""
     from safetensors import safe_open
 
-    from workflow_scripts.compilation.aoti_package import read_constants
+    from workflow_scripts.runtime.package import read_constants
 
     for variant, stored_as in (("float", "BF16"), ("rtn-int8", "I8")):
         folder = compiled / "aoti" / variant
@@ -238,7 +242,7 @@ def test_the_runner_cli_generates_text(compiled):
 def test_a_quantized_checkpoint_of_another_patched_model_is_refused(patched, compiled, tmp_path):
     with pytest.raises(InputError, match="was quantized from a patched checkpoint with manifest sha256"):
         compile_variant(
-            "mistral", "rtn-int8", patched["mistral"], compiled / "rtn-int8", AOTI, VERIFY, tmp_path / "out"
+            "mistral", "rtn-int8", patched["mistral"], compiled / "rtn-int8", AOTI, VERIFY, tmp_path / "out", AOTI_STAGE
         )
     assert not (tmp_path / "out").exists()
 
@@ -257,6 +261,7 @@ def test_a_prompt_longer_than_the_prefill_graph_is_refused(patched, tmp_path):
             dataclasses.replace(AOTI, seq_in=4),
             VERIFY,
             tmp_path / "out",
+            AOTI_STAGE,
         )
 
 
@@ -288,15 +293,15 @@ def test_compiling_again_elsewhere_writes_the_same_bytes(compiled, patched):
         "--variant",
         "float",
         "--patched",
-        patched["ministral"],
+        patched["ministral"] / "MANIFEST.json",
         "--checkpoint",
-        patched["ministral"],
+        patched["ministral"] / "MANIFEST.json",
         "--settings",
         json.dumps(AOTI.record()),
         "--verify",
         json.dumps(VERIFY.record()),
-        "--output",
-        again,
+        "--manifest",
+        again / "MANIFEST.json",
     )
     assert {path.name: path.read_bytes() for path in again.iterdir()} == {
         path.name: path.read_bytes() for path in first.iterdir()

@@ -4,9 +4,11 @@ import copy
 from pathlib import Path
 
 import pytest
+import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from workflow_scripts.core import variants
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.planning.config import check_config, rule_name
 
@@ -255,6 +257,14 @@ def test_gptq_needs_nsamples_plus_holdout_in_each_shard():
             {"aoti": {"seq_in": 120}},
             r"models\.demo-mistral\.aoti\.seq_total = 128 leaves no room for verify\.greedy_tokens",
         ),
+        (
+            {"bench": {"variants": ["aoti-rtn-int8", "aoti-fp16"]}},
+            r"models\.demo-mistral\.bench\.variants\[1\]: 'aoti-fp16' is no variant: one of float, rtn-int8",
+        ),
+        (
+            {"aoti": {"variants": ["float"]}, "bench": {"variants": ["aoti-gptq-int8"]}},
+            r"models\.demo-mistral\.bench\.variants\[0\] = aoti-gptq-int8 is not built: add gptq-int8 to",
+        ),
     ],
 )
 def test_compile_settings_are_checked_at_start_naming_the_key(model_settings, message):
@@ -297,3 +307,10 @@ def test_the_stages_on_cuda_ask_the_scheduler_for_a_gpu(tmp_path, device):
     on_device = {"verify", "evaluate", "aoti_compile", "quantize_gptq", "serve_benchmark"}
     assert on_device <= set(gpus)
     assert asked == (on_device if device == "cuda" else set())
+
+
+def test_the_schema_lists_the_variants_that_core_variants_knows():
+    """Variant names live in workflow_scripts/core/variants.py; the schema's enums name the same, in order."""
+    settings = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())["$defs"]["model"]["properties"]
+    assert tuple(settings["quantize"]["properties"]["schemes"]["items"]["enum"]) == variants.SCHEMES
+    assert tuple(settings["aoti"]["properties"]["variants"]["items"]["enum"]) == variants.EAGER

@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 from workflow_scripts.checkpoint import demo_checkpoint
 from workflow_scripts.checkpoint.safetensors_stream import SafetensorsFile
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
-from workflow_scripts.compilation.aoti_package import read_constants, write_constants
 from workflow_scripts.core.devices import float32_compute, load_computing_in, resolve_device, resolve_dtype
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.evaluation.decode import greedy_decode
+from workflow_scripts.runtime.decode import greedy_decode
+from workflow_scripts.runtime.package import read_constants, write_constants
 
-from conftest import AOTI, VERIFY
+from conftest import AOTI, AOTI_STAGE, VERIFY
 
 IDS = torch.tensor([[1, 415, 5565, 302, 4843, 349, 5465, 28723, 661, 349, 264, 1628]])
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -170,11 +170,13 @@ def test_on_a_gpu_the_stages_models_compute_on_it(patched):
 @CUDA
 def test_on_a_gpu_the_compiled_packages_are_cuda_packages_that_match_eager(patched, tmp_path):
     from workflow_scripts.compilation.aoti_build import compile_variant
-    from workflow_scripts.compilation.aoti_package import load_compiled
+    from workflow_scripts.runtime.package import load_compiled
 
     settings = dataclasses.replace(AOTI, device="cuda", batch=1)
     verify = dataclasses.replace(VERIFY, prompts=VERIFY.prompts[:1], greedy_tokens=8)
-    compile_variant("mistral", "float", patched["mistral"], patched["mistral"], settings, verify, tmp_path / "aoti")
+    compile_variant(
+        "mistral", "float", patched["mistral"], patched["mistral"], settings, verify, tmp_path / "aoti", AOTI_STAGE
+    )
     graphs = json.loads((tmp_path / "aoti" / "graphs.json").read_text())
     assert graphs["device"] == "cuda" and graphs["dtype"] == "bfloat16"
     generator, tokenizer, _ = load_compiled(tmp_path / "aoti")
@@ -220,7 +222,7 @@ def test_the_variant_and_its_reference_are_never_resident_together_and_groups_ch
 def test_a_cpu_compile_that_cannot_fit_is_refused_before_it_starts(patched, tmp_path, monkeypatch):
     from workflow_scripts.compilation.aoti_build import AotiSettings, compile_variant
     from workflow_scripts.core import devices
-    from workflow_scripts.evaluation.decode import VerifyPrompts
+    from workflow_scripts.runtime.decode import VerifyPrompts
 
     monkeypatch.setattr(devices, "available_memory_bytes", lambda: 10**8)
     settings = AotiSettings(
@@ -239,6 +241,7 @@ def test_a_cpu_compile_that_cannot_fit_is_refused_before_it_starts(patched, tmp_
             settings,
             VerifyPrompts(prompts=("a",), greedy_tokens=1),
             tmp_path / "aoti",
+            AOTI_STAGE,
         )
     assert not any(tmp_path.iterdir())
 

@@ -4,17 +4,20 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from workflow_scripts.core.errors import CheckFailed, InputError
+from workflow_scripts.data.provenance import write_token_tensors
 from workflow_scripts.evaluation.evaluate import load_ceval, load_windows
 from workflow_scripts.evaluation.gates import GateSettings, check_variants
 from workflow_scripts.evaluation.metrics import TokenMetrics, choice_accuracy
 from workflow_scripts.evaluation.report import write_plots, write_serving_plot, write_summary
-from workflow_scripts.stages.gate import main as gates_main
-from workflow_scripts.stages.report import main as report_main
+from workflow_scripts.stages.gate import main as gate_main
+from workflow_scripts.stages.serving_plot import main as serving_plot_main
+from workflow_scripts.stages.summary import main as summary_main
 
 
 def test_perplexity_of_known_distributions():
@@ -100,7 +103,7 @@ def test_gates_name_the_variant_the_metric_and_both_values(tmp_path):
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(value))
     with pytest.raises(CheckFailed) as failure:
-        gates_main(
+        gate_main(
             [
                 "--model",
                 "m",
@@ -232,8 +235,8 @@ def test_the_serving_benchmark_is_a_summary_section_and_a_plot(tmp_path):
     eager = tmp_path / "float.bench.json"
     eager.write_text(json.dumps(bench_record(None, [bench_case(15, 16, 1, 4), bench_case(15, 16, 4, 4)])))
     summary = (tmp_path / "summary.md", tmp_path / "summary.html")
-    report_main(
-        ["summary", "--evaluations", json.dumps({"m": [str(evaluation)]}), "--gates", json.dumps({"m": GATES.record()})]
+    summary_main(
+        ["--evaluations", json.dumps({"m": [str(evaluation)]}), "--gates", json.dumps({"m": GATES.record()})]
         + ["--gptq", json.dumps({"m": None}), "--bench", json.dumps({"m": [str(compiled), str(eager)]})]
         + ["--markdown", str(summary[0]), "--html", str(summary[1])]
     )
@@ -249,7 +252,7 @@ def test_the_serving_benchmark_is_a_summary_section_and_a_plot(tmp_path):
     write_summary({"m": [str(evaluation)]}, {"m": GATES}, {"m": None}, *summary, bench_paths={"m": []})
     assert "Serving benchmark" not in summary[0].read_text()
     plot = tmp_path / "plots" / "serving.png"
-    report_main(["serving", "--bench", str(compiled), str(eager), "--output", str(plot)])
+    serving_plot_main(["--bench", str(compiled), str(eager), "--output", str(plot)])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -261,14 +264,20 @@ def test_a_serving_record_without_cases_is_refused_naming_the_file(tmp_path):
 
 
 def test_evaluation_sets_of_another_tokenizer_or_empty_are_refused(tmp_path):
-    path = tmp_path / "windows.safetensors"
-    save_file({"input_ids": torch.zeros(2, 8, dtype=torch.int32)}, str(path), metadata={"tokenizer_fingerprint": "aa"})
-    with pytest.raises(InputError, match="made with tokenizer aa, but the model's tokenizer is bb"):
+    path, record = tmp_path / "windows.safetensors", tmp_path / "windows.json"
+    made_by = {"dataset": "c4", "tokenizer_fingerprint": "aa"}
+    write_token_tensors({"input_ids": np.zeros((2, 8), np.int32)}, made_by, path, record)
+    with pytest.raises(InputError, match="windows.safetensors: made with tokenizer aa, but the model's tokenizer is"):
         load_windows(path, "bb", None)
-    save_file({"input_ids": torch.zeros(0, 8, dtype=torch.int32)}, str(path), metadata={"tokenizer_fingerprint": "aa"})
+    write_token_tensors({"input_ids": np.zeros((0, 8), np.int32)}, made_by, path, record)
     with pytest.raises(InputError, match="holds no evaluation windows"):
         load_windows(path, "aa", None)
+    save_file({"input_ids": torch.zeros(2, 8, dtype=torch.int32)}, str(path), metadata={"tokenizer_fingerprint": "aa"})
+    with pytest.raises(InputError, match="windows.safetensors: has no 'provenance' metadata naming the tokenizer"):
+        load_windows(path, "aa", None)
     ceval = tmp_path / "ceval.json"
-    ceval.write_text(json.dumps({"tokenizer_fingerprint": "aa", "questions": [], "letter_token_ids": {}}))
+    ceval.write_text(json.dumps({**made_by, "questions": [], "letter_token_ids": {}}))
+    with pytest.raises(InputError, match="ceval.json: made with tokenizer aa, but the model's tokenizer is bb"):
+        load_ceval(ceval, "bb", None)
     with pytest.raises(InputError, match="holds no ceval questions"):
         load_ceval(ceval, "aa", None)

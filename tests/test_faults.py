@@ -36,7 +36,7 @@ class Stage:
 STAGES = [
     Stage(
         "download",
-        "demo",
+        "download_demo",
         "resources/models/tiny-b/MANIFEST.json",
         "*/resources/models/.tiny-b.staging-*/.model.safetensors.index.json.*.tmp",  # both shards written
     ),

@@ -152,7 +152,7 @@ def write_foreign_gguf(path, architecture="qwen2"):
 def import_gguf(tmp_path, source, check=True):
     manifest = tmp_path / "resources" / "models" / MODEL / "MANIFEST.json"
     result = run_stage(
-        "gguf_import", "--model", MODEL, "--source", json.dumps(source), "--manifest", manifest, check=check
+        "download_gguf", "--model", MODEL, "--source", json.dumps(source), "--manifest", manifest, check=check
     )
     return manifest, result
 
@@ -346,6 +346,16 @@ def test_a_wrong_sha256_is_refused_naming_both_digests(tmp_path):
         f"error: model {MODEL}: source.sha256 is {'0' * 64}, but {path} has sha256 {digest}"
     )
     import_gguf(tmp_path, {"gguf": str(path), "sha256": digest.upper()})  # the right one passes, in any case
+
+
+def test_a_truncated_file_is_refused_by_name(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, reference_model())
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 1000)  # the header whole, the last tensors short
+    assert refused(tmp_path, {"gguf": str(path)}).startswith(
+        f"error: model {MODEL}: source.gguf {path}: truncated or corrupt, the gguf package cannot read its tensors"
+    )
 
 
 def test_a_missing_package_is_refused_with_the_install_hint(tmp_path):

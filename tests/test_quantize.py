@@ -13,6 +13,7 @@ from workflow_scripts.quantization.int8_checkpoint import INT8_MODEL_TYPE, PROJE
 from workflow_scripts.quantization.rtn import quantize_checkpoint
 
 from conftest import QUANTIZE_SETTINGS as SETTINGS
+from conftest import QUANTIZE_STAGE
 
 IDS = torch.tensor([[1, 415, 5565, 302, 4843, 349, 5465, 28723, 661, 349, 264, 1628, 2990, 28723, 13, 13]])
 
@@ -119,7 +120,7 @@ def rewrite(folder, edit):
 def quantize_error(folder, tmp_path):
     target = tmp_path / "out"
     with pytest.raises(InputError) as error:
-        quantize_checkpoint("m", "rtn-int8", folder, target, SETTINGS)
+        quantize_checkpoint("m", "rtn-int8", folder, target, SETTINGS, QUANTIZE_STAGE)
     assert not target.exists()
     return str(error.value)
 
@@ -189,7 +190,7 @@ def test_all_zero_rows_give_zero_scale_and_finite_outputs(patched, copy_checkpoi
 
     rewrite(folder, zero_rows)
     target = tmp_path / "q"
-    quantize_checkpoint("m", "rtn-int8", folder, target, SETTINGS)
+    quantize_checkpoint("m", "rtn-int8", folder, target, SETTINGS, QUANTIZE_STAGE)
     written = shard_tensors(target)
     scale = written["model.layers.0.self_attn.q_proj.weight_scale"]
     assert (scale[:5] == 0).all() and (written["model.layers.0.self_attn.q_proj.weight"][:5] == 0).all()

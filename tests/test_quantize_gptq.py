@@ -12,14 +12,17 @@ from transformers import AutoModelForCausalLM
 
 from workflow_scripts.checkpoint.demo_checkpoint import write_demo_checkpoint
 from workflow_scripts.checkpoint.patch import patch_checkpoint
+from workflow_scripts.core.code_inputs import sources_digest
 from workflow_scripts.core.files import sha256_file
 from workflow_scripts.data import demo_datasets as dataset_demo
 from workflow_scripts.data.assemble import assemble_dataset
-from workflow_scripts.data.calibration import CalibrationSettings, build_shard, write_shard
+from workflow_scripts.data.calibration import CalibrationSettings, build_shard
+from workflow_scripts.data.provenance import write_token_tensors
 from workflow_scripts.quantization.gptq_checkpoint import GptqSettings, quantize_gptq
 
 from conftest import PATCH_SETTINGS, QUANTIZE_SETTINGS, TINY_SHAPES, run_stage, stage_env
 
+STAGE = "workflow_scripts.stages.quantize_gptq"
 SETTINGS = {
     **QUANTIZE_SETTINGS.record(),
     "datasets": ["c4"],
@@ -55,7 +58,7 @@ def deep_model(tmp_path_factory):
     tensors, record = build_shard(
         "c4", root / "c4", root / "patched", fingerprint, CalibrationSettings(nsamples=56, seqlen=256, seed=0)
     )
-    write_shard(tensors, record, root / "c4.safetensors", root / "c4.json")
+    write_token_tensors(tensors, record, root / "c4.safetensors", root / "c4.json")
     return root
 
 
@@ -75,11 +78,11 @@ def command(root, output, settings=SETTINGS):
     return [
         sys.executable,
         "-m",
-        "workflow_scripts.stages.quantize_gptq",
+        STAGE,
         "--model",
         "deep",
         "--patched",
-        str(root / "patched"),
+        str(root / "patched" / "MANIFEST.json"),
         "--calibration",
         str(root / "c4.safetensors"),
         "--manifest",
@@ -112,6 +115,7 @@ def test_checkpoint_loads_as_int8_and_beats_rtn_under_the_hessians(deep_model, d
     assert manifest["fingerprint"]["calibration_sha256"] == {
         "c4.safetensors": sha256_file(deep_model / "c4.safetensors")
     }
+    assert manifest["fingerprint"]["code"] == sources_digest(STAGE)  # the stage's name, though run as __main__
     layers = manifest["layers"]
     assert sorted(layers) == [str(i) for i in range(6)]
     matrices = [f for layer in layers.values() for f in layer["matrices"].values()]
@@ -171,7 +175,7 @@ def test_shards_from_another_tokenizer_are_refused(deep_model, tiny_checkpoints,
     tensors, record = build_shard(
         "c4", deep_model / "c4", other, fingerprint, CalibrationSettings(nsamples=56, seqlen=256, seed=0)
     )
-    write_shard(tensors, record, tmp_path / "c4.safetensors", tmp_path / "c4.json")
+    write_token_tensors(tensors, record, tmp_path / "c4.safetensors", tmp_path / "c4.json")
     cmd = command(deep_model, tmp_path / "out")
     cmd[cmd.index("--calibration") + 1] = str(tmp_path / "c4.safetensors")
     result = subprocess.run(cmd, capture_output=True, text=True, env=stage_env())
@@ -217,13 +221,14 @@ def test_gptq_beats_rtn_on_held_out_samples_in_every_layer_of_the_demo_models(pr
         fingerprint,
         CalibrationSettings(nsamples=48, seqlen=512, seed=0),
     )
-    write_shard(tensors, record, tmp_path / "c4.safetensors", tmp_path / "c4.json")
+    write_token_tensors(tensors, record, tmp_path / "c4.safetensors", tmp_path / "c4.json")
     quantize_gptq(
         preset,
         tmp_path / "patched",
         [tmp_path / "c4.safetensors"],
         tmp_path / "gptq-int8",
         GptqSettings.of({**SETTINGS, "nsamples": 32, "holdout": 16, "block_size": 128}),
+        STAGE,
     )
     layers = json.loads((tmp_path / "gptq-int8" / "MANIFEST.json").read_text())["layers"]
     assert len(layers) == 2

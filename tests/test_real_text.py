@@ -19,6 +19,7 @@ from workflow_scripts.data import python_docs as dataset_python_docs
 from workflow_scripts.data.assemble import assemble_dataset
 from workflow_scripts.data.calibration import CalibrationSettings, build_shard
 from workflow_scripts.data.datasets import DATASET_FILES
+from workflow_scripts.data.provenance import read_provenance
 from workflow_scripts.data.readers import C4Lines, read_alpaca
 
 from conftest import TINY_SHAPES, embedded_default, run_stage
@@ -113,12 +114,11 @@ def test_a_calibration_shard_and_evaluation_windows_build_from_it(python_docs, t
 
     windows, window_record = tmp_path / "w.safetensors", tmp_path / "w.json"
     run_stage(
-        "evaluation_sets",
-        "c4-windows",
+        "c4_evaluation_windows",
         "--files",
-        python_docs,
+        python_docs / "MANIFEST.json",
         "--tokenizer",
-        folder,
+        folder / "tokenizer.json",
         "--fingerprint",
         fingerprint,
         "--settings",
@@ -130,6 +130,7 @@ def test_a_calibration_shard_and_evaluation_windows_build_from_it(python_docs, t
     )
     ids = load_file(windows)["input_ids"]
     assert ids.shape == (32, 512)
+    assert read_provenance(windows) == {"dataset": "python-docs", "tokenizer_fingerprint": fingerprint}
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     used = json.loads(window_record.read_text())["documents_used"]
     texts = [line["text"] for line in records(python_docs / VALIDATION)][:used]
@@ -300,4 +301,4 @@ def test_a_model_on_python_docs_gets_its_shard_windows_and_vamc_dataset(tmp_path
     assert ("fetch_dataset", "dataset=ceval") in jobs  # the ceval evaluation set
     assert "workflow_scripts.stages.fetch_dataset_python_docs --dataset python-docs --format c4" in plan
     assert "python-docs-validation.safetensors" in plan
-    assert '--dataset-dir resources/datasets/python-docs --calibration \'{"name": "c4"' in plan
+    assert '--dataset resources/datasets/python-docs/MANIFEST.json --calibration \'{"name": "c4"' in plan

@@ -1,6 +1,7 @@
 """Serving a built variant: the batching engine against one-at-a-time decoding, the demo chat templates against
 mistral-common, and the HTTP server through the real `openai` client."""
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -8,6 +9,7 @@ import stat
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -18,9 +20,11 @@ import torch
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.data.tokenizer_files import MISTRAL_COMMON_DATA, TOKENIZERS, write_tokenizer
 from workflow_scripts.data.tokenizers import read_tokenizer
-from workflow_scripts.evaluation.decode import greedy_decode
+from workflow_scripts.runtime.decode import greedy_decode
+from workflow_scripts.serving.api import create_app
 from workflow_scripts.serving.engine import Engine, QueueFull, Sampling
 from workflow_scripts.serving.local_server import OwnServer
+from workflow_scripts.serving.sweep import BenchSettings
 from workflow_scripts.serving.text import ChatTemplate, TextStream
 from workflow_scripts.serving.variant import EagerShape, load_variant
 
@@ -148,6 +152,38 @@ def test_the_demo_chat_templates_encode_as_mistral_common_does(kind, tmp_path):
         template.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
+def test_a_chat_role_the_server_does_not_take_is_a_400_naming_it():
+    """OpenAI refuses an unknown role with a 400; this server takes system, user and assistant only (no tool
+    calls), and refuses the others before the chat template sees them, in OpenAI's error body. The app runs
+    in-process, driven by the openai client through its own HTTP library's ASGI transport."""
+    import httpx2
+
+    def template_reached(messages):
+        raise InputError("the chat template got the messages")
+
+    template = types.SimpleNamespace(render=template_reached)
+    app = create_app(types.SimpleNamespace(name="m", tokenizer=None), None, template)
+
+    async def chat(*roles):
+        http_client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app))
+        async with openai.AsyncOpenAI(base_url="http://app/v1", api_key="none", http_client=http_client) as client:
+            messages = [{"role": role, "content": "Hi"} for role in roles]
+            await client.chat.completions.create(model="m", messages=messages)
+
+    for role in ("wizard", "developer", "tool"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            asyncio.run(chat("system", "user", role))
+        assert refused.value.body == {
+            "message": f"messages[2].role: {role!r} is not a role this server takes; it takes 'system', 'user', "
+            "'assistant'",
+            "type": "invalid_request_error",
+            "param": "messages[2].role",
+            "code": "invalid_value",
+        }
+    with pytest.raises(openai.BadRequestError, match="the chat template got the messages"):
+        asyncio.run(chat("system", "user", "assistant", "user"))
+
+
 def start_server(folder, tmp_path, *arguments):
     """Our server of ``folder`` on a free loopback port, with an ``openai`` client (no retries) as ``.client``."""
     log = open(tmp_path / f"server-{time.monotonic_ns()}.log", "w")
@@ -170,7 +206,7 @@ def complete(server, prompt, **options):
 
 @pytest.mark.slow  # compiles AOTInductor packages
 def test_completions_match_the_compiled_runner_and_stream_the_same_text(served, compiled):
-    from workflow_scripts.compilation.aoti_package import load_compiled
+    from workflow_scripts.runtime.package import load_compiled
 
     models = served.client.models.list()
     assert [model.id for model in models.data] == ["ministral-float"]
@@ -290,12 +326,13 @@ def test_an_eager_checkpoint_is_served_and_a_full_queue_answers_503(patched, com
 
 
 def load_compiled_float(compiled):
-    from workflow_scripts.compilation.aoti_package import load_compiled
+    from workflow_scripts.runtime.package import load_compiled
 
     return load_compiled(compiled / "aoti" / "float")
 
 
-BENCH = {"inputs": [2040], "outputs": [512, 2048], "concurrency": [1, 3], "requests": 3}
+# all the settings, as the rule hands them
+BENCH = BenchSettings.with_defaults({"inputs": [2040], "outputs": [512, 2048], "concurrency": [1, 3], "requests": 3})
 
 
 @pytest.mark.slow  # compiles AOTInductor packages
@@ -307,8 +344,8 @@ def test_the_benchmark_stage_serves_sweeps_and_stops(compiled, tmp_path):
     folder = compiled / "aoti" / "float"
     result = run_stage(
         "serve_benchmark",
-        *("--model", "ministral", "--variant", "aoti-float", "--folder", folder),
-        *("--settings", json.dumps(BENCH), "--output", output),
+        *("--model", "ministral", "--variant", "aoti-float", "--served", folder / "MANIFEST.json"),
+        *("--settings", json.dumps(BENCH.record()), "--output", output),
     )
     record = json.loads(output.read_text())
     assert record["server"] == {"folder": str(folder), "backend": "compiled", "batch": 2}
@@ -359,7 +396,8 @@ def test_a_vacc_build_is_benchmarked_under_vastgenx_where_it_exists(compiled, tm
     calls = tmp_path / "calls.jsonl"
     options = {"batch_size": 16, "devices": "[0,1]", "max_prompt_tokens": 32, "max_output_tokens": 16}
     arguments = [
-        *("--model", "ministral", "--variant", "vacc-int8", "--folder", build, "--settings", json.dumps(BENCH)),
+        *("--model", "ministral", "--variant", "vacc-int8", "--served", build / "MANIFEST.json"),
+        *("--settings", json.dumps(BENCH.record())),
         *("--vastgenx", json.dumps(options), "--output", tmp_path / "vacc-int8.json"),
     ]
     env = stage_env(FAKE_VASTGENX_CALLS=str(calls), FAKE_VASTGENX_SERVES=str(compiled / "aoti" / "float"))

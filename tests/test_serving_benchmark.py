@@ -1,31 +1,31 @@
-"""The serving benchmark's plan (the vendor's lengths scaled to the compiled ones, cases too long skipped),
-its statistics, and its prompts of an exact token count with a SentencePiece and a byte-level tokenizer. The
-sweep against a live server is tested with the server."""
+"""The serving benchmark's plan (the vendor's lengths scaled to the compiled ones, cases too long skipped), its
+settings (the schema's defaults and bounds, on the command line too), its statistics, and its prompts of an
+exact token count with a SentencePiece and a byte-level tokenizer. The sweep against a live server is tested
+with the server."""
 
+import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.data.tokenizer_files import write_tokenizer
-from workflow_scripts.serving.benchmark import (
-    BenchSettings,
-    Case,
-    Limits,
-    Sample,
-    case_prompts,
-    case_record,
-    exact_prompt,
-    percentile,
-    plan_cases,
-    single_token_words,
-    spread,
-)
+from workflow_scripts.serving.benchmark import main as benchmark_main
+from workflow_scripts.serving.prompts import case_prompts, exact_prompt, single_token_words
+from workflow_scripts.serving.sweep import BenchSettings, Case, Limits, plan_cases
+from workflow_scripts.serving.timings import Sample, case_record, spread
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def settings_of(**given):
+    return BenchSettings.with_defaults(given)
 
 
 def lengths(cases):
@@ -33,7 +33,7 @@ def lengths(cases):
 
 
 def test_the_vendor_lengths_scale_to_the_compiled_lengths():
-    cases, skipped = plan_cases(BenchSettings(), Limits(max_prompt_tokens=64, max_output_tokens=64))
+    cases, skipped = plan_cases(settings_of(), Limits(max_prompt_tokens=64, max_output_tokens=64))
     assert lengths(cases) == ([15, 31, 63], [16, 32, 64]) and not skipped
     assert len(cases) == 3 * 3 * 4
     # the vendor's order: input, then output, then concurrency
@@ -41,7 +41,7 @@ def test_the_vendor_lengths_scale_to_the_compiled_lengths():
 
 
 def test_absolute_lengths_over_the_limits_are_skipped_naming_the_compiled_length():
-    settings = BenchSettings(inputs=(100, 600), outputs=(50, 700), concurrency=(1, 4), reference_length=None)
+    settings = settings_of(inputs=[100, 600], outputs=[50, 700], concurrency=[1, 4], reference_length=None)
     cases, skipped = plan_cases(settings, Limits(max_prompt_tokens=512, max_output_tokens=512))
     assert cases == [Case(100, 50, 1), Case(100, 50, 4)]
     reasons = {(case["input_tokens"], case["output_tokens"], case["concurrency"]): case["reason"] for case in skipped}
@@ -56,41 +56,81 @@ def test_absolute_lengths_over_the_limits_are_skipped_naming_the_compiled_length
 
 def test_scaled_lengths_need_the_limits_they_scale_to():
     with pytest.raises(InputError, match="max_output_tokens is not known.*--reference-length none"):
-        plan_cases(BenchSettings(), Limits(max_prompt_tokens=64))
+        plan_cases(settings_of(), Limits(max_prompt_tokens=64))
     # lengths past the reference length scale past the compiled ones and are skipped
-    cases, skipped = plan_cases(BenchSettings(inputs=(1024, 4096)), Limits(64, 64))
+    cases, skipped = plan_cases(settings_of(inputs=[1024, 4096]), Limits(64, 64))
     assert lengths(cases)[0] == [32] and {case["input_tokens"] for case in skipped} == {128}
 
 
 def test_cases_that_scale_to_the_same_lengths_run_once():
     # at 4 tokens, 510 and 1020 of 2048 both scale to 1 (at least 1), and the concurrency 4 is given twice
-    settings = BenchSettings(concurrency=(1, 4, 4))
+    settings = settings_of(concurrency=[1, 4, 4])
     cases, skipped = plan_cases(settings, Limits(max_prompt_tokens=4, max_output_tokens=4))
     assert lengths(cases) == ([1, 3], [1, 2, 4])
     assert len(cases) == len(set(cases)) == 2 * 3 * 2 and not skipped
 
 
-def test_bad_settings_name_their_key():
-    with pytest.raises(InputError, match="bench.concurrency: expected a non-empty list of positive integers"):
-        plan_cases(BenchSettings.of({"concurrency": [0, 4]}), Limits(64, 64))
-    with pytest.raises(InputError, match="bench.reference_length"):
-        plan_cases(BenchSettings(reference_length=0), Limits(64, 64))
-    with pytest.raises(InputError, match="unknown setting.*prompts"):
-        BenchSettings.of({"prompts": 3}, "bench")
-    assert BenchSettings.of({"inputs": [8], "reference_length": None}).inputs == (8,)
+def test_the_defaults_and_bounds_are_the_schemas():
+    bench = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())["$defs"]["model"]["properties"]["bench"]
+    defaults = {key: spec["default"] for key, spec in bench["properties"].items()}
+    assert settings_of().record() == {key: defaults[key] for key in settings_of().record()}
+    with pytest.raises(InputError, match=r"bench\.concurrency\[0\]: 0 is less than the minimum of 1"):
+        settings_of(concurrency=[0, 4])
+    with pytest.raises(
+        InputError, match=r"bench\.inputs: \[\] should be non-empty; bench\.reference_length: 0 is less"
+    ):
+        settings_of(reference_length=0, inputs=[])
+    with pytest.raises(InputError, match=r"bench\.timeout_s: 0 is less than or equal to the minimum of 0"):
+        settings_of(timeout_s=0)
+    with pytest.raises(InputError, match="'prompts' was unexpected"):
+        settings_of(prompts=3)
+    # a stage's settings are all given (the rule hands the validated section), and within the same bounds
+    with pytest.raises(InputError, match=r"missing setting\(s\) requests"):
+        BenchSettings.of({key: value for key, value in settings_of().record().items() if key != "requests"})
+    with pytest.raises(InputError, match=r"bench\.requests: 0 is less than the minimum of 1"):
+        BenchSettings.parse(json.dumps({**settings_of().record(), "requests": 0}))
+    assert settings_of(inputs=[8], reference_length=None).inputs == (8,)
+
+
+def test_the_command_line_takes_the_schemas_defaults_and_bounds(tmp_path, monkeypatch):
+    """``python -m workflow_scripts.serving.benchmark``: what is not given is the schema's default, ``none`` is a
+    null reference length, and a value out of the schema's bounds stops it before any request."""
+    runs = []
+
+    def run_benchmark(url, served_model, tokenizer, limits, settings, **labels):
+        runs.append((settings, limits))
+        return {"settings": settings.record()}
+
+    monkeypatch.setattr("workflow_scripts.serving.benchmark.run_benchmark", run_benchmark)
+    write_tokenizer("sentencepiece-v1", tmp_path)
+    output = tmp_path / "bench.json"
+    arguments = ["--url", "http://host/v1", "--model", "m", "--tokenizer", str(tmp_path), "--output", str(output)]
+    benchmark_main([*arguments, "--concurrency", "2", "--reference-length", "none"])
+    assert runs == [(settings_of(concurrency=[2], reference_length=None), Limits())]
+    assert json.loads(output.read_text()) == {"settings": runs[0][0].record()}
+    with pytest.raises(InputError, match=r"bench\.warmup_requests: -1 is less than the minimum of 0"):
+        benchmark_main([*arguments, "--warmup-requests", "-1"])
+    assert len(runs) == 1
+
+
+def test_the_plan_imports_no_model_or_client_libraries():
+    """The Snakefile imports the plan to size the benchmark's jobs, at every parse of the workflow."""
+    probe = "import sys, workflow_scripts.serving.sweep; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert not set(loaded.stdout.split()) & {"torch", "transformers", "openai", "tokenizers", "fastapi"}
 
 
 def test_a_case_fills_its_concurrency():
-    settings = BenchSettings(requests=8)
+    settings = settings_of(requests=8)
     assert Case(8, 8, 1).requests(settings) == 8 and Case(8, 8, 16).requests(settings) == 16
 
 
 def test_percentiles_interpolate_between_ranks():
     values = random.Random(0).sample(range(1000), 37)
-    for q in (0, 5, 50, 95, 100):
-        assert percentile(values, q) == pytest.approx(np.percentile(values, q))
-    assert percentile([4.0, 1.0, 2.0, 3.0], 50) == 2.5 and percentile([7.0], 95) == 7.0
-    assert percentile([], 50) is None
+    expected = {"p50": np.percentile(values, 50), "p95": np.percentile(values, 95), "mean": np.mean(values)}
+    assert spread([*values, None]) == pytest.approx(expected)
+    assert spread([4.0, 1.0, 2.0, 3.0])["p50"] == 2.5
+    assert spread([7.0]) == {"p50": 7.0, "p95": 7.0, "mean": 7.0}
     assert spread([None, None]) == {"p50": None, "p95": None, "mean": None}
 
 
@@ -151,10 +191,10 @@ def test_prompts_have_the_exact_token_count_and_differ(request, kind):
 def test_the_prompts_of_a_sweep_are_seeded(sentencepiece):
     words = single_token_words(sentencepiece)
     cases = [Case(31, 16, 1), Case(63, 16, 4)]
-    first = case_prompts(sentencepiece, words, cases, BenchSettings(requests=3))
+    first = case_prompts(sentencepiece, words, cases, settings_of(requests=3))
     assert [len(prompts) for prompts in first] == [3, 4]
-    assert first == case_prompts(sentencepiece, words, cases, BenchSettings(requests=3))
-    assert first != case_prompts(sentencepiece, words, cases, BenchSettings(requests=3, seed=1))
+    assert first == case_prompts(sentencepiece, words, cases, settings_of(requests=3))
+    assert first != case_prompts(sentencepiece, words, cases, settings_of(requests=3, seed=1))
 
 
 def test_a_length_the_tokenizer_cannot_make_is_refused(sentencepiece):

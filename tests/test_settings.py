@@ -17,6 +17,7 @@ from workflow_scripts.evaluation.gates import GateSettings
 from workflow_scripts.evaluation.verify import VerifySettings
 from workflow_scripts.quantization.gptq_checkpoint import GptqSettings
 from workflow_scripts.quantization.int8_checkpoint import QuantizeSettings
+from workflow_scripts.serving.sweep import BenchSettings
 
 from conftest import REPO, run_stage
 
@@ -33,6 +34,7 @@ SECTIONS = [
     (AotiSettings, MODEL["aoti"], {"variants"}),
     (EvaluateSettings, MODEL["evaluate"], {"dataset"}),
     (GateSettings, MODEL["gates"], set()),
+    (BenchSettings, MODEL["bench"], {"variants", "vastgenx_batch_size"}),
     (CalibrationSettings, SCHEMA["$defs"]["dataset"], {"source", "format", "evaluation"}),
     (WindowSettings, SCHEMA["$defs"]["windows"], set()),
     (CevalSettings, SCHEMA["properties"]["evaluation"]["properties"]["ceval"], set()),
@@ -83,7 +85,7 @@ def test_a_stage_refuses_settings_it_does_not_know_before_any_work(tmp_path):
         "--model",
         "m",
         "--source",
-        tmp_path / "missing",
+        tmp_path / "missing" / "MANIFEST.json",
         "--manifest",
         tmp_path / "patched" / "MANIFEST.json",
         "--settings",

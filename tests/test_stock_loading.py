@@ -17,6 +17,9 @@ from workflow_scripts.quantization.compressed_tensors_export import export_compr
 from workflow_scripts.quantization.int8_checkpoint import QuantizeSettings
 from workflow_scripts.quantization.rtn import quantize_checkpoint
 
+from conftest import QUANTIZE_STAGE
+
+EXPORT_STAGE = "workflow_scripts.stages.export_compressed_tensors"
 # within the tiny mistral preset's sliding window (8): beyond it stock Mistral slides and the VACC model, by the
 # vendor's design, attends to everything (docs/compiled-artifacts.md)
 IDS = torch.tensor([[1, 415, 5565, 302, 4843, 349, 5465, 28723]])
@@ -44,7 +47,7 @@ def tensors(folder):
 def exported(quantized, tmp_path_factory):
     root = tmp_path_factory.mktemp("compressed-tensors")
     for preset, folder in quantized.items():
-        export_compressed_tensors(preset, folder, root / preset)
+        export_compressed_tensors(preset, folder, root / preset, EXPORT_STAGE)
     return {preset: root / preset for preset in quantized}
 
 
@@ -92,8 +95,8 @@ def test_the_export_config_is_stock_mistral_with_a_compressed_tensors_quantizati
 
 def test_projections_left_in_float_are_named_in_ignore(patched, tmp_path):
     settings = QuantizeSettings(bits=8, modules=("q_proj", "down_proj"))
-    quantize_checkpoint("mistral", "rtn-int8", patched["mistral"], tmp_path / "int8", settings)
-    export_compressed_tensors("mistral", tmp_path / "int8", tmp_path / "ct")
+    quantize_checkpoint("mistral", "rtn-int8", patched["mistral"], tmp_path / "int8", settings, QUANTIZE_STAGE)
+    export_compressed_tensors("mistral", tmp_path / "int8", tmp_path / "ct", EXPORT_STAGE)
     ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
     assert "model.layers.1.self_attn.k_proj" in ignore and "model.layers.0.mlp.down_proj" not in ignore
     assert_same_logits(stock(tmp_path / "ct"), load_vacc_model(tmp_path / "int8", torch.float32))
@@ -101,7 +104,7 @@ def test_projections_left_in_float_are_named_in_ignore(patched, tmp_path):
 
 def test_a_float_checkpoint_is_refused_and_nothing_is_left(patched, tmp_path):
     with pytest.raises(InputError, match=r"patched/config.json has no vacc_quantization"):
-        export_compressed_tensors("mistral", patched["mistral"], tmp_path / "ct")
+        export_compressed_tensors("mistral", patched["mistral"], tmp_path / "ct", EXPORT_STAGE)
     assert not (tmp_path / "ct").exists()
 
 

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from workflow_scripts.core.errors import InputError
+from workflow_scripts.data.provenance import write_token_tensors
 from workflow_scripts.data.token_datasets import token_dataset
 
 
@@ -26,8 +27,12 @@ def test_a_calibration_shard_reads_as_input_ids_and_attention_mask(tmp_path):
 
 def test_evaluation_windows_are_every_position_a_token(tmp_path):
     ids = torch.randint(0, 32000, (3, 8), dtype=torch.int32)
-    save_file({"input_ids": ids}, tmp_path / "windows.safetensors", {"tokenizer_fingerprint": "0123456789abcdef"})
-    rows = token_dataset(tmp_path / "windows.safetensors").with_format("torch")[:]
+    made_by = {"dataset": "c4", "tokenizer_fingerprint": "0123456789abcdef"}
+    record = {**made_by, "settings": {"nsamples": 3, "seqlen": 8}}
+    write_token_tensors({"input_ids": ids.numpy()}, record, tmp_path / "windows.safetensors", tmp_path / "windows.json")
+    dataset = token_dataset(tmp_path / "windows.safetensors")
+    assert json.loads(dataset.info.description) == made_by  # the file's own provenance, not its whole record
+    rows = dataset.with_format("torch")[:]
     assert torch.equal(rows["input_ids"], ids.long()) and bool(rows["attention_mask"].eq(1).all())
 
 
@@ -35,6 +40,9 @@ def test_a_file_without_token_ids_is_named(tmp_path):
     save_file({"weight": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(InputError, match=r"model.safetensors: has no input_ids"):
         token_dataset(tmp_path / "model.safetensors")
+    save_file({"input_ids": torch.zeros(2, 4, dtype=torch.int32)}, tmp_path / "ids.safetensors")
+    with pytest.raises(InputError, match=r"ids.safetensors: has no 'provenance' metadata naming the tokenizer"):
+        token_dataset(tmp_path / "ids.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"\x01")
     with pytest.raises(InputError, match=r"broken.safetensors: not a readable safetensors file"):
         token_dataset(tmp_path / "broken.safetensors")

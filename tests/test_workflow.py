@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 
@@ -192,6 +193,24 @@ def test_models_with_one_tokenizer_share_one_set_of_shards(workflow):
             "c4-validation.safetensors",
             "ceval.json",
         ]
+
+
+def test_a_shard_and_an_evaluation_set_asked_for_by_path_build_on_a_clean_checkout(workflow, tmp_path):
+    """Every rule declares what it reads: a tokenizer's files, asked for by path in an empty working folder, build
+    the download of a model with that tokenizer, the dataset and the tokenizer store first, and nothing else."""
+    tokenizer = downloaded_tokenizer(workflow, "tiny-b")  # a target after tiny-a, whose tokenizer differs
+    clean = Workflow(tmp_path, reference_config())
+    wanted = [
+        f"results/calibration/{tokenizer}/c4.safetensors",
+        f"results/evaluation-sets/{tokenizer}/c4-validation.safetensors",
+    ]
+    output = clean.run(*wanted)
+    for path in wanted:
+        built = clean.work / path
+        assert built.read_bytes() == (workflow.work / path).read_bytes(), path
+    ran = set(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", output, re.MULTILINE))
+    assert ran == {"download", "fetch_dataset", "tokenizer_store", "calibration_shard", "c4_evaluation_windows"}
+    assert sorted(p.name for p in (clean.work / "resources" / "models").iterdir()) == ["tiny-a", "tiny-b"]
 
 
 def test_a_new_calibration_seed_rebuilds_only_those_shards(workflow):

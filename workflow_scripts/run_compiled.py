@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from workflow_scripts.compilation.aoti_package import load_compiled
 from workflow_scripts.core.cli import run_cli
+from workflow_scripts.runtime.package import load_compiled
 
 
 def main(argv):

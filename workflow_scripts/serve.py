@@ -74,7 +74,9 @@ def bound_socket(host, port):
 def serve(app, listener):
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    # log_config None: uvicorn's loggers (startup, one access line per request) go through run_cli's set-up, in
+    # the same format as ours, instead of handlers of uvicorn's own
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info", timeout_graceful_shutdown=5))
     server.run(sockets=[listener])
 
 

@@ -4,9 +4,9 @@ For every variant the workflow built under ``results/{model}/aoti/`` (run
 ``snakemake`` first), in one process and one run: compile time (from the
 manifest), package size, prefill latency and decode tokens per second of
 
-* compiled: the ``.pt2`` packages through ``compilation.aoti_package.StaticGenerator``;
+* compiled: the ``.pt2`` packages through ``runtime.package.StaticGenerator``;
 * eager, static graphs: the same prefill/decode modules, not compiled, same loop;
-* eager, model: the checkpoint's own forward and growing KV cache (``verify.greedy_decode``),
+* eager, model: the checkpoint's own forward and growing KV cache (``runtime.decode.greedy_decode``),
   what a user of the checkpoint runs without compiling.
 
 Each figure is the median of ``--repeats`` runs of ``--steps`` decode steps after one warm-up.
@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model  # noqa: E402
-from workflow_scripts.compilation.aoti_graphs import Decode, Prefill  # noqa: E402
-from workflow_scripts.compilation.aoti_package import StaticGenerator, load_compiled  # noqa: E402
-from workflow_scripts.evaluation.decode import greedy_decode  # noqa: E402
+from workflow_scripts.runtime.decode import greedy_decode  # noqa: E402
+from workflow_scripts.runtime.graphs import Decode, Prefill  # noqa: E402
+from workflow_scripts.runtime.package import StaticGenerator, load_compiled  # noqa: E402
 
 PROMPT = "Mistral models are decoder-only transformers with grouped-query attention"
 

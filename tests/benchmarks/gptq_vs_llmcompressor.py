@@ -183,7 +183,7 @@ def run_ours(args, folder, act_order, first_token_weight):
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(folder.parent / f".{folder.name}.partial", ignore_errors=True)
     command = [sys.executable, "-m", "workflow_scripts.stages.quantize_gptq", "--model", args.model]
-    command += ["--patched", str(args.patched), "--calibration", str(args.calibration)]
+    command += ["--patched", str(args.patched / "MANIFEST.json"), "--calibration", str(args.calibration)]
     command += ["--manifest", str(folder / "MANIFEST.json"), "--settings", json.dumps(settings)]
     return run_logged(command, folder.parent / f"{folder.name}.log")
 
@@ -191,7 +191,7 @@ def run_ours(args, folder, act_order, first_token_weight):
 def run_rtn(args, folder):
     shutil.rmtree(folder, ignore_errors=True)
     command = [sys.executable, "-m", "workflow_scripts.stages.quantize", "--model", args.model, "--scheme", "rtn-int8"]
-    command += ["--patched", str(args.patched), "--manifest", str(folder / "MANIFEST.json")]
+    command += ["--patched", str(args.patched / "MANIFEST.json"), "--manifest", str(folder / "MANIFEST.json")]
     command += ["--settings", json.dumps({"bits": 8, "modules": list(PROJECTIONS)})]
     run_logged(command, folder.parent / "rtn-int8.log")
 

@@ -1,7 +1,7 @@
 """A model's folder under ``resources/models/``, assembled from what a fetch stage fills in, checked, with its manifest.
 
-The download, demo and gguf_import stages differ only in how they fill the
-folder; this module checks the result the same way for all three.
+The download, download_demo and download_gguf stages differ only in how they
+fill the folder; this module checks the result the same way for all three.
 """
 
 import logging

@@ -1,5 +1,7 @@
 """The demo models' shapes, without torch, so that the Snakefile can size their jobs."""
 
+from workflow_scripts.checkpoint.layout import MISTRAL_CONFIG
+
 # Shapes keep the real models' ratios: GQA 4:1, MLP 3.5x (Mistral) or 3x
 # (Ministral) the hidden size, Ministral's explicit head_dim (chosen here unequal
 # to hidden/heads so that code assuming hidden/heads fails), the real
@@ -35,18 +37,12 @@ PRESETS = {
     },
 }
 COMMON_CONFIG = {
-    "architectures": ["MistralForCausalLM"],
-    "model_type": "mistral",
-    "attention_dropout": 0.0,
+    **MISTRAL_CONFIG,
     "bos_token_id": 1,
     "eos_token_id": 2,
-    "hidden_act": "silu",
-    "initializer_range": 0.02,
     "max_position_embeddings": 32768,
     "rms_norm_eps": 1e-05,
     "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
 }
 
 

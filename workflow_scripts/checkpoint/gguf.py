@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from workflow_scripts.checkpoint.layout import tensor_shapes
+from workflow_scripts.checkpoint.layout import MISTRAL_CONFIG, tensor_shapes
 from workflow_scripts.core.errors import InputError
 
 # llama.cpp calls Mistral's models (7B, Nemo, Ministral 8B) "llama": the same tensors and keys
@@ -58,14 +58,11 @@ PACKAGE_PROBE = (
 class TensorInfo(NamedTuple):
     shape: tuple  # PyTorch's order, outermost first (GGUF lists the innermost first)
     ggml_type: int
-    offset: int  # from the start of the data section
 
 
 class Header(NamedTuple):
     metadata: dict  # {key: value}, arrays as GgufArray
     tensors: dict  # {name: TensorInfo}, in file order
-    data_start: int  # byte of the file where the tensor data begins
-    byte_order: str  # struct's "<" or ">"
 
 
 class GgufArray(tuple):
@@ -134,7 +131,8 @@ def describe(source):
 
 
 def read_header(path):
-    """The :class:`Header` of a GGUF file: its metadata, where each tensor is, and where their data begins."""
+    """The :class:`Header` of a GGUF file: its metadata and each tensor's shape and type (the import reads the
+    tensors' data with the ``gguf`` package's reader: workflow_scripts/checkpoint/gguf_import.py)."""
     path = Path(path)
     with open(path, "rb") as handle:
         if os.fstat(handle.fileno()).st_size < 24:
@@ -213,12 +211,9 @@ class _Header:
             name = self.string()
             (dims,) = self.unpack("I")
             shape = self.unpack("Q" * dims)
-            ggml_type, offset = self.unpack("IQ")
-            tensors[name] = TensorInfo(tuple(reversed(shape)), ggml_type, offset)
-        alignment = metadata.get("general.alignment", 32)
-        if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0:
-            raise struct.error(f"general.alignment is {alignment!r}")
-        return Header(metadata, tensors, -(-self.offset // alignment) * alignment, self.order)
+            ggml_type, _offset = self.unpack("IQ")
+            tensors[name] = TensorInfo(tuple(reversed(shape)), ggml_type)
+        return Header(metadata, tensors)
 
 
 def hf_name(name):
@@ -307,8 +302,7 @@ def mistral_config(where, metadata, tensors):
     rope_theta = shortest_float32(float(key("rope.freq_base", 10000.0, positive=False)))
     tied = "output.weight" not in tensors
     config = {
-        "architectures": ["MistralForCausalLM"],
-        "model_type": "mistral",
+        **MISTRAL_CONFIG,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": key("feed_forward_length"),
@@ -326,12 +320,7 @@ def mistral_config(where, metadata, tensors):
         "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
-        "attention_dropout": 0.0,
-        "use_cache": True,
-        "torch_dtype": "bfloat16",
-        "dtype": "bfloat16",
+        "dtype": "bfloat16",  # transformers 5's name of torch_dtype
     }
     by_hf_name = {hf_name(name): name for name in tensors}
     expected = {name: shape for name, shape in tensor_shapes(config).items() if not (name == "lm_head.weight" and tied)}

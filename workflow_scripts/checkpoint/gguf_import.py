@@ -6,7 +6,8 @@ its ``llama`` architecture; the tensors are the same as Hugging Face's
 q and k projection are reordered for llama.cpp's interleaved rotary embedding
 (``permute`` in its ``convert_hf_to_gguf.py``). The import reads the header
 (``workflow_scripts.checkpoint.gguf``: architecture, shape, refusals), then, one
-tensor at a time, dequantizes it with the ``gguf`` package, undoes that
+tensor at a time, takes it from the ``gguf`` package's ``GGUFReader`` (a numpy
+view of the memory-mapped file), dequantizes it with that package, undoes that
 reordering, rounds it to bf16 and streams it into safetensors shards of at most
 5 GB (the hub's layout; one ``model.safetensors`` when it fits), so memory
 stays at a few tensors whatever the model's size. ``transformers`` builds the
@@ -80,48 +81,38 @@ def shard_plan(shapes):
 class GgufTensors:
     """The file's tensors by Hugging Face name, each dequantized to a float32 torch tensor on request.
 
-    The file is memory-mapped; once a tensor is converted, its pages are dropped from this process (they stay
-    in the page cache), so the resident set holds the tensor in flight, not the file.
+    ``gguf.GGUFReader`` memory-maps the file and gives each tensor as a numpy view of the map; once a tensor is
+    converted, its pages are dropped from this process (they stay in the page cache), so the resident set holds
+    the tensor in flight, not the file.
     """
 
-    def __init__(self, where, path, header):
-        import numpy as np
+    def __init__(self, where, path):
+        from gguf import GGUFEndian, GGUFReader
 
-        if header.byte_order != "<":
+        self.where = where
+        try:
+            reader = GGUFReader(path)
+        except ValueError as error:
+            raise InputError(
+                f"{where}: truncated or corrupt, the gguf package cannot read its tensors ({error})"
+            ) from None
+        if reader.endianess == GGUFEndian.BIG:
             raise InputError(f"{where} was written on a big-endian machine; only little-endian GGUF files are imported")
-        self.where, self.header = where, header
-        self.names = {hf_name(name): name for name in header.tensors}
-        with open(path, "rb") as handle:
-            self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        self.data = np.frombuffer(self.map, dtype=np.uint8)
+        self.map = reader.data.base  # the mmap under the reader's numpy memmap
+        self.tensors = {hf_name(tensor.name): tensor for tensor in reader.tensors}
 
     def float32(self, name, heads=None):
         """Tensor ``name`` (a Hugging Face name) in float32; with ``heads``, a q/k projection's rows reordered."""
         import torch
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
+        from gguf import dequantize
 
-        gguf_name = self.names[name]
-        info = self.header.tensors[gguf_name]
-        kind = GGMLQuantizationType(info.ggml_type)
-        block, block_bytes = GGML_QUANT_SIZES[kind]
-        *outer, columns = info.shape
-        if columns % block:
-            raise InputError(
-                f"{self.where}: tensor {gguf_name} has {columns} columns, not whole {kind.name} blocks of {block}"
-            )
-        row_bytes = columns // block * block_bytes
-        start = self.header.data_start + info.offset
-        size = row_bytes * int(torch.Size(outer).numel())
-        if start + size > len(self.data):
-            raise InputError(
-                f"{self.where}: tensor {gguf_name} ends at byte {start + size}, past the end of the "
-                f"file ({len(self.data)} bytes): the file is truncated"
-            )
+        tensor = self.tensors[name]
         try:
-            values = dequantize(self.data[start : start + size].reshape(*outer, row_bytes), kind)
+            values = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError:
             raise InputError(
-                f"{self.where}: tensor {gguf_name} is {kind.name}, which the gguf package cannot dequantize"
+                f"{self.where}: tensor {tensor.name} is {tensor.tensor_type.name}, which the gguf package cannot "
+                "dequantize"
             ) from None
         if heads:
             values = unpermute(values, heads)
@@ -129,8 +120,8 @@ class GgufTensors:
             warnings.simplefilter("ignore", UserWarning)  # an F32 tensor is a read-only view of the map
             result = torch.from_numpy(values).to(torch.float32, copy=True)
         del values
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        stop = (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
+        first = -(-tensor.data_offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        stop = (tensor.data_offset + tensor.n_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
         if stop > first:
             self.map.madvise(mmap.MADV_DONTNEED, first, stop - first)
         return result
@@ -250,7 +241,7 @@ def import_gguf(model, source, staging):
             model,
             ", ".join(quantized),
         )
-    write_weights(model, GgufTensors(where, path, header), config, staging)
+    write_weights(model, GgufTensors(where, path), config, staging)
     atomic_write_json(staging / "config.json", config)
     atomic_write_json(
         staging / "generation_config.json",

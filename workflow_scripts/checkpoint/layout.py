@@ -2,6 +2,18 @@
 
 import math
 
+# The config.json keys of every MistralForCausalLM the workflow writes (a demo preset, a GGUF import), beside its
+# shape, special tokens and limits
+MISTRAL_CONFIG = {
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "attention_dropout": 0.0,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+}
+
 
 def head_dim(config):
     """Ministral sets ``head_dim`` (unequal to hidden / heads); Mistral-7B leaves it out (or null)."""

@@ -1,1 +1,1 @@
-"""Compilation: vamc build configs and PyTorch AOTInductor graphs and packages."""
+"""Compilation: vamc build configs and builds, and AOTInductor packages of the runtime's graphs."""

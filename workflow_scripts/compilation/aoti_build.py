@@ -5,11 +5,11 @@ whole model with ``torch.export`` at static shapes shows that the patched
 model is the static graph the patches are meant to make. ``variant`` is
 ``float`` (the patched checkpoint) or an int8 scheme (its quantized
 checkpoint, whose fingerprint must name this model's patched checkpoint).
-Both graphs (:mod:`workflow_scripts.compilation.aoti_graphs`) are exported and compiled
+Both graphs (:mod:`workflow_scripts.runtime.graphs`) are exported and compiled
 with ``torch._inductor.aoti_compile_and_package``, for the CPU (float32) or
 for CUDA (the checkpoint's bfloat16), without their weights: the constants
 both graphs read go once into ``weights.safetensors``
-(:mod:`workflow_scripts.compilation.aoti_package`), so the folder takes about
+(:mod:`workflow_scripts.runtime.package`), so the folder takes about
 the variant's own weight bytes. The folder also gets the tokenizer and
 ``graphs.json``, so :mod:`workflow_scripts.run_compiled` needs nothing else.
 
@@ -38,19 +38,20 @@ from pathlib import Path
 
 import torch
 
-from workflow_scripts.checkpoint.folder import copy_tokenizer_files
+from workflow_scripts.checkpoint.folder import copy_tokenizer_files, stop_token_ids
 from workflow_scripts.checkpoint.safetensors_stream import DTYPES, SafetensorsFile
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
-from workflow_scripts.compilation.aoti_graphs import Decode, Prefill, example_inputs
-from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, WEIGHTS_FILE, load_compiled, write_constants
 from workflow_scripts.core.code_inputs import sources_digest
 from workflow_scripts.core.devices import require_memory, resolve_device, resolve_dtype, stored_bytes
 from workflow_scripts.core.errors import CheckFailed, InputError
 from workflow_scripts.core.files import atomic_write_json, read_json, sha256_file, staged_directory
 from workflow_scripts.core.manifest import MANIFEST_NAME, write_folder_manifest
 from workflow_scripts.core.settings import Settings
+from workflow_scripts.core.variants import parse
 from workflow_scripts.data.tokenizers import encode_prompts
-from workflow_scripts.evaluation.decode import greedy_decode
+from workflow_scripts.runtime.decode import greedy_decode
+from workflow_scripts.runtime.graphs import Decode, Prefill, example_inputs
+from workflow_scripts.runtime.package import GRAPHS_FILE, WEIGHTS_FILE, load_compiled, write_constants
 
 LOG = logging.getLogger(__name__)
 
@@ -72,12 +73,12 @@ class AotiSettings(Settings):
     max_abs_logit_diff: dict[str, float]
 
 
-def check_lineage(model, variant, patched, checkpoint):
+def check_lineage(model, source, patched, checkpoint):
     """An int8 checkpoint must have been quantized from this model's current patched checkpoint."""
-    if variant == "float":
+    if source.base == "float":
         return
     expected = sha256_file(patched / MANIFEST_NAME)
-    made_from = read_json(checkpoint / MANIFEST_NAME, what=f"model {model}: {variant} manifest")
+    made_from = read_json(checkpoint / MANIFEST_NAME, what=f"model {model}: {source.name} manifest")
     found = made_from.get("fingerprint", {}).get("patched_manifest_sha256")
     if found != expected:
         raise InputError(
@@ -153,11 +154,6 @@ def verify_compiled(eager, folder, prompts_ids, settings, steps):
     return {"prompts": prompts, "greedy_steps": steps, "bound": bound}
 
 
-def stop_tokens(config):
-    eos = config.eos_token_id
-    return sorted(eos) if isinstance(eos, list) else [eos]
-
-
 def pin_serialization_id(package):
     """Replace the random ``.data/serialization_id`` of a ``.pt2`` archive with one derived from its content.
 
@@ -226,9 +222,14 @@ def private_inductor_cache(model_id, variant):
             shutil.rmtree(cache, ignore_errors=True)
 
 
-def compile_variant(model_id, variant, patched, checkpoint, settings, verify_settings, output):
+def compile_variant(model_id, variant, patched, checkpoint, settings, verify_settings, output, code_module):
+    """Compile the eager ``variant`` (float or a quantize scheme) into ``output``; ``code_module``, the stage that
+    runs this, fingerprints the code."""
+    source = parse(variant)
+    if source.compiled:
+        raise InputError(f"model {model_id}: {variant} is compiled already; aoti compiles float or a quantize scheme")
     patched, checkpoint, output = Path(patched), Path(checkpoint), Path(output)
-    check_lineage(model_id, variant, patched, checkpoint)
+    check_lineage(model_id, source, patched, checkpoint)
     steps = verify_settings.greedy_tokens
     limit = (settings.seq_in, f"models.{model_id}.verify.prompts", f"models.{model_id}.aoti.seq_in")
     prompts_ids = encode_prompts(patched, verify_settings.prompts, limit)
@@ -258,7 +259,7 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
                 "seq_total": settings.seq_total,
                 "device": device,
                 "dtype": str(dtype).removeprefix("torch."),
-                "stop_token_ids": stop_tokens(model.config),
+                "stop_token_ids": sorted(stop_token_ids(checkpoint)),
             },
         )
         # the eager model is freed before the packages load their own copy of the weights: never two copies
@@ -282,7 +283,7 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
                     "checkpoint_manifest_sha256": sha256_file(checkpoint / MANIFEST_NAME),
                     "settings": settings.record(),
                     "verify": verify_settings.record(),
-                    "code": sources_digest("workflow_scripts.stages.aoti_compile"),
+                    "code": sources_digest(code_module),
                 },
                 "verify": figures,
                 "bytes": folder_bytes(staging, checkpoint),

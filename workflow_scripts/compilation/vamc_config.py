@@ -102,7 +102,7 @@ def write_build_config(model, patched, dtype, settings, workspace, output, datas
     block = None
     if dtype == "int8":
         if calibration is None or dataset_dir is None:
-            raise InputError(f"model {model}: the int8 build config needs --dataset-dir and --calibration")
+            raise InputError(f"model {model}: the int8 build config needs --dataset and --calibration")
         if calibration.name not in VAMC_DATASETS:
             raise InputError(
                 f"model {model}: vamc reads the calibration datasets {', '.join(VAMC_DATASETS)}, "

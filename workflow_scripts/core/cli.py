@@ -1,4 +1,4 @@
-"""Running a stage from the command line: log format, and a stage error as one line and exit status 1."""
+"""Running a stage from the command line: logging set up once, and a stage error as one line and exit status 1."""
 
 import argparse
 import logging
@@ -8,15 +8,24 @@ from pathlib import Path
 
 from workflow_scripts.core.errors import StageError
 
+# Loggers that say INFO for every HTTP request (huggingface_hub's and openai's transport): a line per request
+# would bury a stage's own progress lines, so they say only warnings.
+CHATTY_LOGGERS = ("httpx2",)
 
 
 def run_cli(main, argv=None):
-    """Run a stage's ``main``; turn a :class:`StageError` into a one-line message and exit 1."""
+    """Run a stage's (or a tool's) ``main``; turn a :class:`StageError` into a one-line message and exit 1.
+
+    Logging is set up here and nowhere else: every record goes to stderr (a job's log) as ``time level logger:
+    message``, from INFO up; the chatty HTTP loggers from WARNING up. The libraries log through their module's
+    logger and configure nothing; the server hands uvicorn's loggers to this set-up too (serve.py)."""
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     if not sys.stderr.isatty():
         quiet_progress_bars()
     try:
@@ -52,3 +61,22 @@ def folder_of(file_name):
 
     folder.__name__ = file_name  # argparse names the type in its error
     return folder
+
+
+MANIFEST_FOLDER = folder_of("MANIFEST.json")
+TOKENIZER_FOLDER = folder_of("tokenizer.json")
+
+
+def add_variant_arguments(parser, checkpoint_help):
+    """The model, the variant, and the checkpoints it runs from: the patched one and its own."""
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--patched", required=True, type=MANIFEST_FOLDER, help="the patched checkpoint's MANIFEST.json")
+    parser.add_argument("--checkpoint", required=True, type=MANIFEST_FOLDER, help=checkpoint_help)
+
+
+def add_tokenizer_arguments(parser, files_help):
+    """A fetched dataset's files and the stored tokenizer that tokenizes them, by its fingerprint."""
+    parser.add_argument("--files", required=True, type=MANIFEST_FOLDER, help=files_help)
+    parser.add_argument("--tokenizer", required=True, type=TOKENIZER_FOLDER, help="the stored tokenizer.json")
+    parser.add_argument("--fingerprint", required=True, help="the tokenizer's fingerprint, recorded in the outputs")

@@ -58,6 +58,8 @@ def module_constant(node, tree, name):
 
 def module_sources(module):
     """Sorted absolute paths of ``module``'s file and everything it depends on in this package."""
+    if not module.startswith(f"{PACKAGE}."):
+        raise ValueError(f"{module!r} is no module of {PACKAGE}: pass a stage's dotted name (its __spec__.name)")
     seen, files, pending = set(), set(), [module]
     while pending:
         name = pending.pop()

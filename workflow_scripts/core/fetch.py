@@ -33,11 +33,11 @@ def hub_token():
 @contextlib.contextmanager
 def hub_errors(what, fix):
     """Turn the hub client's errors about ``what`` into one-line input errors that say what to ``fix``."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RevisionResolutionError
 
     try:
         yield
-    except LocalEntryNotFoundError as error:
+    except (LocalEntryNotFoundError, RevisionResolutionError) as error:
         offline = " with HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise InputError(
             f"{what} is not in the local hub cache{offline} ({error.__class__.__name__}); "
@@ -45,6 +45,21 @@ def hub_errors(what, fix):
         ) from None
     except HfHubHTTPError as error:
         raise InputError(f"cannot fetch {what}: {error}") from None
+
+
+def hub_snapshot(repo, revision, patterns, what, fix, repo_type="model"):
+    """``(folder, commit)``: the snapshot folder in the hub cache of the files of hub repo ``repo`` at ``revision``
+    that match ``patterns`` (``snapshot_download``: interrupted downloads resume, ``HF_HUB_OFFLINE=1`` reads the
+    cache), and the commit the revision resolved to, as the hub answered it (offline: the cache's ``refs/``).
+    Errors name ``what`` and the setting to ``fix`` (:func:`hub_errors`)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    token = hub_token()
+    with hub_errors(what, fix):
+        # resolved once, so the files and the recorded commit are the same commit whatever the branch does meanwhile
+        resolved = HfApi(token=token).resolve_revision(repo, repo_type=repo_type, revision=revision)
+        folder = snapshot_download(repo, repo_type=repo_type, revision=resolved, allow_patterns=patterns, token=token)
+    return Path(folder), resolved.resolved
 
 
 def local_origin(folder):

@@ -9,6 +9,8 @@ in one place.
 import re
 from dataclasses import dataclass
 
+from workflow_scripts.core.errors import InputError
+
 SCHEMES = ("rtn-int8", "gptq-int8")
 EAGER = ("float", *SCHEMES)
 VAMC_DTYPES = ("fp16", "int8")
@@ -44,14 +46,14 @@ class Variant:
 
 
 def parse(name):
-    """The :class:`Variant` of ``name``; a ValueError names what is accepted."""
+    """The :class:`Variant` of ``name``; an :class:`InputError` names what is accepted."""
     for kind, prefix in PREFIXES.items():
         bases = VAMC_DTYPES if kind == "vacc" else EAGER
         if name.startswith(prefix) and name[len(prefix) :] in bases:
             return Variant(kind, name[len(prefix) :])
     if name in EAGER:
         return Variant("eager", name)
-    raise ValueError(f"{name!r} is no variant: one of {', '.join(all_names())}")
+    raise InputError(f"{name!r} is no variant: one of {', '.join(all_names())}")
 
 
 def all_names(kinds=KINDS):
@@ -65,10 +67,12 @@ def pattern(kinds=KINDS):
     return "|".join(re.escape(name) for name in all_names(kinds))
 
 
-def model_variants(settings, kinds=("eager", "aoti"), vacc=False):
-    """A model's variants, from its settings: float and its quantize schemes, their compiled packages
-    (aoti.variants) and, with ``vacc``, its VACC builds."""
-    eager = ["float", *settings["quantize"]["schemes"]]
-    variants = {"eager": eager, "aoti": [f"aoti-{b}" for b in settings["aoti"]["variants"]]}
-    variants["vacc"] = [f"vacc-{dtype}" for dtype in VAMC_DTYPES] if vacc else []
-    return [name for kind in kinds for name in variants[kind]]
+def model_variants(settings, kinds=("eager", "aoti")):
+    """A model's variants of these kinds, from its settings: float and its quantize schemes, their compiled
+    packages (aoti.variants), its VACC builds."""
+    built = {
+        "eager": ["float", *settings["quantize"]["schemes"]],
+        "aoti": [f"aoti-{base}" for base in settings["aoti"]["variants"]],
+        "vacc": [f"vacc-{dtype}" for dtype in VAMC_DTYPES],
+    }
+    return [name for kind in kinds for name in built[kind]]

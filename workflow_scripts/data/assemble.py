@@ -1,7 +1,8 @@
 """A dataset's folder under ``resources/datasets/``, assembled from what a fetch stage fills in, with its manifest.
 
-The dataset_fetch, dataset_demo and dataset_python_docs stages differ only in
-how they fill the folder; this module checks and records the result.
+The fetch_dataset, fetch_dataset_demo and fetch_dataset_python_docs stages
+differ only in how they fill the folder (workflow_scripts/data/fetch.py,
+demo_datasets.py, python_docs.py); this module checks and records the result.
 """
 
 import gzip

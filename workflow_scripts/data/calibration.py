@@ -2,7 +2,8 @@
 
 Output ``{dataset}.safetensors`` holds ``input_ids`` (int32) and
 ``attention_mask`` (int8), both ``[nsamples, seqlen]``; ``{dataset}.json``
-records where every sample came from. Shards are keyed by the tokenizer's
+records where every sample came from, after the provenance every token file
+carries (:mod:`workflow_scripts.data.provenance`). Shards are keyed by the tokenizer's
 fingerprint (the sha256 of its ``tokenizer.json``, 16 hex digits), so models
 that share a tokenizer share shards.
 
@@ -24,17 +25,14 @@ same inputs and seed.
 
 import heapq
 import itertools
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.core.files import atomic_path, atomic_write_json, read_json
-from workflow_scripts.core.manifest import MANIFEST_NAME
 from workflow_scripts.core.progress import Progress
 from workflow_scripts.core.settings import Settings
 from workflow_scripts.data.datasets import dataset_file, dataset_format
+from workflow_scripts.data.provenance import provenance, write_token_tensors
 from workflow_scripts.data.readers import C4Lines, alpaca_prompt, ceval_text, read_alpaca, read_ceval
 from workflow_scripts.data.tokenizers import encode, load_tokenizer, pad_token_id
 from workflow_scripts.data.windows import BATCH_SIZE, check_size, pad_rows, sample_key
@@ -136,17 +134,13 @@ def build_shard(dataset, files, tokenizer_folder, fingerprint, settings, data_fo
     pad_id = pad_token_id(tokenizer)
     input_ids, attention_mask = pad_rows(rows, seqlen, pad_id)
     lengths = [sample["tokens"] for sample in samples]
-    manifest = read_json(Path(files) / MANIFEST_NAME, what=f"dataset {dataset}: manifest")
     record = {
-        "dataset": dataset,
+        **provenance(dataset, files, fingerprint),
         "format": SAMPLE_FORMATS[data_format],
         "split": settings.split,
         "nsamples": nsamples,
         "seqlen": seqlen,
         "seed": seed,
-        "tokenizer_fingerprint": fingerprint,
-        "source_files": manifest["files"],
-        "source_origin": manifest["origin"],
         "samples": samples,
         "stats": {
             **stats,
@@ -162,20 +156,10 @@ def build_shard(dataset, files, tokenizer_folder, fingerprint, settings, data_fo
     return {"input_ids": input_ids, "attention_mask": attention_mask}, record
 
 
-def write_shard(tensors, record, shard, record_path):
-    from safetensors.numpy import save_file
-
-    with atomic_path(shard) as tmp:
-        # One metadata key: safetensors writes several in hash-map order, which varies between runs.
-        provenance = {"dataset": record["dataset"], "tokenizer_fingerprint": record["tokenizer_fingerprint"]}
-        save_file(tensors, str(tmp), metadata={"provenance": json.dumps(provenance, sort_keys=True)})
-    atomic_write_json(record_path, record)
-
-
 def calibrate(dataset, data_format, files, tokenizer_folder, fingerprint, settings, shard, record_path):
     """Build one dataset's shard for one tokenizer and write it with its record."""
     tensors, record = build_shard(dataset, files, tokenizer_folder, fingerprint, settings, data_format)
-    write_shard(tensors, record, shard, record_path)
+    write_token_tensors(tensors, record, shard, record_path)
     stats = record["stats"]
     LOG.info(
         "dataset %s: %d x %d tokens (%d records read, %d tokens tokenized)",

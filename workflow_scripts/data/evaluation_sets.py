@@ -9,6 +9,9 @@
   the subject's header, the first ``shots`` ``dev`` questions with their
   answers, then the question; with the token id of each answer letter, so the
   letters' logits can be compared.
+
+Both carry the provenance of every token file: the dataset and the tokenizer
+that made them (:mod:`workflow_scripts.data.provenance`).
 """
 
 import itertools
@@ -17,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.core.files import atomic_path, atomic_write_json, read_json
-from workflow_scripts.core.manifest import MANIFEST_NAME
+from workflow_scripts.core.files import atomic_write_json
 from workflow_scripts.core.settings import Settings
 from workflow_scripts.data.datasets import dataset_file
+from workflow_scripts.data.provenance import provenance, write_token_tensors
 from workflow_scripts.data.readers import LETTERS, C4Lines, ceval_header, ceval_question, read_ceval
 from workflow_scripts.data.tokenizers import encode, load_tokenizer, pad_token_id
 from workflow_scripts.data.windows import BATCH_SIZE, check_size, pad_rows
@@ -100,24 +103,20 @@ def ceval_prompts(files, tokenizer, settings):
     return entries, letter_ids
 
 
-def provenance(files, fingerprint, settings):
-    manifest = read_json(Path(files) / MANIFEST_NAME, what="dataset manifest")
-    return {
-        "tokenizer_fingerprint": fingerprint,
-        "settings": settings.record(),
-        "source_files": manifest["files"],
-        "source_origin": manifest["origin"],
-    }
+def set_record(files, fingerprint, settings):
+    """The start of an evaluation set's record: its provenance (the dataset named by its folder) and settings."""
+    return {**provenance(Path(files).name, files, fingerprint), "settings": settings.record()}
 
 
 def write_c4_windows(files, tokenizer_folder, fingerprint, settings, output, record):
-    """The windows as safetensors (``input_ids``, with the tokenizer's fingerprint) and their JSON record."""
-    from safetensors.numpy import save_file
-
+    """The windows as safetensors (``input_ids``, its provenance in the metadata) and their JSON record."""
     input_ids, stats = c4_windows(files, load_tokenizer(tokenizer_folder, fingerprint), settings)
-    with atomic_path(output) as tmp:
-        save_file({"input_ids": input_ids}, str(tmp), metadata={"tokenizer_fingerprint": fingerprint})
-    atomic_write_json(record, {**provenance(files, fingerprint, settings), **stats, "shape": list(input_ids.shape)})
+    write_token_tensors(
+        {"input_ids": input_ids},
+        {**set_record(files, fingerprint, settings), **stats, "shape": list(input_ids.shape)},
+        output,
+        record,
+    )
     LOG.info(
         "%s validation: %d windows of %d tokens from %d documents",
         Path(files).name,
@@ -134,7 +133,7 @@ def write_ceval_prompts(files, tokenizer_folder, fingerprint, settings, output):
     atomic_write_json(
         output,
         {
-            **provenance(files, fingerprint, settings),
+            **set_record(files, fingerprint, settings),
             "letter_token_ids": letter_ids,
             "pad_token_id": pad_token_id(tokenizer),
             "prompt_tokens_max": max(lengths),

@@ -1,4 +1,4 @@
-"""Evaluation: greedy decoding, token metrics and the quality gates."""
+"""Evaluation: verification against upstream, quality figures (token metrics), the quality gates and the report."""
 
 # The float reference's logits held at once at the least, while the variant scores them: the reference and the
 # variant then take turns per group of windows (evaluation/evaluate.py). Here, free of torch, because the

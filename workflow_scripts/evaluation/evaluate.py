@@ -34,7 +34,6 @@ from safetensors import safe_open
 
 from workflow_scripts.checkpoint.folder import stop_token_ids
 from workflow_scripts.checkpoint.vacc_code import load_vacc_model
-from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, load_compiled
 from workflow_scripts.core.devices import (
     available_memory_bytes,
     load_computing_in,
@@ -47,10 +46,13 @@ from workflow_scripts.core.files import atomic_write_json, read_json, sha256_fil
 from workflow_scripts.core.manifest import MANIFEST_NAME
 from workflow_scripts.core.progress import Progress
 from workflow_scripts.core.settings import Settings
+from workflow_scripts.core.variants import Variant, parse
+from workflow_scripts.data.provenance import check_tokenizer
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE, file_fingerprint, read_tokenizer
 from workflow_scripts.evaluation import REFERENCE_LOGITS_BYTES
-from workflow_scripts.evaluation.decode import greedy_decode
 from workflow_scripts.evaluation.metrics import TokenMetrics, choice_accuracy
+from workflow_scripts.runtime.decode import greedy_decode
+from workflow_scripts.runtime.package import GRAPHS_FILE, load_compiled
 
 LOG = logging.getLogger(__name__)
 
@@ -82,11 +84,9 @@ def load_model(checkpoint, dtype, device):
 
 def load_windows(path, fingerprint, limit):
     """The c4 windows ``[n, seqlen]``, refused unless made with this tokenizer or when empty."""
+    check_tokenizer(path, fingerprint)
     with safe_open(str(path), "pt") as handle:
-        made_with = handle.metadata().get("tokenizer_fingerprint")
         windows = handle.get_tensor("input_ids").long()
-    if made_with != fingerprint:
-        raise InputError(f"{path}: made with tokenizer {made_with}, but the model's tokenizer is {fingerprint}")
     windows = windows[:limit] if limit else windows
     if not len(windows):
         raise InputError(f"{path}: holds no evaluation windows")
@@ -95,10 +95,7 @@ def load_windows(path, fingerprint, limit):
 
 def load_ceval(path, fingerprint, limit):
     record = read_json(path, what="ceval evaluation set")
-    if record["tokenizer_fingerprint"] != fingerprint:
-        raise InputError(
-            f"{path}: made with tokenizer {record['tokenizer_fingerprint']}, but the model's tokenizer is {fingerprint}"
-        )
+    check_tokenizer(path, fingerprint, record)
     questions = record["questions"][:limit] if limit else record["questions"]
     if not questions:
         raise InputError(f"{path}: holds no ceval questions")
@@ -280,16 +277,20 @@ def evaluation_device(model_id, settings, package=None):
 
 
 def evaluate(model_id, variant, patched, checkpoint, windows_path, ceval_path, settings, output):
+    parsed = parse(variant)
+    if parsed.kind == "vacc":
+        raise InputError(f"model {model_id}: {variant} runs on a VACC card; evaluate scores eager and aoti variants")
     patched, checkpoint = Path(patched), Path(checkpoint)
     fingerprint = file_fingerprint(patched / TOKENIZER_FILE)
     windows = load_windows(windows_path, fingerprint, settings.c4_windows)
     questions, letters = load_ceval(ceval_path, fingerprint, settings.ceval_questions)
     torch.set_grad_enabled(False)
-    compiled = variant.startswith("aoti-")
+    compiled = parsed.kind == "aoti"
     device = evaluation_device(model_id, settings, checkpoint if compiled else None)
     dtype = resolve_dtype(settings.dtype, device)
     windows = windows.to(device)
-    load_reference = None if variant == "float" else lambda: load_model(patched, dtype, device)
+    is_reference = parsed == Variant("eager", "float")
+    load_reference = None if is_reference else lambda: load_model(patched, dtype, device)
     vocab_size = read_json(patched / "config.json", what="config")["vocab_size"]
     start = time.monotonic()
     if compiled:
@@ -310,7 +311,7 @@ def evaluate(model_id, variant, patched, checkpoint, windows_path, ceval_path, s
         {
             "model": model_id,
             "variant": variant,
-            "backend": "aoti" if compiled else "eager",
+            "backend": parsed.kind,
             "device": device,
             "dtype": str(dtype).removeprefix("torch."),
             "c4": {**c4, "windows": len(windows), "window_tokens": windows.shape[1]},

@@ -4,7 +4,7 @@
   against float eager, KL divergence, top-1 agreement, ceval accuracy) and the
   gates' verdicts; each variant's greedy completions of the fixed prompts;
   GPTQ's and RTN's held-out output error layer by layer; the serving
-  benchmark's cases (:mod:`workflow_scripts.serving.benchmark` records); as
+  benchmark's cases (:mod:`workflow_scripts.serving.bench_client` records); as
   Markdown for a terminal and as HTML for ``snakemake --report``;
 * plots (matplotlib, PNG): per-layer quantization error of RTN and GPTQ from
   the GPTQ manifest; perplexity and KL by variant; wall time and peak memory

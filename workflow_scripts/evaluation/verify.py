@@ -30,7 +30,7 @@ from workflow_scripts.core.errors import CheckFailed
 from workflow_scripts.core.files import atomic_write_json, read_json, sha256_file
 from workflow_scripts.core.manifest import MANIFEST_NAME
 from workflow_scripts.data.tokenizers import encode_prompts
-from workflow_scripts.evaluation.decode import VerifyPrompts, greedy_decode
+from workflow_scripts.runtime.decode import VerifyPrompts, greedy_decode
 
 LOG = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ message that names the model and the key.
 import re
 
 from workflow_scripts.compilation.vamc import check_lengths, check_overrides
+from workflow_scripts.core import variants
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.data.windows import MAX_TOKENS
 
@@ -16,7 +17,7 @@ MODEL_SOURCE_KEYS = {
     "hub": {"hub", "revision", "allow_pickle"},
     "local": {"local", "allow_pickle"},
     "demo": {"demo", "seed", "shape"},
-    "gguf": {"gguf", "package", "sha256"},  # workflow_scripts/gguf_import.py
+    "gguf": {"gguf", "package", "sha256"},  # read by workflow_scripts/checkpoint/gguf.py and gguf_import.py
 }
 DATASET_SOURCE_KEYS = {
     "hub": {"hub", "revision"},
@@ -140,23 +141,24 @@ def check_aoti(model, settings):
 
 
 def check_bench(model, settings):
-    """Each benchmarked variant must be built: a compiled one among aoti.variants, an eager one a checkpoint (a VACC
-    build's, vacc-{dtype}, depends on the machine: the Snakefile checks it)."""
-    eager = ["float", *settings["quantize"]["schemes"]]
-    for index, variant in enumerate(settings["bench"]["variants"] or ()):
-        if variant.startswith("vacc-"):
+    """Each benchmarked variant must be a variant and be built: a compiled one among aoti.variants, an eager one a
+    checkpoint (a VACC build's depends on the machine: the Snakefile checks it)."""
+    for index, name in enumerate(settings["bench"]["variants"] or ()):
+        where = f"config: models.{model}.bench.variants[{index}]"
+        try:
+            variant = variants.parse(name)
+        except InputError as error:
+            raise InputError(f"{where}: {error}") from None
+        if variant.kind == "vacc" or name in variants.model_variants(settings):
             continue
-        compiled = variant.removeprefix("aoti-")
-        built = compiled in settings["aoti"]["variants"] if variant.startswith("aoti-") else variant in eager
-        if not built:
-            raise InputError(
-                f"config: models.{model}.bench.variants[{index}] = {variant} is not built: "
-                + (
-                    f"add {compiled} to models.{model}.aoti.variants"
-                    if variant.startswith("aoti-")
-                    else f"it is not float nor among models.{model}.quantize.schemes"
-                )
+        raise InputError(
+            f"{where} = {name} is not built: "
+            + (
+                f"add {variant.base} to models.{model}.aoti.variants"
+                if variant.kind == "aoti"
+                else f"it is not float nor among models.{model}.quantize.schemes"
             )
+        )
 
 
 def check_config(config):

@@ -7,7 +7,8 @@ than the attempt before, so a job killed for memory or time comes back bigger.
 Before the download exists, the shape comes from the config (a demo preset or
 a model's ``shape``), else an 8B-class guess; Snakemake evaluates resources
 again when a job is ready, so jobs after the download are sized from the real
-``config.json``.
+``config.json``. Every formula with a measured peak (docs/figures.md) is held to
+it by tests/test_job_resources.py: at least the peak, at most twice it plus 2 GB.
 """
 
 import math
@@ -63,9 +64,19 @@ class ModelSize:
         return 2 * self.parameters
 
     @property
+    def largest_tensor_elements(self):
+        """Elements of the largest weight matrix (the embedding or the output head)."""
+        return max(math.prod(shape) for shape in tensor_shapes(self.config).values())
+
+    @property
     def largest_tensor_bytes(self):
-        """Bytes of the largest weight matrix in float32 (the embedding or the output head)."""
-        return 4 * max(math.prod(shape) for shape in tensor_shapes(self.config).values())
+        """Bytes of the largest weight matrix in float32."""
+        return 4 * self.largest_tensor_elements
+
+    @property
+    def projection_parameters(self):
+        """Parameters of the layers' projections: what an int8 scheme rounds (the embeddings and norms stay)."""
+        return sum(math.prod(shape) for name, shape in tensor_shapes(self.config).items() if "_proj." in name)
 
     @property
     def layers(self):
@@ -120,17 +131,18 @@ def download_figures(source, python=None):
 
 
 def download(size, attempt, generated, gguf_bytes=None):
-    """Streamed from the hub to disk; a demo model is generated in memory (float32, then bf16). A GGUF import
-    reads the file, dequantizes one tensor at a time (float32, the gguf package's temporaries, the bf16
+    """Streamed from the hub to disk. A demo model is generated and written one tensor at a time: the largest
+    is drawn in float32 and scaled into a second float32 copy before it becomes bf16 (1.44 GB at peak for a
+    7B shape, 4.60 GB for Ministral-8B's 131072-row embedding, measured: docs/figures.md, "Real size"). A GGUF
+    import reads the file, dequantizes one tensor at a time (float32, the gguf package's temporaries, the bf16
     copy: 16 bytes per element of the largest tensor) and writes the bf16 shards, then hashes them."""
     if gguf_bytes is not None:
-        largest = max(math.prod(shape) for shape in tensor_shapes(size.config).values())
         seconds = (
             gguf_bytes + 2 * size.weight_bytes
         ) / DISK_BYTES_PER_S + size.parameters / DEQUANTIZE_PARAMETERS_PER_S
-        return request(GB + 16 * largest, seconds, attempt)
+        return request(GB + 16 * size.largest_tensor_elements, seconds, attempt)
     if generated:
-        return request(GB + 3 * size.weight_bytes, size.weight_bytes / DISK_BYTES_PER_S, attempt)
+        return request(GB + 2 * size.largest_tensor_bytes, size.weight_bytes / DISK_BYTES_PER_S, attempt)
     return request(GB, size.weight_bytes / NETWORK_BYTES_PER_S, attempt)
 
 
@@ -159,9 +171,9 @@ def verify(size, attempt, tokens, passes, device):
 
 
 def quantize(size, attempt):
-    """Streamed: a few chunks and the largest tensor in float32, never the model."""
-    largest = max(math.prod(shape) for shape in tensor_shapes(size.config).values())
-    return request(1.5 * GB + 3 * 4 * largest, 3 * size.weight_bytes / DISK_BYTES_PER_S, attempt, threads=2)
+    """Streamed in chunks of 16 MB, each chunk's mapped pages dropped once written: a few chunks whatever the
+    model's size (0.36 GB at peak for one 7B layer, 0.48-0.75 GB for 8 and 32, measured); twice the most."""
+    return request(1.5 * GB, 3 * size.weight_bytes / DISK_BYTES_PER_S, attempt, threads=2)
 
 
 def export_compressed_tensors(size, attempt):
@@ -187,16 +199,19 @@ def vacc_compile(size, attempt, workers):
     return request(8 * GB + 3 * size.weight_bytes, 600 * size.weight_bytes / GB, attempt, threads=workers)
 
 
-def aoti_compile(size, attempt, tokens, device):
-    """The model (float32 on the CPU, bf16 on a GPU), its exported copy and the compiler; the check runs eager and
-    compiled. On a GPU the compiler's time grows with the layers (38 s for 8 of Mistral-7B's, on an H200)."""
+def aoti_compile(size, attempt, tokens, device, quantized=False):
+    """The model (float32 on the CPU, its projections int8 in a ``quantized`` variant; bf16 on a GPU), its exported
+    copy and the compiler; the check runs eager and compiled. On a GPU the compiler's time grows with the layers
+    (38 s for 8 of Mistral-7B's, on an H200)."""
     if device == "cuda":
         seconds = 120 + 15 * size.layers + 4 * size.weight_bytes / DISK_BYTES_PER_S
         return request(CUDA_RUNTIME_BYTES + 1.5 * size.weight_bytes, seconds, attempt, GPU_THREADS)
     threads = size.compute_threads
     seconds = 240 * size.weight_bytes / GB + forward_seconds(size, tokens, threads, passes=2)
-    # twice the float32 model, measured (an int8 variant needs about a third of it; the request is the float one's)
-    return request(GB + 2 * 2 * size.weight_bytes, seconds, attempt, threads)
+    held = 4 * size.parameters - (3 * size.projection_parameters if quantized else 0)
+    # twice the model it compiles, measured (17.1 GB for an int8 7B's 8.0 GB), and a tenth more: Snakemake, which
+    # measured it, samples a job's memory every 30 s after its first 15 s
+    return request(GB + 2.2 * held, seconds, attempt, threads)
 
 
 def evaluate(size, attempt, tokens, device, logits_bytes, float32_package=False):
@@ -260,4 +275,7 @@ def gptq_memory_bytes(config, samples, seqlen, device):
     compute = activations + parameters * value + (3 * hidden**2 + inter**2) * hessian + max(attention, rounding)
     if on_cpu:
         return {"host": RUNTIME_BYTES + compute, "gpu": 0}
-    return {"host": CUDA_RUNTIME_BYTES + samples * seqlen * hidden * value + parameters, "gpu": compute}
+    # the samples are embedded on the host from the mapped embedding table; a layer is read there in bf16 and
+    # its int8 weights come back (4.1 GB measured for a 7B shape on an H200: docs/figures.md, "Real size")
+    embedded = samples * seqlen * hidden * value + 2 * config["vocab_size"] * hidden
+    return {"host": CUDA_RUNTIME_BYTES + embedded + 3 * parameters, "gpu": compute}

@@ -149,8 +149,9 @@ def export_shard(shard, names, target, bits, progress):
     return {name: target.name for name, _, _ in layout}
 
 
-def export_compressed_tensors(model, int8, folder):
-    """Write ``folder``: the compressed-tensors checkpoint of the int8 checkpoint ``int8``."""
+def export_compressed_tensors(model, int8, folder, code_module):
+    """Write ``folder``: the compressed-tensors checkpoint of the int8 checkpoint ``int8``; ``code_module``, the
+    stage that runs this, fingerprints the code."""
     int8, folder = Path(int8), Path(folder)
     config = read_json(int8 / "config.json", what=f"model {model}: int8 config")
     record = config.get(QUANTIZATION_KEY)
@@ -181,7 +182,7 @@ def export_compressed_tensors(model, int8, folder):
                 "format": f"compressed-tensors {FORMAT}",
                 "fingerprint": {
                     "int8_manifest_sha256": sha256_file(int8 / MANIFEST_NAME),
-                    "code": sources_digest("workflow_scripts.stages.export_compressed_tensors"),
+                    "code": sources_digest(code_module),
                 },
             },
         )

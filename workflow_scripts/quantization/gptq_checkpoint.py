@@ -45,6 +45,7 @@ from workflow_scripts.core.devices import resolve_device, resolve_dtype
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_path, sha256_file
 from workflow_scripts.core.manifest import MANIFEST_NAME
+from workflow_scripts.data.provenance import check_tokenizer
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE, file_fingerprint
 from workflow_scripts.quantization import GPTQ_BATCH as BATCH
 from workflow_scripts.quantization.gptq import Hessian, gptq_quantize, output_error
@@ -67,7 +68,6 @@ HESSIAN_GROUPS = {
 }
 ALL_PROJECTIONS = [module for group in HESSIAN_GROUPS.values() for module in group]
 ATTENTION_INPUT = "self_attn.q_proj"
-STAGE = "workflow_scripts.stages.quantize_gptq"  # the entry point whose code fingerprints the partials
 GPTQ_RECORD = ("block_size", "damp", "act_order", "first_token_weight", "nsamples", "holdout")
 
 
@@ -91,10 +91,7 @@ def load_calibration(paths, settings, fingerprint):
     nsamples, holdout = settings.nsamples, settings.holdout
     used, held = [], []
     for path in paths:
-        with safe_open(str(path), "pt") as handle:
-            made_with = json.loads(handle.metadata()["provenance"])["tokenizer_fingerprint"]
-        if made_with != fingerprint:
-            raise InputError(f"{path}: made with tokenizer {made_with}, but the model's tokenizer is {fingerprint}")
+        check_tokenizer(path, fingerprint)
         tensors = load_file(str(path))
         ids, masks = tensors["input_ids"].long(), tensors["attention_mask"].long()
         if ids.shape[0] < nsamples + holdout:
@@ -325,7 +322,9 @@ def partial_path(partial_dir, index):
     return partial_dir / f"layer-{index:03d}.safetensors"
 
 
-def quantize_gptq(model, patched, calibration, folder, settings):
+def quantize_gptq(model, patched, calibration, folder, settings, code_module):
+    """The ``gptq-int8`` checkpoint of a patched one, layer by layer through partials that a rerun resumes from;
+    ``code_module``, the stage that runs this, fingerprints the code (and so which partials are still valid)."""
     patched, folder = Path(patched), Path(folder)
     calibration = [Path(path) for path in calibration]
     record = {
@@ -337,7 +336,7 @@ def quantize_gptq(model, patched, calibration, folder, settings):
         "patched_manifest_sha256": sha256_file(patched / MANIFEST_NAME),
         "settings": record,
         "calibration_sha256": {path.name: sha256_file(path) for path in calibration},
-        "code": sources_digest(STAGE),
+        "code": sources_digest(code_module),
     }
     partial_dir = folder.parent / f".{folder.name}.partial"
     figures, device = gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
@@ -357,7 +356,7 @@ def quantize_gptq(model, patched, calibration, folder, settings):
         patched,
         folder,
         from_partials,
-        STAGE,
+        code_module,
         extra_fingerprint={"calibration_sha256": fingerprint["calibration_sha256"]},
         extra_manifest={"layers": figures, "device": device},
     )

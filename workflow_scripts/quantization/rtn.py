@@ -34,8 +34,9 @@ def quantize_matrix(shard, name, writer, bits):
     return figures
 
 
-def quantize_checkpoint(model, scheme, patched, folder, settings):
-    """The ``rtn-int8`` checkpoint of a patched one."""
+def quantize_checkpoint(model, scheme, patched, folder, settings, code_module):
+    """The ``rtn-int8`` checkpoint of a patched one; ``code_module``, the stage that runs this, fingerprints the
+    code."""
     if scheme != "rtn-int8":
         raise InputError(f"model {model}: unknown quantization scheme {scheme!r}")
     record = quantization_record(scheme, settings)
@@ -43,4 +44,4 @@ def quantize_checkpoint(model, scheme, patched, folder, settings):
     def rounded(shard, name, writer):
         return quantize_matrix(shard, name, writer, settings.bits)
 
-    write_quantized_checkpoint(model, record, patched, folder, rounded, "workflow_scripts.stages.quantize")
+    write_quantized_checkpoint(model, record, patched, folder, rounded, code_module)

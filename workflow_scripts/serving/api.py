@@ -3,9 +3,9 @@
 ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``,
 streamed as server-sent events or answered whole, with OpenAI's error body for
 every refusal: 400 for a bad request (malformed JSON, a prompt longer than the
-compiled length, an unsupported option), 404 for an unknown model, 503 when
-the queue is full. ``ignore_eos`` is vLLM's extension, which benchmarks use to
-get exactly ``max_tokens`` tokens.
+compiled length, an unsupported option or chat role), 404 for an unknown
+model, 503 when the queue is full. ``ignore_eos`` is vLLM's extension, which
+benchmarks use to get exactly ``max_tokens`` tokens.
 
 FastAPI on uvicorn: the stack vLLM and most OpenAI-compatible servers use,
 maintained, with request validation by pydantic (which mistral-common already
@@ -28,6 +28,9 @@ from workflow_scripts.serving.engine import QueueFull, Sampling
 from workflow_scripts.serving.text import TextStream
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to all that fits
+# OpenAI's chat roles but developer (its reasoning models' system), tool and function (no tool calls here): the
+# three that the models' chat templates know
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class ApiError(Exception):
@@ -132,6 +135,7 @@ def create_app(variant, engine, chat_template, on_ready=None):
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         check_model(body.model, variant)
+        check_roles(body.messages)
         text = chat_template.render([message.model_dump() for message in body.messages])
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         return await respond(body, ids, body.sampling(engine.budget), True)
@@ -186,6 +190,18 @@ def check_model(name, variant):
         raise ApiError(
             404, f"model {name!r} does not exist; this server serves {variant.name!r}", code="model_not_found"
         )
+
+
+def check_roles(messages):
+    for index, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise ApiError(
+                400,
+                f"messages[{index}].role: {message.role!r} is not a role this server takes; it takes "
+                + ", ".join(repr(role) for role in CHAT_ROLES),
+                code="invalid_value",
+                param=f"messages[{index}].role",
+            )
 
 
 def validation_message(errors):

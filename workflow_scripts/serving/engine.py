@@ -82,7 +82,7 @@ def pick_token(logits, sampling, random):
 
 class Engine:
     """Serves :class:`Request` objects through ``generator``'s graphs (a
-    :class:`~workflow_scripts.compilation.aoti_package.StaticGenerator`: its ``prefill``, ``decode``, ``batch``,
+    :class:`~workflow_scripts.runtime.package.StaticGenerator`: its ``prefill``, ``decode``, ``batch``,
     ``seq_in``, ``seq_total`` and ``device``)."""
 
     def __init__(self, generator, stop_token_ids, max_queue=256):

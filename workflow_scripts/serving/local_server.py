@@ -20,7 +20,9 @@ from pathlib import Path
 
 from workflow_scripts.core.errors import CheckFailed, StageError
 from workflow_scripts.core.files import atomic_write_json, read_json
-from workflow_scripts.serving.benchmark import Limits
+from workflow_scripts.data.tokenizers import read_tokenizer
+from workflow_scripts.serving.bench_client import run_benchmark
+from workflow_scripts.serving.sweep import Limits
 
 STOP_GRACE_S = 30
 CHILD_MODULES = ("workflow_scripts.serve",)  # our server: its code is this stage's code too (core/code_inputs.py)
@@ -31,8 +33,9 @@ MISSING_VASTGENX = (
 
 
 class LocalServer:
-    """``with Server(...) as server:`` a running server: ``server.url`` (``.../v1``), ``server.model`` (the model
-    id it serves), ``server.limits`` and ``server.record`` (what the benchmark record says about it)."""
+    """``with OwnServer(...) as server:`` (or another subclass) a running server: ``server.url`` (``.../v1``),
+    ``server.model`` (the model id it serves), ``server.limits`` and ``server.record`` (what the benchmark record
+    says about it). A subclass gives the ``command()`` that starts it and ``ready()``, which sets those."""
 
     startup_s = 600
 
@@ -157,9 +160,6 @@ def benchmark_variant(model, variant, server, tokenizer_folder, settings, output
     """Start ``server`` (a :class:`LocalServer`), run the sweep of ``settings`` against it, stop it, and write the
     record to ``output``. A request that fails against a server on this host is a fault, not a figure: the stage
     fails, naming the errors, and writes nothing."""
-    from workflow_scripts.data.tokenizers import read_tokenizer
-    from workflow_scripts.serving.benchmark import run_benchmark
-
     tokenizer = read_tokenizer(tokenizer_folder)
     with server:
         record = run_benchmark(

@@ -3,7 +3,7 @@
 A compiled folder (``results/{model}/aoti/{variant}``, with ``graphs.json``)
 brings its own batch and lengths. An eager checkpoint (``results/{model}/patched``
 or ``results/{model}/quantized/{scheme}``) runs the same two graphs as modules
-(:mod:`workflow_scripts.compilation.aoti_graphs`), at the shape the server is
+(:mod:`workflow_scripts.runtime.graphs`), at the shape the server is
 given, so both are served by one engine and batched the same way.
 """
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from workflow_scripts.checkpoint.folder import stop_token_ids
-from workflow_scripts.compilation.aoti_graphs import Decode, Prefill
-from workflow_scripts.compilation.aoti_package import GRAPHS_FILE, StaticGenerator, load_compiled
 from workflow_scripts.core.devices import load_computing_in, resolve_device, resolve_dtype, stored_bytes
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE, read_tokenizer
+from workflow_scripts.runtime.graphs import Decode, Prefill
+from workflow_scripts.runtime.package import GRAPHS_FILE, StaticGenerator, load_compiled
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ Usage: python -m workflow_scripts.stages.calibration_shard --dataset NAME [--for
 import argparse
 from pathlib import Path
 
-from workflow_scripts.core.cli import folder_of, run_cli
+from workflow_scripts.core.cli import add_tokenizer_arguments, run_cli
 from workflow_scripts.data.calibration import CalibrationSettings, calibrate
 from workflow_scripts.data.datasets import FORMATS
 
@@ -17,13 +17,7 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="the dataset's id under datasets in the config")
     parser.add_argument("--format", choices=FORMATS, help="its files' format (default: the id, for c4/alpaca/ceval)")
-    parser.add_argument(
-        "--files", required=True, type=folder_of("MANIFEST.json"), help="the fetched dataset's MANIFEST.json"
-    )
-    parser.add_argument(
-        "--tokenizer", required=True, type=folder_of("tokenizer.json"), help="the stored tokenizer.json"
-    )
-    parser.add_argument("--fingerprint", required=True)
+    add_tokenizer_arguments(parser, "the fetched dataset's MANIFEST.json")
     parser.add_argument("--settings", required=True, type=CalibrationSettings.parse, help="the dataset's settings")
     parser.add_argument("--shard", required=True, type=Path)
     parser.add_argument("--record", required=True, type=Path)

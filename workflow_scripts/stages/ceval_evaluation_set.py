@@ -8,19 +8,13 @@ Usage: python -m workflow_scripts.stages.ceval_evaluation_set --files MANIFEST -
 import argparse
 from pathlib import Path
 
-from workflow_scripts.core.cli import folder_of, run_cli
+from workflow_scripts.core.cli import add_tokenizer_arguments, run_cli
 from workflow_scripts.data.evaluation_sets import CevalSettings, write_ceval_prompts
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--files", required=True, type=folder_of("MANIFEST.json"), help="the fetched ceval dataset's MANIFEST.json"
-    )
-    parser.add_argument(
-        "--tokenizer", required=True, type=folder_of("tokenizer.json"), help="the stored tokenizer.json"
-    )
-    parser.add_argument("--fingerprint", required=True)
+    add_tokenizer_arguments(parser, "the fetched ceval dataset's MANIFEST.json")
     parser.add_argument("--settings", required=True, type=CevalSettings.parse, help="evaluation.ceval as JSON")
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)

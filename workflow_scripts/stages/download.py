@@ -19,7 +19,7 @@ from workflow_scripts.checkpoint.assemble import assemble_checkpoint
 from workflow_scripts.checkpoint.folder import METADATA_PATTERNS, PICKLE_PATTERNS, WEIGHT_PATTERNS
 from workflow_scripts.core.cli import run_cli
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.core.fetch import fetch_arguments, hub_errors, hub_token, local_origin
+from workflow_scripts.core.fetch import fetch_arguments, hub_snapshot, local_origin
 from workflow_scripts.core.files import link_file
 
 LOG = logging.getLogger(__name__)
@@ -41,15 +41,14 @@ def link_matching(source_folder, patterns, staging):
 
 
 def fetch_hub(model, source, staging):
-    from huggingface_hub import snapshot_download
-
     repo, revision = source["hub"], source["revision"]
     patterns = fetch_patterns(source.get("allow_pickle", False))
     LOG.info("model %s: fetching %s@%s (files: %s)", model, repo, revision, ", ".join(patterns))
-    with hub_errors(f"model {model}: hub repo {repo}@{revision}", "source.hub/revision"):
-        snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, token=hub_token()))
+    snapshot, commit = hub_snapshot(
+        repo, revision, patterns, f"model {model}: hub repo {repo}@{revision}", "source.hub/revision"
+    )
     methods = link_matching(snapshot, patterns, staging)
-    return {"hub": repo, "revision": revision, "commit": snapshot.name}, methods
+    return {"hub": repo, "revision": revision, "commit": commit}, methods
 
 
 def fetch_local(model, source, staging):

@@ -8,23 +8,13 @@ Usage: python -m workflow_scripts.stages.evaluate --model ID --variant NAME --pa
 import argparse
 from pathlib import Path
 
-from workflow_scripts.core.cli import folder_of, run_cli
+from workflow_scripts.core.cli import add_variant_arguments, run_cli
 from workflow_scripts.evaluation.evaluate import EvaluateSettings, evaluate
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--variant", required=True)
-    parser.add_argument(
-        "--patched", required=True, type=folder_of("MANIFEST.json"), help="the patched checkpoint's MANIFEST.json"
-    )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        type=folder_of("MANIFEST.json"),
-        help="a checkpoint's or a compiled package folder's MANIFEST.json",
-    )
+    add_variant_arguments(parser, "a checkpoint's or a compiled package folder's MANIFEST.json")
     parser.add_argument("--windows", required=True, type=Path)
     parser.add_argument("--ceval", required=True, type=Path)
     parser.add_argument("--settings", required=True, type=EvaluateSettings.parse, help="models.<id>.evaluate")

@@ -12,19 +12,18 @@ Usage: python -m workflow_scripts.stages.export_compressed_tensors --model ID --
 import argparse
 from pathlib import Path
 
-from workflow_scripts.core.cli import folder_of, run_cli
+from workflow_scripts.core.cli import MANIFEST_FOLDER, run_cli
 from workflow_scripts.quantization.compressed_tensors_export import export_compressed_tensors
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument(
-        "--int8", required=True, type=folder_of("MANIFEST.json"), help="the int8 checkpoint's MANIFEST.json"
-    )
+    parser.add_argument("--int8", required=True, type=MANIFEST_FOLDER, help="the int8 checkpoint's MANIFEST.json")
     parser.add_argument("--manifest", required=True, type=Path)
     args = parser.parse_args(argv)
-    export_compressed_tensors(args.model, args.int8, args.manifest.parent)
+    # __spec__.name: this module's dotted name, also under python -m (where __name__ is "__main__")
+    export_compressed_tensors(args.model, args.int8, args.manifest.parent, __spec__.name)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ import argparse
 from pathlib import Path
 
 from workflow_scripts.checkpoint.patch import PatchSettings, patch_checkpoint
-from workflow_scripts.core.cli import folder_of, run_cli
+from workflow_scripts.core.cli import MANIFEST_FOLDER, run_cli
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument(
-        "--source", required=True, type=folder_of("MANIFEST.json"), help="the downloaded checkpoint's MANIFEST.json"
+        "--source", required=True, type=MANIFEST_FOLDER, help="the downloaded checkpoint's MANIFEST.json"
     )
     parser.add_argument("--manifest", required=True, type=Path, help="MANIFEST.json inside the patched folder")
     parser.add_argument("--settings", required=True, type=PatchSettings.parse, help="models.<id>.patch as JSON")

@@ -23,7 +23,7 @@ Usage: python -m workflow_scripts.stages.quantize --model ID --scheme rtn-int8 -
 import argparse
 from pathlib import Path
 
-from workflow_scripts.core.cli import folder_of, run_cli
+from workflow_scripts.core.cli import MANIFEST_FOLDER, run_cli
 from workflow_scripts.quantization.int8_checkpoint import QuantizeSettings, keep_freed_chunks
 from workflow_scripts.quantization.rtn import quantize_checkpoint
 
@@ -32,14 +32,13 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--scheme", required=True)
-    parser.add_argument(
-        "--patched", required=True, type=folder_of("MANIFEST.json"), help="the patched checkpoint's MANIFEST.json"
-    )
+    parser.add_argument("--patched", required=True, type=MANIFEST_FOLDER, help="the patched checkpoint's MANIFEST.json")
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--settings", required=True, type=QuantizeSettings.parse, help="models.<id>.quantize.<scheme>")
     args = parser.parse_args(argv)
     keep_freed_chunks()
-    quantize_checkpoint(args.model, args.scheme, args.patched, args.manifest.parent, args.settings)
+    # __spec__.name: this module's dotted name, also under python -m (where __name__ is "__main__")
+    quantize_checkpoint(args.model, args.scheme, args.patched, args.manifest.parent, args.settings, __spec__.name)
 
 
 if __name__ == "__main__":

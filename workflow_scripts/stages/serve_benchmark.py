@@ -2,7 +2,7 @@
 
 Starts a server on a free port of this host, drives it through the vendor's
 sweep scaled to the compiled lengths, and stops it
-(workflow_scripts/serving/local_server.py, workflow_scripts/serving/benchmark.py,
+(workflow_scripts/serving/local_server.py, workflow_scripts/serving/bench_client.py,
 docs/serving.md). The server is ours (``python -m workflow_scripts.serve``) for
 a compiled package folder (``aoti-{variant}``) or an eager checkpoint (at the
 shape of ``--shape``), and VastAI's ``vastgenx serve`` for a VACC build
@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from workflow_scripts.core.cli import folder_of, run_cli
-from workflow_scripts.serving.benchmark import BenchSettings
+from workflow_scripts.core.cli import MANIFEST_FOLDER, run_cli
 from workflow_scripts.serving.local_server import OwnServer, benchmark_variant, vacc_server
+from workflow_scripts.serving.sweep import BenchSettings
 
 
 def serve_arguments(shape):
@@ -34,7 +34,7 @@ def main(argv):
     parser.add_argument(
         "--served",
         required=True,
-        type=folder_of("MANIFEST.json"),
+        type=MANIFEST_FOLDER,
         help="the package's, checkpoint's or VACC build's MANIFEST.json",
     )
     parser.add_argument("--settings", required=True, type=BenchSettings.parse, help="models.<id>.bench")

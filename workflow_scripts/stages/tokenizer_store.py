@@ -6,7 +6,7 @@ of the file's sha256) means a model's re-download never reruns the shards of
 a tokenizer that did not change: the stored file is named by its content, so
 it can never be stale.
 
-Usage: python -m workflow_scripts.stages.tokenizer_store --fingerprint HEX --models DIR --output PATH
+Usage: python -m workflow_scripts.stages.tokenizer_store --fingerprint HEX --source MANIFEST --output PATH
 """
 
 import argparse
@@ -14,7 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from workflow_scripts.core.cli import run_cli
+from workflow_scripts.core.cli import MANIFEST_FOLDER, run_cli
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_path
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE, file_fingerprint
@@ -22,27 +22,26 @@ from workflow_scripts.data.tokenizers import TOKENIZER_FILE, file_fingerprint
 LOG = logging.getLogger(__name__)
 
 
-def store_tokenizer(fingerprint, models, output):
-    """Copy the first downloaded ``tokenizer.json`` whose fingerprint matches into ``output``."""
-    for candidate in sorted(Path(models).glob(f"*/{TOKENIZER_FILE}")):
-        if file_fingerprint(candidate) == fingerprint:
-            with atomic_path(output) as tmp:
-                shutil.copyfile(candidate, tmp)
-            LOG.info("tokenizer %s: stored from %s", fingerprint, candidate)
-            return
-    raise InputError(
-        f"no tokenizer.json under {models}/*/ has fingerprint {fingerprint}; build a model that "
-        "uses this tokenizer first"
-    )
+def store_tokenizer(fingerprint, source, output):
+    """Copy the ``tokenizer.json`` of the downloaded checkpoint folder ``source`` into ``output``, if it has
+    this fingerprint (the rule picks the model: rules/inputs.smk, tokenizer_store_source)."""
+    candidate = Path(source) / TOKENIZER_FILE
+    if not candidate.is_file():
+        raise InputError(f"{source}: has no {TOKENIZER_FILE}")
+    if file_fingerprint(candidate) != fingerprint:
+        raise InputError(f"{candidate}: has fingerprint {file_fingerprint(candidate)}, not the requested {fingerprint}")
+    with atomic_path(output) as tmp:
+        shutil.copyfile(candidate, tmp)
+    LOG.info("tokenizer %s: stored from %s", fingerprint, candidate)
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fingerprint", required=True)
-    parser.add_argument("--models", required=True, type=Path)
+    parser.add_argument("--source", required=True, type=MANIFEST_FOLDER, help="a downloaded checkpoint's MANIFEST.json")
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
-    store_tokenizer(args.fingerprint, args.models, args.output)
+    store_tokenizer(args.fingerprint, args.source, args.output)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from workflow_scripts.compilation.vacc_compile import compile_config
-from workflow_scripts.core.cli import folder_of, run_cli
+from workflow_scripts.core.cli import MANIFEST_FOLDER, run_cli
 
 
 def main(argv):
@@ -19,7 +19,7 @@ def main(argv):
     parser.add_argument(
         "--patched",
         required=True,
-        type=folder_of("MANIFEST.json"),
+        type=MANIFEST_FOLDER,
         help="the patched checkpoint's MANIFEST.json (tokenizer files)",
     )
     parser.add_argument("--manifest", required=True, type=Path)

@@ -4,9 +4,10 @@
 (the compiled code of each graph, without weights), ``weights.safetensors``
 (the constants both graphs read, stored once), the model's tokenizer and
 ``graphs.json`` (device, batch, lengths, stop tokens): all this runner needs,
-with no checkpoint and no Python model code. The evaluate stage scores
-compiled variants through it; ``python -m workflow_scripts.run_compiled`` runs
-one from the command line.
+with no checkpoint and no Python model code. The compile stage checks the
+packages through it, the evaluate stage scores them and the server serves
+them; ``python -m workflow_scripts.run_compiled`` runs one from the command
+line.
 
 A constant that the graphs read in float32 but whose values are bfloat16
 numbers (the weights of a bfloat16 checkpoint) is stored in bfloat16 and
