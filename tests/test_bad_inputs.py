@@ -30,6 +30,7 @@ from test_quantize import rewrite
 from test_quantize_gptq import SETTINGS as GPTQ_SETTINGS
 
 from workflow_scripts.checkpoint.assemble import assemble_checkpoint
+from workflow_scripts.checkpoint.fetch import fetch_local
 from workflow_scripts.checkpoint.patch import patch_checkpoint
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import sha256_file
@@ -38,7 +39,6 @@ from workflow_scripts.data.assemble import assemble_dataset
 from workflow_scripts.data.datasets import DATASET_FILES
 from workflow_scripts.data.fetch import fetch_local as fetch_local_dataset
 from workflow_scripts.data.provenance import write_token_tensors
-from workflow_scripts.stages.download import fetch_local
 
 from conftest import (
     PATCH_SETTINGS,

@@ -49,7 +49,7 @@ TOKEN_WINDOWS = MANIFEST | {
 }
 
 EXPECTED = {
-    "download": FETCH | {"checkpoint/assemble.py", "checkpoint/folder.py"},
+    "download": FETCH | {"checkpoint/assemble.py", "checkpoint/fetch.py", "checkpoint/folder.py"},
     "download_demo": FETCH
     | {
         "checkpoint/assemble.py",
