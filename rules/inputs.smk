@@ -6,6 +6,8 @@ import shlex
 
 from workflow_scripts.checkpoint import gguf as gguf_source
 from workflow_scripts.core import variants
+from workflow_scripts.core.files import read_json
+from workflow_scripts.data.tokenizers import tokenizer_fingerprint
 from workflow_scripts.planning.config import (
     DATASET_SOURCE_KEYS,
     source_kind,
@@ -79,16 +81,26 @@ def fetch_dataset_stage(dataset):
 
 
 def tokenizer_store_source(wildcards):
-    """The download of a model whose tokenizer has this fingerprint: a downloaded model first, else the
-    configured models' downloads in turn (targets first), each asked for until one matches.
+    """The download of a model whose tokenizer has this fingerprint: the downloads on disk first, read as they
+    are (asking the checkpoint of a download that will rerun would make the store wait for it), else the
+    configured models' downloads in turn, targets first, each built until one matches.
+
+    ancient: the store is named by its content, so a model's new download never rewrites it, nor reruns the
+    shards made with it.
     """
-    downloaded = [
+    on_disk = [
         m for m in MODELS if os.path.exists(f"resources/models/{m}/MANIFEST.json")
     ]
-    pending = [m for m in (*config["targets"], *MODELS) if m not in downloaded]
-    for model in (*downloaded, *dict.fromkeys(pending)):
-        if model_tokenizer(model) == wildcards.tokenizer:
-            return f"resources/models/{model}/MANIFEST.json"
+    for model in on_disk:
+        manifest = f"resources/models/{model}/MANIFEST.json"
+        if (
+            tokenizer_fingerprint(read_json(manifest), f"model {model}")
+            == wildcards.tokenizer
+        ):
+            return ancient(manifest)
+    for model in dict.fromkeys((*config["targets"], *MODELS)):
+        if model not in on_disk and model_tokenizer(model) == wildcards.tokenizer:
+            return ancient(f"resources/models/{model}/MANIFEST.json")
     raise ValueError(
         f"no configured model has tokenizer fingerprint {wildcards.tokenizer} "
         f"(models: {', '.join(MODELS)}); results/calibration/ and results/evaluation-sets/ are keyed by it"
