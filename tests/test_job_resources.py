@@ -108,19 +108,9 @@ MINISTRAL_8B_LAYER = ModelSize(
         },
     )
 )
-# SmolLM2-135M-Instruct as its GGUF file's header describes it (config/config.yaml's smollm2-135m-instruct)
-SMOLLM2 = ModelSize(
-    {
-        "vocab_size": 49152,
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "head_dim": 64,
-        "tie_word_embeddings": True,
-    }
-)
+# SmolLM2-135M-Instruct as its GGUF file's header describes it (requirements-models.txt installs the file)
+SMOLLM2 = planned_size(REAL["smollm2-135m-instruct"])
+assert SMOLLM2.layers == 30, "the GGUF file of requirements-models.txt was not found"
 
 
 @dataclass(frozen=True)
