@@ -81,9 +81,9 @@ def fetch_dataset_stage(dataset):
 
 
 def tokenizer_store_source(wildcards):
-    """The download of a model whose tokenizer has this fingerprint: the downloads on disk first, read as they
-    are (asking the checkpoint of a download that will rerun would make the store wait for it), else the
-    configured models' downloads in turn, targets first, each built until one matches.
+    """The download of a model whose tokenizer has this fingerprint: the downloads on disk first, by the
+    manifest on disk (a checkpoint's get() would make this store depend on every download that reruns),
+    else the configured models' downloads in turn, targets first, each built until one matches.
 
     ancient: the store is named by its content, so a model's new download never rewrites it, nor reruns the
     shards made with it.

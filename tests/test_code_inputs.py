@@ -100,6 +100,7 @@ EXPECTED = {
         "compilation/vamc.py",
         "compilation/vamc_config.py",
         "core/settings.py",
+        "core/variants.py",
     },
     "vacc_compile": MANIFEST
     | {"checkpoint/folder.py", "checkpoint/layout.py", "compilation/vamc.py", "compilation/vacc_compile.py"},

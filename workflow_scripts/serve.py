@@ -24,7 +24,7 @@ from workflow_scripts.serving.engine import Engine
 from workflow_scripts.serving.text import ChatTemplate
 from workflow_scripts.serving.variant import EagerShape, describe, load_variant
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger(__spec__.name)  # run as __main__ by python -m: its own name in the log
 
 
 def main(argv):

@@ -22,7 +22,6 @@ from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_write_text
 from workflow_scripts.core.settings import Settings
 
-DTYPES = ("fp16", "int8")
 # the calibration datasets vamc reads, by name; a configured dataset passes its format (python-docs: c4)
 VAMC_DATASETS = ("c4", "alpaca", "ceval")
 

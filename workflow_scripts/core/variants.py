@@ -58,8 +58,8 @@ def parse(name):
 
 def all_names(kinds=KINDS):
     """Every variant name of these kinds, eager first."""
-    names = {"eager": list(EAGER), "aoti": [f"aoti-{b}" for b in EAGER], "vacc": [f"vacc-{d}" for d in VAMC_DTYPES]}
-    return [name for kind in kinds for name in names[kind]]
+    bases = {"eager": EAGER, "aoti": EAGER, "vacc": VAMC_DTYPES}
+    return [Variant(kind, base).name for kind in kinds for base in bases[kind]]
 
 
 def pattern(kinds=KINDS):
@@ -72,7 +72,7 @@ def model_variants(settings, kinds=("eager", "aoti")):
     packages (aoti.variants), its VACC builds."""
     built = {
         "eager": ["float", *settings["quantize"]["schemes"]],
-        "aoti": [f"aoti-{base}" for base in settings["aoti"]["variants"]],
-        "vacc": [f"vacc-{dtype}" for dtype in VAMC_DTYPES],
+        "aoti": [Variant("aoti", base).name for base in settings["aoti"]["variants"]],
+        "vacc": [Variant("vacc", dtype).name for dtype in VAMC_DTYPES],
     }
     return [name for kind in kinds for name in built[kind]]

@@ -19,7 +19,7 @@ from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_path
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE, file_fingerprint
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger(__spec__.name)  # run as __main__ by python -m: its own name in the log
 
 
 def store_tokenizer(fingerprint, source, output):

@@ -8,15 +8,16 @@ Usage: python -m workflow_scripts.stages.vamc_config --model ID --patched MANIFE
 import argparse
 from pathlib import Path
 
-from workflow_scripts.compilation.vamc_config import DTYPES, VamcCalibration, VamcSettings, write_build_config
+from workflow_scripts.compilation.vamc_config import VamcCalibration, VamcSettings, write_build_config
 from workflow_scripts.core.cli import MANIFEST_FOLDER, run_cli
+from workflow_scripts.core.variants import VAMC_DTYPES
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--patched", required=True, type=MANIFEST_FOLDER, help="the patched checkpoint's MANIFEST.json")
-    parser.add_argument("--dtype", required=True, choices=DTYPES)
+    parser.add_argument("--dtype", required=True, choices=VAMC_DTYPES)
     parser.add_argument("--settings", required=True, type=VamcSettings.parse, help="models.<id>.vamc, name filled")
     parser.add_argument("--dataset", type=MANIFEST_FOLDER, help="int8: the calibration dataset's MANIFEST.json")
     parser.add_argument("--calibration", type=VamcCalibration.parse, help="int8: {name, nsamples, seqlen}")
