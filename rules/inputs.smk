@@ -6,8 +6,6 @@ import shlex
 
 from workflow_scripts.checkpoint import gguf as gguf_source
 from workflow_scripts.core import variants
-from workflow_scripts.core.files import read_json
-from workflow_scripts.data.tokenizers import tokenizer_fingerprint
 from workflow_scripts.planning.config import (
     DATASET_SOURCE_KEYS,
     source_kind,
@@ -88,19 +86,18 @@ def tokenizer_store_source(wildcards):
     ancient: the store is named by its content, so a model's new download never rewrites it, nor reruns the
     shards made with it.
     """
-    on_disk = [
-        m for m in MODELS if os.path.exists(f"resources/models/{m}/MANIFEST.json")
+    on_disk = [m for m in MODELS if os.path.exists(download_manifest(m))]
+    pending = [
+        m for m in dict.fromkeys((*config["targets"], *MODELS)) if m not in on_disk
     ]
-    for model in on_disk:
-        manifest = f"resources/models/{model}/MANIFEST.json"
-        if (
-            tokenizer_fingerprint(read_json(manifest), f"model {model}")
-            == wildcards.tokenizer
-        ):
-            return ancient(manifest)
-    for model in dict.fromkeys((*config["targets"], *MODELS)):
-        if model not in on_disk and model_tokenizer(model) == wildcards.tokenizer:
-            return ancient(f"resources/models/{model}/MANIFEST.json")
+    for model in on_disk + pending:
+        found = (
+            manifest_tokenizer(model, download_manifest(model))
+            if model in on_disk
+            else model_tokenizer(model)
+        )
+        if found == wildcards.tokenizer:
+            return ancient(download_manifest(model))
     raise ValueError(
         f"no configured model has tokenizer fingerprint {wildcards.tokenizer} "
         f"(models: {', '.join(MODELS)}); results/calibration/ and results/evaluation-sets/ are keyed by it"

@@ -4,10 +4,18 @@ from workflow_scripts.core.files import read_json
 from workflow_scripts.data.tokenizers import tokenizer_fingerprint
 
 
+def download_manifest(model):
+    return f"resources/models/{model}/MANIFEST.json"
+
+
+def manifest_tokenizer(model, manifest):
+    """The tokenizer fingerprint that a model's download manifest lists."""
+    return tokenizer_fingerprint(read_json(manifest), f"model {model}")
+
+
 def model_tokenizer(model):
     """A model's tokenizer fingerprint, known once its download (a checkpoint) has run."""
-    manifest = checkpoints.download.get(model=model).output[0]
-    return tokenizer_fingerprint(read_json(manifest), f"model {model}")
+    return manifest_tokenizer(model, checkpoints.download.get(model=model).output[0])
 
 
 def gptq_datasets(model):

@@ -14,8 +14,10 @@ from workflow_scripts.core.errors import InputError
 SCHEMES = ("rtn-int8", "gptq-int8")
 EAGER = ("float", *SCHEMES)
 VAMC_DTYPES = ("fp16", "int8")
-KINDS = ("eager", "aoti", "vacc")
-PREFIXES = {"aoti": "aoti-", "vacc": "vacc-"}
+# each kind: the prefix of its names and the bases it is built from
+PREFIXES = {"eager": "", "aoti": "aoti-", "vacc": "vacc-"}
+BASES = {"eager": EAGER, "aoti": EAGER, "vacc": VAMC_DTYPES}
+KINDS = tuple(PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Variant:
 
     @property
     def name(self):
-        return PREFIXES.get(self.kind, "") + self.base
+        return PREFIXES[self.kind] + self.base
 
     @property
     def compiled(self):
@@ -48,18 +50,14 @@ class Variant:
 def parse(name):
     """The :class:`Variant` of ``name``; an :class:`InputError` names what is accepted."""
     for kind, prefix in PREFIXES.items():
-        bases = VAMC_DTYPES if kind == "vacc" else EAGER
-        if name.startswith(prefix) and name[len(prefix) :] in bases:
+        if name.startswith(prefix) and name[len(prefix) :] in BASES[kind]:
             return Variant(kind, name[len(prefix) :])
-    if name in EAGER:
-        return Variant("eager", name)
     raise InputError(f"{name!r} is no variant: one of {', '.join(all_names())}")
 
 
 def all_names(kinds=KINDS):
     """Every variant name of these kinds, eager first."""
-    bases = {"eager": EAGER, "aoti": EAGER, "vacc": VAMC_DTYPES}
-    return [Variant(kind, base).name for kind in kinds for base in bases[kind]]
+    return [Variant(kind, base).name for kind in kinds for base in BASES[kind]]
 
 
 def pattern(kinds=KINDS):
