@@ -249,9 +249,7 @@ def serve_benchmark_server(wildcards):
             "max_output_tokens": vamc["seq_total"] - vamc["seq_in"],
         }
         return f"--vastgenx {shlex.quote(json.dumps(options, sort_keys=True))}"
-    shape = {
-        key: settings["aoti"][key] for key in ("batch", "seq_in", "seq_total", "device")
-    }
+    shape = {key: settings["aoti"][key] for key in ("batch", "context", "device")}
     return f"--shape {shlex.quote(json.dumps(shape, sort_keys=True))}"
 
 

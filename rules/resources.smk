@@ -7,7 +7,6 @@ from workflow_scripts.core import variants
 from workflow_scripts.core.files import read_json
 from workflow_scripts.planning import job_resources
 from workflow_scripts.planning.config import window_settings
-from workflow_scripts.serving import output_budget
 from workflow_scripts.serving.sweep import BenchSettings, Limits, plan_cases
 
 
@@ -148,10 +147,7 @@ def serve_benchmark_figures(wildcards):
         vamc = MODELS[model]["vamc"]
         limits = Limits(vamc["seq_in"], vamc["seq_total"] - vamc["seq_in"])
     else:
-        aoti = MODELS[model]["aoti"]
-        limits = Limits(
-            aoti["seq_in"], output_budget(aoti["seq_in"], aoti["seq_total"])
-        )
+        limits = Limits.of_context(MODELS[model]["aoti"]["context"])
     cases, _ = plan_cases(settings, limits)
     tokens = sum(
         case.requests(settings) * (case.input_tokens + case.output_tokens)

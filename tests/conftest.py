@@ -222,8 +222,7 @@ def quantized(patched, tmp_path_factory):
 AOTI = AotiSettings(
     device="auto",
     batch=2,
-    seq_in=32,
-    seq_total=48,
+    context=2048,
     dtype="auto",
     max_abs_logit_diff={"float32": 1e-4, "bfloat16": 0.05},
 )
@@ -352,8 +351,9 @@ def small_gptq(*aoti_variants, exports=("compressed-tensors",)):
     """Small GPTQ settings; AOTInductor compiles only the named variants (each takes about 30 s here)."""
     return {
         "quantize": {"gptq-int8": {"nsamples": 8, "holdout": 4, "device": "cpu"}, "exports": list(exports)},
-        "aoti": {"variants": list(aoti_variants), "seq_in": 64, "seq_total": 80},
-        # the longest prompt and shortest output of the vendor's sweep, scaled (63 and 4 tokens), alone and two at once
+        "aoti": {"variants": list(aoti_variants), "context": 128},
+        # the longest prompt and shortest output of the vendor's sweep, scaled to the context (63 and 16 tokens),
+        # alone and two at once
         "bench": {"inputs": [2040], "outputs": [512], "concurrency": [1, 2], "requests": 2},
         # random weights: near-uniform distributions make top-1 agreement meaningless (config.yaml says why)
         "gates": {"min_top1_agreement": None},

@@ -563,9 +563,9 @@ def aoti_compile(bench, variant, checkpoint, settings):
     )
 
 
-def prompt_longer_than_prefill(bench):
+def prompt_longer_than_context(bench):
     bench.patched()
-    return aoti_compile(bench, "float", PATCHED, dataclasses.replace(AOTI, seq_in=4))
+    return aoti_compile(bench, "float", PATCHED, dataclasses.replace(AOTI, context=20))
 
 
 def quantized_before_a_repatch(bench):
@@ -918,9 +918,10 @@ CASES = [
     ),
     Case(
         "aoti-prompt-too-long",
-        "a verify prompt longer than `aoti.seq_in`",
-        prompt_longer_than_prefill,
-        r"config: models\.tiny\.verify\.prompts\[0\] has \d+ tokens, more than models\.tiny\.aoti\.seq_in = 4",
+        "a verify prompt that leaves no room in `aoti.context` for its greedy tokens",
+        prompt_longer_than_context,
+        r"config: models\.tiny\.verify\.prompts\[0\] has \d+ tokens, more than "
+        r"models\.tiny\.aoti\.context - verify\.greedy_tokens = 4",
     ),
     Case(
         "aoti-stale-quantized-checkpoint",

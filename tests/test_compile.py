@@ -193,20 +193,20 @@ def test_compiled_packages_match_eager_and_run_alone(compiled):
     for variant in ("float", "rtn-int8"):
         folder = compiled / "aoti" / variant
         manifest = json.loads((folder / "MANIFEST.json").read_text())
-        assert {"prefill.pt2", "decode.pt2", "tokenizer.json", "graphs.json"} <= set(manifest["files"])
+        assert {"layer.pt2", "head.pt2", "tokenizer.json", "graphs.json"} <= set(manifest["files"])
         figures = manifest["verify"]
         assert figures["greedy_steps"] == 16 and figures["bound"] == 1e-4
         assert all(p["greedy_tokens_identical"] and p["max_abs_logit_diff"] <= 1e-4 for p in figures["prompts"])
-    generator, tokenizer, graphs = load_compiled(compiled / "aoti" / "rtn-int8")
-    assert (graphs["batch"], graphs["seq_in"], graphs["seq_total"]) == (2, 32, 48)
-    tokens, logits = generator.generate(tokenizer.encode("The capital of France is").ids, 16)
+    runner, tokenizer, graphs = load_compiled(compiled / "aoti" / "rtn-int8")
+    assert (graphs["rows"], graphs["context"], len(graphs["layer_weights"])) == (2, 2048, 2)
+    tokens, logits = runner.generate(tokenizer.encode("The capital of France is").ids, 16)
     assert len(tokens) == 16 and logits.shape == (17, 131072) and torch.isfinite(logits).all()
 
 
 @pytest.mark.slow  # compiles AOTInductor packages
-def test_both_graphs_share_one_copy_of_the_weights_in_the_checkpoints_dtype(compiled, patched):
+def test_one_layer_graph_runs_every_layer_from_one_copy_of_the_weights_in_the_checkpoints_dtype(compiled, patched):
     """No weights inside the compiled code; one weights file at the variant's own bytes (float32 graphs read the
-    bfloat16 weights widened; int8 stays int8), plus the rotary tables of the graphs' 48 positions."""
+    bfloat16 weights widened; int8 stays int8), plus the rotary tables of the context's 2048 positions."""
     from safetensors import safe_open
 
     from workflow_scripts.runtime.package import read_constants
@@ -214,13 +214,16 @@ def test_both_graphs_share_one_copy_of_the_weights_in_the_checkpoints_dtype(comp
     for variant, stored_as in (("float", "BF16"), ("rtn-int8", "I8")):
         folder = compiled / "aoti" / variant
         sizes = json.loads((folder / "MANIFEST.json").read_text())["bytes"]
-        assert sizes["checkpoint_weights"] < sizes["weights"] < 1.01 * sizes["checkpoint_weights"] + 64 * 1024
+        graphs = json.loads((folder / "graphs.json").read_text())
+        rotary_bytes = 2 * 2048 * graphs["head_dim"] * 4
+        assert sizes["checkpoint_weights"] < sizes["weights"] < sizes["checkpoint_weights"] + rotary_bytes + 64 * 1024
         assert sizes["graphs"] < 0.5 * sizes["weights"]
         with safe_open(str(folder / "weights.safetensors"), "pt") as handle:
-            assert handle.get_slice("model.model.layers.0.mlp.down_proj.weight").get_dtype() == stored_as
+            assert handle.get_slice("model.layers.1.mlp.down_proj.weight").get_dtype() == stored_as
         constants = read_constants(folder / "weights.safetensors", "cpu")
-        assert constants["model.model.layers.0.input_layernorm.weight"].dtype == torch.float32
-        assert constants["model.model.rotary.cos_table"].shape[0] == 48
+        assert constants["model.layers.0.input_layernorm.weight"].dtype == torch.float32
+        assert constants["rotary.cos"].shape[0] == 2048
+        assert graphs["layer_weights"][1][0] == "model.layers.1." + graphs["layer_weights"][0][0].split(".", 3)[3]
 
 
 @pytest.mark.slow  # compiles AOTInductor packages
@@ -247,18 +250,18 @@ def test_a_quantized_checkpoint_of_another_patched_model_is_refused(patched, com
     assert not (tmp_path / "out").exists()
 
 
-def test_a_prompt_longer_than_the_prefill_graph_is_refused(patched, tmp_path):
+def test_a_prompt_that_leaves_no_room_for_its_greedy_tokens_is_refused(patched, tmp_path):
     with pytest.raises(
         InputError,
         match=r"models\.mistral\.verify\.prompts\[0\] has \d+ tokens, more than "
-        r"models\.mistral\.aoti\.seq_in = 4",
+        r"models\.mistral\.aoti\.context - verify\.greedy_tokens = 4",
     ):
         compile_variant(
             "mistral",
             "float",
             patched["mistral"],
             patched["mistral"],
-            dataclasses.replace(AOTI, seq_in=4),
+            dataclasses.replace(AOTI, context=20),
             VERIFY,
             tmp_path / "out",
             AOTI_STAGE,

@@ -254,8 +254,8 @@ def test_gptq_needs_nsamples_plus_holdout_in_each_shard():
             r"models\.demo-mistral\.aoti\.variants\[0\] = rtn-int8 is not among",
         ),
         (
-            {"aoti": {"seq_in": 120}},
-            r"models\.demo-mistral\.aoti\.seq_total = 128 leaves no room for verify\.greedy_tokens",
+            {"aoti": {"context": 16}},
+            r"models\.demo-mistral\.aoti\.context = 16 leaves no room for a prompt before verify\.greedy_tokens",
         ),
         (
             {"bench": {"variants": ["aoti-rtn-int8", "aoti-fp16"]}},

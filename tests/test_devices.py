@@ -205,9 +205,7 @@ def test_the_variant_and_its_reference_are_never_resident_together_and_groups_ch
         return table[model.name][window[:-1]]
 
     def figures(logits_bytes):
-        scoring = evaluate.Scoring(
-            lambda: Model("candidate"), lambda: Model("reference"), logits, logits, lambda w: w[1:], 8
-        )
+        scoring = evaluate.Scoring(lambda: Model("candidate"), lambda: Model("reference"), logits, logits)
         alive.clear()
         loads.clear()
         return evaluate.score_windows(scoring, windows, 50, logits_bytes)[0], list(loads)
@@ -225,9 +223,7 @@ def test_a_cpu_compile_that_cannot_fit_is_refused_before_it_starts(patched, tmp_
     from workflow_scripts.runtime.decode import VerifyPrompts
 
     monkeypatch.setattr(devices, "available_memory_bytes", lambda: 10**8)
-    settings = AotiSettings(
-        device="cpu", batch=1, seq_in=32, seq_total=48, dtype="auto", max_abs_logit_diff={"float32": 1e-4}
-    )
+    settings = AotiSettings(device="cpu", batch=1, context=48, dtype="auto", max_abs_logit_diff={"float32": 1e-4})
     with pytest.raises(
         InputError,
         match=r"models\.mistral\.aoti: compiling float for the CPU in float32 needs about \d+\.\d GB of memory, "

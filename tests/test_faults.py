@@ -56,7 +56,7 @@ STAGES = [
         "aoti_compile",
         "aoti_compile",
         "results/tiny-a/aoti/rtn-int8/MANIFEST.json",
-        "*/results/tiny-a/aoti/.rtn-int8.staging-*/prefill.pt2",  # the prefill package written, decode not
+        "*/results/tiny-a/aoti/.rtn-int8.staging-*/layer.pt2",  # the layer package written, the head not
     ),
 ]
 

@@ -30,7 +30,7 @@ from workflow_scripts.serving.variant import EagerShape, load_variant
 
 from conftest import run_stage, stage_env
 
-SHAPE = EagerShape(batch=2, seq_in=16, seq_total=40, device="cpu")
+SHAPE = EagerShape(batch=3, context=160, device="cpu")
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,", "Hello")
 
 
@@ -40,51 +40,97 @@ def eager(patched):
     return load_variant(patched["ministral"], SHAPE)
 
 
-def run_requests(engine, requests):
-    """Submit ``[(ids, Sampling)]`` at once; ``[(tokens, finish_reason)]`` in the same order."""
+@pytest.fixture(scope="module")
+def eager_model(patched):
+    from workflow_scripts.checkpoint.vacc_code import load_vacc_model
+
+    return load_vacc_model(patched["ministral"], torch.float32, "cpu")
+
+
+def run_requests(engine, requests, joins=None):
+    """Submit ``[(ids, Sampling)]``; ``[(tokens, finish_reason)]`` in the same order. ``joins[index] = (earlier,
+    tokens)`` submits request ``index`` from the engine's thread once request ``earlier`` has received ``tokens``
+    tokens; the others are submitted at once."""
+    joins = joins or {}
     results = [([], None) for _ in requests]
     done = threading.Semaphore(0)
+    waiting_on = {}
+    for index, (earlier, tokens) in joins.items():
+        waiting_on.setdefault((earlier, tokens), []).append(index)
+
+    def submit(index):
+        ids, sampling = requests[index]
+        engine.submit(ids, sampling, collector(index))
 
     def collector(index):
         def on_event(token, reason):
             if token is not None:
                 results[index][0].append(token)
+                for joining in waiting_on.pop((index, len(results[index][0])), []):
+                    submit(joining)
             else:
                 results[index] = (results[index][0], reason)
                 done.release()
 
         return on_event
 
-    for index, (ids, sampling) in enumerate(requests):
-        engine.submit(ids, sampling, collector(index))
+    for index in range(len(requests)):
+        if index not in joins:
+            submit(index)
     engine.start()
     try:
         for _ in requests:
-            assert done.acquire(timeout=120), "a request never finished"
+            assert done.acquire(timeout=300), "a request never finished"
     finally:
         engine.stop()
+    assert not waiting_on, f"requests never submitted: {waiting_on}"
     return results
 
 
-def test_requests_batched_and_joining_mid_batch_decode_as_they_would_alone(eager):
-    """Five prompts of different lengths and budgets through two rows: rows free at different steps and new
-    requests join the running batch at the shared cache slot, yet every request gets exactly the tokens that
-    decoding it alone through the model's own KV cache gives."""
+def test_requests_batched_and_joining_mid_batch_decode_as_they_would_alone(eager, eager_model):
+    """Five prompts of different lengths and budgets through the rows at once: rows free at different steps and the
+    waiting requests take them, yet every request gets exactly the tokens that decoding it alone through the
+    model's own KV cache gives."""
     tokenizer = read_tokenizer(eager.folder)
-    model = eager.generator.prefill.model
     budgets = (24, 5, 12, 3, 9)
     requests = [
         (tokenizer.encode(prompt).ids, Sampling(max_tokens, temperature=0, ignore_eos=True))
         for prompt, max_tokens in zip(PROMPTS, budgets, strict=True)
     ]
-    engine = Engine(eager.generator, eager.stop_token_ids)
+    engine = Engine(eager.runner, eager.stop_token_ids)
     results = run_requests(engine, requests)
     for (ids, sampling), (tokens, reason) in zip(requests, results, strict=True):
-        alone = greedy_decode(model, torch.tensor([ids]), sampling.max_tokens)[1]
+        alone = greedy_decode(eager_model, torch.tensor([ids]), sampling.max_tokens)[1]
         assert (tokens, reason) == (alone, "length")
-    # two rows stepped together: fewer decode steps than the requests' own (each request's first token is its
+    # the rows stepped together: fewer decode steps than the requests' own (each request's first token is its
     # prefill's)
     assert engine.steps < sum(budget - 1 for budget in budgets)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_requests_of_any_lengths_joining_and_leaving_at_any_step_decode_as_they_would_alone(eager, eager_model, seed):
+    """Prompts of 1 to 120 tokens (fed 8 at a time, so most take several chunks between other rows' decode steps)
+    with 1 to 30 new tokens each, most submitted while others run, at a random token of a random earlier request:
+    they join rows at any position and leave them at any step. Each gets the tokens it gets alone."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    vocab = eager_model.config.vocab_size
+    requests, joins = [], {}
+    for index in range(9):
+        ids = torch.randint(3, vocab, (draw(1, 120),), generator=generator).tolist()
+        max_tokens = draw(1, 30)
+        requests.append((ids, Sampling(max_tokens, temperature=0, ignore_eos=True)))
+        if index >= 2:
+            earlier = draw(0, index - 1)
+            joins[index] = (earlier, draw(1, requests[earlier][1].max_tokens))
+    engine = Engine(eager.runner, [], prefill_chunk=8)
+    results = run_requests(engine, requests, joins)
+    for (ids, sampling), (tokens, reason) in zip(requests, results, strict=True):
+        alone = greedy_decode(eager_model, torch.tensor([ids]), sampling.max_tokens)[1]
+        assert (tokens, reason) == (alone, "length")
 
 
 def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(eager):
@@ -97,18 +143,18 @@ def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(eager):
         (ids, Sampling(10, temperature=0, ignore_eos=True)),
     ]
     same_seed, again, other_seed, tiny_top_p, greedy = (
-        tokens for tokens, _ in run_requests(Engine(eager.generator, []), requests)
+        tokens for tokens, _ in run_requests(Engine(eager.runner, []), requests)
     )
     assert same_seed == again and same_seed != other_seed
     assert tiny_top_p == greedy
 
 
 def test_the_engine_refuses_what_its_graphs_cannot_serve_and_bounds_its_queue(eager):
-    engine = Engine(eager.generator, eager.stop_token_ids, max_queue=2)
-    with pytest.raises(InputError, match="the prompt has 17 tokens; this variant's compiled prompt length is 16"):
-        engine.submit(list(range(1, 18)), Sampling(4), print)
-    with pytest.raises(InputError, match="max_tokens is 26; this variant's compiled graphs give 1 to 25"):
-        engine.submit([1, 2], Sampling(26), print)
+    engine = Engine(eager.runner, eager.stop_token_ids, max_queue=2)
+    with pytest.raises(InputError, match="the prompt has 160 tokens; this variant's context is 160 tokens"):
+        engine.submit(list(range(1, 161)), Sampling(4), print)
+    with pytest.raises(InputError, match="max_tokens is 159; a prompt of 2 tokens leaves 1 to 158 new tokens"):
+        engine.submit([1, 2], Sampling(159), print)
     engine.submit([1, 2], Sampling(4), print)
     engine.submit([1, 2], Sampling(4), print)
     with pytest.raises(QueueFull):
@@ -194,7 +240,7 @@ def start_server(folder, tmp_path, *arguments):
 
 @pytest.fixture(scope="module")
 def served(compiled, tmp_path_factory):
-    """The compiled float package (batch 2) behind the server."""
+    """The compiled float package (two rows of 2048 tokens) behind the server."""
     server = start_server(compiled / "aoti" / "float", tmp_path_factory.mktemp("serve"), "--max-queue", "64")
     yield server
     server.stop()
@@ -210,11 +256,11 @@ def test_completions_match_the_compiled_runner_and_stream_the_same_text(served, 
 
     models = served.client.models.list()
     assert [model.id for model in models.data] == ["ministral-float"]
-    generator, tokenizer, graphs = load_compiled(compiled / "aoti" / "float")
+    runner, tokenizer, graphs = load_compiled(compiled / "aoti" / "float")
     ids = tokenizer.encode(PROMPTS[0]).ids
-    runner = generator.generate(ids, 12)[0]
+    expected = runner.generate(ids, 12)[0]
     whole = complete(served, PROMPTS[0], max_tokens=12, extra_body={"ignore_eos": True})
-    assert whole.choices[0].text == tokenizer.decode(runner, skip_special_tokens=True)
+    assert whole.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
     assert whole.choices[0].finish_reason == "length"
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ids), 12)
     chunks = list(
@@ -250,7 +296,8 @@ def test_a_stop_sequence_and_the_chat_template(served):
 
 @pytest.mark.slow  # compiles AOTInductor packages
 def test_more_concurrent_requests_than_rows_all_get_their_own_answer(served):
-    """Eight requests at once on a batch of two: they queue, share the rows, and each gets what it gets alone."""
+    """Eight requests at once on two rows: they queue, take the rows as they free, and each gets what it gets
+    alone."""
     prompts = [f"{PROMPTS[index % len(PROMPTS)]} {index}" for index in range(8)]
     alone = [
         complete(served, prompt, max_tokens=8, extra_body={"ignore_eos": True}).choices[0].text for prompt in prompts
@@ -266,10 +313,27 @@ def test_more_concurrent_requests_than_rows_all_get_their_own_answer(served):
 
 
 @pytest.mark.slow  # compiles AOTInductor packages
+def test_a_chat_prompt_of_1500_tokens_is_answered_and_costs_its_length(served, compiled):
+    """A long chat prompt is fed in chunks and answered with what the package gives it alone."""
+    from workflow_scripts.runtime.package import load_compiled
+
+    runner, tokenizer, _ = load_compiled(compiled / "aoti" / "float")
+    words = " ".join(f"w{index}" for index in range(2000))
+    content = tokenizer.decode(tokenizer.encode(words, add_special_tokens=False).ids[:1520])
+    messages = [{"role": "user", "content": content}]
+    chat = served.client.chat.completions.create(
+        model=served.model, messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    ids = tokenizer.encode(f"[INST]{content}[/INST]").ids
+    assert chat.usage.prompt_tokens == len(ids) >= 1500
+    assert chat.choices[0].message.content == tokenizer.decode(runner.generate(ids, 8)[0], skip_special_tokens=True)
+
+
+@pytest.mark.slow  # compiles AOTInductor packages
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
     bad = [
-        (lambda: complete(served, "word " * 40), openai.BadRequestError, "compiled prompt length is 32 tokens"),
-        (lambda: complete(served, "Hi", max_tokens=100), openai.BadRequestError, "give 1 to 17 new tokens"),
+        (lambda: complete(served, "word " * 2100), openai.BadRequestError, "this variant's context is 2048 tokens"),
+        (lambda: complete(served, "Hi", max_tokens=3000), openai.BadRequestError, r"leaves 1 to \d+ new tokens"),
         (
             lambda: served.client.completions.create(model="nonexistent", prompt="Hi"),
             openai.NotFoundError,
@@ -300,13 +364,11 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
 def test_an_eager_checkpoint_is_served_and_a_full_queue_answers_503(patched, compiled, tmp_path):
     """The patched checkpoint, with no package, through the same engine: the compiled float package's answer;
     with one row and a queue of one, a burst gets 503s with Retry-After and no request is lost."""
-    server = start_server(patched["ministral"], tmp_path, "--batch=1", "--seq-in=32", "--seq-total=48", "--max-queue=1")
+    server = start_server(patched["ministral"], tmp_path, "--batch=1", "--context=48", "--max-queue=1")
     try:
         assert server.model == "ministral-float"
-        generator, tokenizer, _ = load_compiled_float(compiled)
-        expected = tokenizer.decode(
-            generator.generate(tokenizer.encode(PROMPTS[0]).ids, 8)[0], skip_special_tokens=True
-        )
+        runner, tokenizer, _ = load_compiled_float(compiled)
+        expected = tokenizer.decode(runner.generate(tokenizer.encode(PROMPTS[0]).ids, 8)[0], skip_special_tokens=True)
         assert complete(server, PROMPTS[0], max_tokens=8, extra_body={"ignore_eos": True}).choices[0].text == expected
         statuses = []
 
@@ -333,31 +395,33 @@ def load_compiled_float(compiled):
 
 # all the settings, as the rule hands them
 BENCH = BenchSettings.with_defaults({"inputs": [2040], "outputs": [512, 2048], "concurrency": [1, 3], "requests": 3})
+# the compiled package's context of 2048 scales the outputs to 256 and 1024 tokens: shorter ones keep the test short
+SHORT_OUTPUTS = BenchSettings.with_defaults({**BENCH.record(), "outputs": [32, 128]})
 
 
 @pytest.mark.slow  # compiles AOTInductor packages
 def test_the_benchmark_stage_serves_sweeps_and_stops(compiled, tmp_path):
     """The rule's stage against our server of the compiled package: the vendor's longest prompt and two outputs
-    scaled to its lengths (31 tokens in; 4 and 17 out), one and three at a time on its two rows. The server
-    counts the prompts' tokens as the client made them, and every request gets all its tokens."""
+    scaled to its context's halves (1020 tokens in; 16 and 64 out), one and three at a time on its two rows. The
+    server counts the prompts' tokens as the client made them, and every request gets all its tokens."""
     output = tmp_path / "bench" / "aoti-float.json"
     folder = compiled / "aoti" / "float"
     result = run_stage(
         "serve_benchmark",
         *("--model", "ministral", "--variant", "aoti-float", "--served", folder / "MANIFEST.json"),
-        *("--settings", json.dumps(BENCH.record()), "--output", output),
+        *("--settings", json.dumps(SHORT_OUTPUTS.record()), "--output", output),
     )
     record = json.loads(output.read_text())
     assert record["server"] == {"folder": str(folder), "backend": "compiled", "batch": 2}
-    assert record["limits"] == {"max_prompt_tokens": 32, "max_output_tokens": 17}
+    assert record["limits"] == {"max_prompt_tokens": 2047, "max_output_tokens": 2047, "context_tokens": 2048}
     cases = [(c["input_tokens"], c["output_tokens"], c["concurrency"]) for c in record["cases"]]
-    assert cases == [(31, 4, 1), (31, 4, 3), (31, 17, 1), (31, 17, 3)]
+    assert cases == [(1020, 16, 1), (1020, 16, 3), (1020, 64, 1), (1020, 64, 3)]
     for case in record["cases"]:
         assert (case["completed"], case["failed"]) == (3, 0)
-        assert case["prompt_tokens_reported"] == [31]
+        assert case["prompt_tokens_reported"] == [1020]
         assert case["output_tokens_received"] == [case["output_tokens"]]
         assert 0 < case["ttft_s"]["p50"] <= case["latency_s"]["p50"] and case["output_tokens_per_s"] > 0
-    assert "bench: input 31, output 17, concurrency 3: 3/3 completed" in result.stderr
+    assert "bench: input 1020, output 64, concurrency 3: 3/3 completed" in result.stderr
 
 
 FAKE_VASTGENX = """#!{python}

@@ -40,7 +40,7 @@ def test_full_run_builds_verified_checkpoints(workflow):
         ):
             assert (workflow.work / "logs" / model / f"{stage}.log").exists()
             assert (workflow.work / "benchmarks" / model / f"{stage}.tsv").exists()
-    assert (workflow.work / "results" / "tiny-a" / "aoti" / "rtn-int8" / "decode.pt2").exists()
+    assert (workflow.work / "results" / "tiny-a" / "aoti" / "rtn-int8" / "head.pt2").exists()
     evaluations = sorted(p.name for p in (workflow.work / "results" / "tiny-a" / "eval").iterdir())
     assert evaluations == ["aoti-rtn-int8.json", "float.json", "gptq-int8.json", "rtn-int8.json"]
     summary = (workflow.work / "results" / "summary.md").read_text()

@@ -20,10 +20,10 @@ def main(argv):
     parser.add_argument("prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
-    generator, tokenizer, graphs = load_compiled(args.folder)
+    runner, tokenizer, graphs = load_compiled(args.folder)
     ids = tokenizer.encode(args.prompt).ids
     start = time.perf_counter()
-    tokens, _ = generator.generate(ids, args.max_new_tokens, stop=set(graphs["stop_token_ids"]))
+    tokens, _ = runner.generate(ids, args.max_new_tokens, stop=set(graphs["stop_token_ids"]))
     seconds = time.perf_counter() - start
     print(tokenizer.decode(ids + tokens, skip_special_tokens=True))
     print(json.dumps({"prompt_tokens": len(ids), "new_tokens": len(tokens), "seconds": round(seconds, 3)}))

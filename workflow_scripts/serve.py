@@ -1,12 +1,12 @@
 """Serve a built variant over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions).
 
 Usage: python -m workflow_scripts.serve results/{model}/aoti/{variant} [--host 127.0.0.1] [--port 9000]
-       python -m workflow_scripts.serve results/{model}/quantized/{scheme} --batch 4 --seq-in 64 --seq-total 128
+       python -m workflow_scripts.serve results/{model}/quantized/{scheme} --batch 4 --context 2048
 
-A compiled package folder is served at the batch and lengths it was compiled
-for; a checkpoint folder (patched or quantized) runs eagerly at the shape
-given. Concurrent requests share the batch; more wait in a queue
-(docs/serving.md).
+A compiled package folder is served with the rows and context it was
+compiled for; a checkpoint folder (patched or quantized) runs eagerly with
+those given. Each request takes a row of its own as soon as one is free; more
+wait in a queue (docs/serving.md).
 """
 
 import argparse
@@ -19,6 +19,7 @@ import torch
 from workflow_scripts.core.cli import run_cli
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_write_json
+from workflow_scripts.runtime.package import PREFILL_CHUNK
 from workflow_scripts.serving.api import create_app, model_card
 from workflow_scripts.serving.engine import Engine
 from workflow_scripts.serving.text import ChatTemplate
@@ -35,17 +36,21 @@ def main(argv):
     parser.add_argument("--served-model-name", help="the model id clients name (default: {model}-{variant})")
     parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 503")
     parser.add_argument("--ready-file", type=Path, help="written, with the port, once the server accepts requests")
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prompt tokens fed per step between decode steps"
+    )
     eager = parser.add_argument_group("eager checkpoints (a compiled folder has its own)")
-    eager.add_argument("--batch", type=int, default=EagerShape.batch)
-    eager.add_argument("--seq-in", type=int, default=EagerShape.seq_in)
-    eager.add_argument("--seq-total", type=int, default=EagerShape.seq_total)
+    eager.add_argument("--batch", type=int, default=EagerShape.batch, help="rows: requests served at once")
+    eager.add_argument("--context", type=int, default=EagerShape.context, help="tokens per row, prompt and answer")
     eager.add_argument("--device", choices=("auto", "cpu", "cuda"), default=EagerShape.device)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    shape = EagerShape(args.batch, args.seq_in, args.seq_total, args.device)
+    if args.prefill_chunk < 1:
+        raise InputError(f"--prefill-chunk is {args.prefill_chunk}; it must be at least 1")
+    shape = EagerShape(args.batch, args.context, args.device)
     variant = load_variant(args.folder, shape, args.served_model_name)
     LOG.info("serving %s", describe(variant))
-    engine = Engine(variant.generator, variant.stop_token_ids, args.max_queue)
+    engine = Engine(variant.runner, variant.stop_token_ids, args.max_queue, args.prefill_chunk)
     listener = bound_socket(args.host, args.port)
     port = listener.getsockname()[1]
 

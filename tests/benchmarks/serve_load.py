@@ -2,8 +2,9 @@
 and the server's memory stays flat.
 
 Starts ``python -m workflow_scripts.serve FOLDER`` on loopback, sends ``--requests`` requests with at most
-``--concurrency`` in flight (completions and chats, streamed and not, varied lengths, and one in ten a bad
-request: a prompt longer than the compiled length), and samples the server's resident memory every 0.2 s.
+``--concurrency`` in flight (completions and chats, streamed and not, varied lengths; one in ten a prompt of
+up to a quarter of the context in words, and one in ten a bad request: a prompt longer than the context), and
+samples the server's resident memory every 0.2 s.
 Prints the count of each outcome (200, 4xx, 503, other), the requests that got no answer at all, the memory
 after the first tenth of the requests against the end and the peak, and the wall time. Exits 1 if a request
 was lost or failed otherwise than with a 4xx or 503.
@@ -40,10 +41,15 @@ async def one(client, model, index, rng, limits):
     import openai
 
     start = time.perf_counter()
-    max_tokens = rng.randint(1, limits.max_output_tokens)
+    # new tokens of a short answer or a long one, but not the whole context: the run would take hours
+    max_tokens = rng.randint(1, min(limits.max_output_tokens, 128))
     try:
-        if index % 10 == 9:  # far longer than any compiled prompt length here: must be refused with a 400
+        if index % 10 == 9:  # far longer than the context: must be refused with a 400
             await client.completions.create(model=model, prompt=prompt(rng, 4 * limits.max_prompt_tokens))
+        elif index % 10 == 4:  # a long prompt, fed in chunks between the other rows' steps
+            await client.completions.create(
+                model=model, prompt=prompt(rng, rng.randint(100, limits.max_prompt_tokens // 4)), max_tokens=max_tokens
+            )
         elif index % 3 == 0:
             stream = await client.chat.completions.create(
                 model=model,

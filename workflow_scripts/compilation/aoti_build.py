@@ -50,8 +50,17 @@ from workflow_scripts.core.settings import Settings
 from workflow_scripts.core.variants import parse
 from workflow_scripts.data.tokenizers import encode_prompts
 from workflow_scripts.runtime.decode import greedy_decode
-from workflow_scripts.runtime.graphs import Decode, Prefill, example_inputs
-from workflow_scripts.runtime.package import GRAPHS_FILE, WEIGHTS_FILE, load_compiled, write_constants
+from workflow_scripts.runtime.graphs import Head, Layer, cache_shape
+from workflow_scripts.runtime.package import (
+    GRAPHS_FILE,
+    LM_HEAD,
+    NORM,
+    ROTARY,
+    WEIGHTS_FILE,
+    load_compiled,
+    model_weights,
+    write_constants,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -68,8 +77,7 @@ class AotiSettings(Settings):
     device: str
     batch: int
     dtype: str
-    seq_in: int
-    seq_total: int
+    context: int
     max_abs_logit_diff: dict[str, float]
 
 
@@ -87,44 +95,73 @@ def check_lineage(model, source, patched, checkpoint):
         )
 
 
-def compile_graphs(model, settings, folder, dtype):
-    """Export and compile prefill and decode into ``folder``, their shared constants into its weights file; the
-    time of each step goes to the log.
+def compile_graphs(model, settings, folder):
+    """Export and compile the layer and head graphs into ``folder``, the weights they read into its weights file;
+    the time of each step goes to the log; the record of what ``graphs.json`` needs to run them.
 
     The graphs are compiled without freezing: freezing would fold and pre-pack
-    the weights into constants of each graph's own (oneDNN layouts on the CPU,
-    float32 copies of int8 weights), which neither graph could share.
+    the weights into constants of the graph (oneDNN layouts on the CPU,
+    float32 copies of int8 weights), and here they are inputs, one graph for
+    every layer.
     """
-    device = model.device
-    prefill_inputs, decode_inputs = example_inputs(
-        model.config, settings.batch, settings.seq_in, settings.seq_total, dtype, device
+    config, device = model.config, model.device
+    rows, context = settings.batch, settings.context
+    weights, layer_weights, layer_names = model_weights(model)
+    # example sizes above 1 (torch.export specialises sizes of 1), a cache cut to fewer slots than it holds
+    example_rows, example_tokens, example_length = 2, 3, 8
+    hidden_size, dtype = config.hidden_size, model.dtype
+    cache = torch.zeros(cache_shape(config, example_rows, max(context, example_length)), dtype=dtype, device=device)
+    positions = torch.arange(example_length - example_tokens, example_length, device=device)
+    layer_inputs = (
+        torch.zeros(example_rows, example_tokens, hidden_size, dtype=dtype, device=device),
+        positions.expand(example_rows, -1).contiguous(),
+        weights[ROTARY[0]],
+        weights[ROTARY[1]],
+        cache[:, :, :example_length],
+        cache.clone()[:, :, :example_length],
+        *layer_weights[0],
     )
-    constants = {}
-    for name, module, inputs in (
-        ("prefill", Prefill(model, settings.seq_total), prefill_inputs),
-        ("decode", Decode(model), decode_inputs),
+    # rows, tokens and cache length dynamic, without bounds that the exporter would have to prove
+    batch = tokens = length = torch.export.Dim.DYNAMIC
+    layer_shapes = (
+        {0: batch, 1: tokens},
+        {0: batch, 1: tokens},
+        None,
+        None,
+        {0: batch, 2: length},
+        {0: batch, 2: length},
+        (None,) * len(layer_weights[0]),
+    )
+    head_inputs = (torch.zeros(example_rows, hidden_size, dtype=dtype, device=device), weights[NORM], weights[LM_HEAD])
+    head_shapes = ({0: torch.export.Dim.DYNAMIC}, None, None)
+    for name, module, inputs, shapes in (
+        ("layer", Layer(model.model.layers[0]), layer_inputs, layer_shapes),
+        ("head", Head(model), head_inputs, head_shapes),
     ):
         start = time.monotonic()
-        exported = torch.export.export(module.eval(), inputs)
+        exported = torch.export.export(module.eval(), inputs, dynamic_shapes=shapes)
         exported_at = time.monotonic()
         # size_asserts off: their messages can print Python function reprs (memory addresses) into the generated
-        # code, so the package would change from process to process; the graphs are static
+        # code, so the package would change from process to process
         torch._inductor.aoti_compile_and_package(
             exported,
             package_path=str(folder / f"{name}.pt2"),
-            inductor_configs={
-                "freezing": False,
-                "size_asserts": False,
-                "aot_inductor.package_constants_in_so": False,
-            },
+            inductor_configs={"freezing": False, "size_asserts": False},
         )
         pin_serialization_id(folder / f"{name}.pt2")
-        constants.update(exported.state_dict)
-        constants.update(exported.constants)
         LOG.info(
             "%s: exported in %.1f s, compiled in %.1f s", name, exported_at - start, time.monotonic() - exported_at
         )
-    write_constants(folder / WEIGHTS_FILE, constants)
+    for names, tensors in zip(layer_names, layer_weights, strict=True):
+        weights.update(zip(names, tensors, strict=True))
+    write_constants(folder / WEIGHTS_FILE, weights)
+    return {
+        "rows": rows,
+        "context": context,
+        "kv_heads": config.num_key_value_heads,
+        "head_dim": cache_shape(config, 1, 1)[3],
+        "layer_weights": layer_names,
+    }
 
 
 def eager_generations(model, prompts_ids, steps):
@@ -231,7 +268,11 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
     patched, checkpoint, output = Path(patched), Path(checkpoint), Path(output)
     check_lineage(model_id, source, patched, checkpoint)
     steps = verify_settings.greedy_tokens
-    limit = (settings.seq_in, f"models.{model_id}.verify.prompts", f"models.{model_id}.aoti.seq_in")
+    limit = (
+        settings.context - steps,
+        f"models.{model_id}.verify.prompts",
+        f"models.{model_id}.aoti.context - verify.greedy_tokens",
+    )
     prompts_ids = encode_prompts(patched, verify_settings.prompts, limit)
     torch.set_grad_enabled(False)
     device = resolve_device(settings.device, f"models.{model_id}.aoti.device")
@@ -244,19 +285,17 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
             "needs about a third of the float one's memory)",
         )
     # rotary tables for the positions the graphs reach, not the model's whole context: they are constants
-    model = load_vacc_model(checkpoint, dtype, device, max_position_embeddings=settings.seq_total)
+    model = load_vacc_model(checkpoint, dtype, device, max_position_embeddings=settings.context)
     with staged_directory(output) as staging:
         with private_inductor_cache(model_id, variant):
-            compile_graphs(model, settings, staging, dtype)
+            shapes = compile_graphs(model, settings, staging)
         copy_tokenizer_files(patched, staging)
         atomic_write_json(
             staging / GRAPHS_FILE,
             {
                 "model": model_id,
                 "variant": variant,
-                "batch": settings.batch,
-                "seq_in": settings.seq_in,
-                "seq_total": settings.seq_total,
+                **shapes,
                 "device": device,
                 "dtype": str(dtype).removeprefix("torch."),
                 "stop_token_ids": sorted(stop_token_ids(checkpoint)),

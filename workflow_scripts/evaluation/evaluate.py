@@ -11,11 +11,11 @@ model's fixed ``prompts`` greedily with its own runtime (the compiled
 variants through their packages), so the report shows that every variant
 still answers.
 
-Eager variants score every position of every window. The compiled graphs
-take a fixed prompt (``seq_in``) and then one token per decode step up to
-``seq_total``: they are scored teacher-forced on each window's positions
-``seq_in .. seq_total-1``, and on the ceval questions whose prompts fit
-``seq_in`` (the record says how many did not).
+Every variant scores every position of every window: the compiled ones feed
+each window through their packages' chunked prefill, which gives the logits
+of every position, so their figures compare with the eager ones position for
+position; ceval questions longer than a package's context are skipped (the
+record says how many).
 
 The variant and the reference are never resident together
 (:func:`score_windows`), so an int8 variant of a 7B model is scored in the
@@ -134,15 +134,13 @@ def ceval_figures(letter_logits_of, questions, letters):
 
 @dataclass(frozen=True)
 class Scoring:
-    """How a variant (the candidate) and the float reference give logits on a window: eagerly, or the candidate
-    through its compiled graphs on the positions they take."""
+    """How a variant (the candidate) and the float reference give the logits of every position of a window but the
+    last: eagerly, or the candidate through its compiled graphs."""
 
     load_candidate: Callable
     load_reference: Callable | None
     candidate_logits: Callable  # (candidate, window) -> [positions, vocab]
     reference_logits: Callable  # (reference, window) -> [positions, vocab]
-    targets: Callable  # window -> the next tokens at those positions
-    positions: int
 
 
 def score_windows(scoring, windows, vocab_size, logits_bytes=REFERENCE_LOGITS_BYTES):
@@ -155,7 +153,7 @@ def score_windows(scoring, windows, vocab_size, logits_bytes=REFERENCE_LOGITS_BY
     memory, not both.
     """
     metrics = TokenMetrics()
-    per_group = max(1, logits_bytes // (4 * scoring.positions * vocab_size))
+    per_group = max(1, logits_bytes // (4 * (windows.shape[1] - 1) * vocab_size))
     progress = Progress("c4 windows", len(windows))
     candidate = None
     for first in range(0, len(windows), per_group):
@@ -172,7 +170,7 @@ def score_windows(scoring, windows, vocab_size, logits_bytes=REFERENCE_LOGITS_BY
             candidate = scoring.load_candidate()
         for window, reference_logits in zip(group, expected, strict=True):
             logits = scoring.candidate_logits(candidate, window)
-            add_positions(metrics, logits, scoring.targets(window), reference_logits)
+            add_positions(metrics, logits, window[1:], reference_logits)
             progress.advance()
     return metrics.figures(), candidate
 
@@ -181,10 +179,8 @@ def all_logits(model, window):
     return model(input_ids=window.unsqueeze(0)).logits[0, :-1]
 
 
-def eager_scoring(load_candidate, load_reference, windows):
-    return Scoring(
-        load_candidate, load_reference, all_logits, all_logits, lambda window: window[1:], windows.shape[1] - 1
-    )
+def eager_scoring(load_candidate, load_reference):
+    return Scoring(load_candidate, load_reference, all_logits, all_logits)
 
 
 def eager_letter_logits(model):
@@ -196,33 +192,24 @@ def eager_letter_logits(model):
 
 
 def compiled_scoring(load_candidate, load_reference, windows, graphs):
-    seq_in, seq_total = graphs["seq_in"], graphs["seq_total"]
-    if windows.shape[1] < seq_total:
+    """The eager variants' positions, every one of every window, through the packages' chunked prefill."""
+    if windows.shape[1] - 1 > graphs["context"]:
         raise InputError(
-            f"the c4 windows have {windows.shape[1]} tokens, fewer than the decode graph's seq_total = {seq_total}"
+            f"the c4 windows have {windows.shape[1]} tokens, more than the packages' context of {graphs['context']}"
+            " and one; score them with a larger aoti.context or shorter windows"
         )
+    caches = {}
 
-    def candidate_logits(generator, window):
-        tokens = window[:seq_total].tolist()
-        first, state = generator.start(tokens[:seq_in])
-        return torch.stack([first] + [generator.step(state, token) for token in tokens[seq_in : seq_total - 1]])
+    def candidate_logits(runner, window):
+        cache = caches.setdefault(id(runner), runner.new_cache())
+        return runner.prefill(cache, 0, window[:-1], all_logits=True)
 
-    def reference_logits(reference, window):
-        # a copy: the slice alone would keep every position's logits alive
-        return reference(input_ids=window[:seq_total].unsqueeze(0)).logits[0, seq_in - 1 : seq_total - 1].clone()
-
-    return Scoring(
-        load_candidate,
-        load_reference,
-        lambda generator, window: candidate_logits(generator, window).float(),
-        reference_logits,
-        lambda window: window[seq_in:seq_total],
-        seq_total - seq_in,
-    )
+    return Scoring(load_candidate, load_reference, candidate_logits, all_logits)
 
 
-def compiled_letter_logits(generator):
-    return lambda ids: generator.start(ids)[0].float().cpu() if len(ids) <= generator.seq_in else None
+def compiled_letter_logits(runner):
+    cache = runner.new_cache()
+    return lambda ids: runner.prefill(cache, 0, ids).float().cpu() if len(ids) < runner.context else None
 
 
 def until_stop(tokens, stop):
@@ -249,9 +236,9 @@ def eager_completer(model, stop):
     return lambda ids, steps: until_stop(greedy_decode(model, torch.tensor([ids]), steps)[1], stop)
 
 
-def compiled_completer(generator, graphs):
+def compiled_completer(runner, graphs):
     stop = set(graphs["stop_token_ids"])
-    return lambda ids, steps: generator.generate(ids, steps, stop=stop)[0]
+    return lambda ids, steps: runner.generate(ids, steps, stop=stop)[0]
 
 
 def logits_budget(device, folders):
@@ -296,12 +283,11 @@ def evaluate(model_id, variant, patched, checkpoint, windows_path, ceval_path, s
     if compiled:
         graphs = read_json(checkpoint / GRAPHS_FILE, what="compiled graphs record")
         scoring = compiled_scoring(lambda: load_compiled(checkpoint)[0], load_reference, windows, graphs)
-        c4, generator = score_windows(scoring, windows, vocab_size, logits_budget(device, (patched, checkpoint)))
-        c4["positions_per_window"] = f"{graphs['seq_in']}..{graphs['seq_total'] - 1}"
-        ceval = ceval_figures(compiled_letter_logits(generator), questions, letters)
-        complete = compiled_completer(generator, graphs)
+        c4, runner = score_windows(scoring, windows, vocab_size, logits_budget(device, (patched, checkpoint)))
+        ceval = ceval_figures(compiled_letter_logits(runner), questions, letters)
+        complete = compiled_completer(runner, graphs)
     else:
-        scoring = eager_scoring(lambda: load_model(checkpoint, dtype, device), load_reference, windows)
+        scoring = eager_scoring(lambda: load_model(checkpoint, dtype, device), load_reference)
         c4, model = score_windows(scoring, windows, vocab_size, logits_budget(device, (patched, checkpoint)))
         ceval = ceval_figures(eager_letter_logits(model), questions, letters)
         complete = eager_completer(model, stop_token_ids(checkpoint))

@@ -133,10 +133,10 @@ def check_aoti(model, settings):
                 f"models.{model}.quantize.schemes"
             )
     steps = settings["verify"]["greedy_tokens"]
-    if aoti["seq_in"] + steps > aoti["seq_total"]:
+    if steps >= aoti["context"]:
         raise InputError(
-            f"config: models.{model}.aoti.seq_total = {aoti['seq_total']} leaves no room for "
-            f"verify.greedy_tokens = {steps} after seq_in = {aoti['seq_in']}"
+            f"config: models.{model}.aoti.context = {aoti['context']} leaves no room for a prompt before "
+            f"verify.greedy_tokens = {steps}"
         )
 
 

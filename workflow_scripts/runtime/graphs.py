@@ -1,80 +1,136 @@
-"""The two static graphs of a patched model, as modules ``torch.export`` can take whole.
+"""The graphs a patched model runs as: one decoder layer, compiled once and run for every layer, and the head.
 
-* prefill: ``input_ids, attention_mask`` ``[batch, seq_in]`` (prompts
-  left-padded) -> last-position logits ``[batch, vocab]`` and the KV cache
-  ``[layers, batch, kv_heads, seq_total, head_dim]`` (keys, values), the
-  prompt in slots ``0..seq_in-1``;
-* decode: one token per row, its position, the cache slot to write, the mask
-  of filled slots and the cache -> logits and the updated cache.
+* layer: ``hidden [rows, tokens, hidden_size]``, each token's ``positions
+  [rows, tokens]``, the rotary tables, the layer's key and value cache
+  ``[rows, kv_heads, length, head_dim]`` and the layer's weights -> the new
+  hidden states. It writes each token's key and value into the cache slot of
+  its position (in place) and attends to the slots up to that position, so a
+  row holds one sequence whose slot is its position: rows start, grow and
+  end independently, a prompt is fed in chunks of any size, and a decode
+  step feeds one token per row.
+* head: the final norm and the output projection, ``hidden [tokens,
+  hidden_size]`` -> float32 logits.
 
-Both run the patched model's own forward (its precomputed rotary tables,
-full causal mask, per-layer key/value tensors): decode hands it the whole
-static cache as the past plus the mask of filled slots, and writes the new
-key and value into their slot with ``torch.where``, so every shape is fixed.
-For int8 checkpoints the weights and scales become constants of the graph and
-the dequantization one of its operations.
+Rows, tokens and the cache length are dynamic, so one compiled graph serves
+prefill chunks and decode steps at any batch and context; the caller passes
+the cache up to the longest position in use, so attention costs the context
+in use, not the largest one. The weights are inputs, not constants: the same
+compiled layer runs with each layer's weights (the embedding is a row lookup
+the runtime does itself). The layer's norms and projections are the patched
+model's own modules (int8 ones dequantize inside the graph); only the
+attention is written here, against the static cache instead of a growing one.
 """
+
+import sys
 
 import torch
 
 from workflow_scripts.checkpoint.layout import head_dim
+from workflow_scripts.core.errors import InputError
 
 
-def cache_shape(config, batch, seq_total):
-    return config.num_hidden_layers, batch, config.num_key_value_heads, seq_total, head_dim(config.to_dict())
+def attend(layer, rotate_half, hidden, positions, cos, sin, keys, values):
+    """One decoder layer over ``hidden`` at ``positions``, with its cache ``keys, values`` (updated in place)."""
+    attention = layer.self_attn
+    rows, tokens, _ = hidden.shape
+    heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    normed = layer.input_layernorm(hidden)
+    query = attention.q_proj(normed).view(rows, tokens, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(rows, tokens, kv_heads, head_dim).transpose(1, 2)
+    value = attention.v_proj(normed).view(rows, tokens, kv_heads, head_dim)
+    cos, sin = cos[positions].unsqueeze(1).to(hidden.dtype), sin[positions].unsqueeze(1).to(hidden.dtype)
+    query = query * cos + rotate_half(query) * sin
+    key = key * cos + rotate_half(key) * sin
+    row_index = torch.arange(rows, device=hidden.device).unsqueeze(1).expand(rows, tokens)
+    keys[row_index, :, positions] = key.transpose(1, 2)
+    values[row_index, :, positions] = value
+    # grouped-query attention without repeating the cache: the query heads that share a key head form one
+    # matrix of (heads / kv_heads) * tokens rows against that key head's cache
+    group = heads // kv_heads
+    length = keys.shape[2]
+    grouped = query.contiguous().view(rows, kv_heads, group * tokens, head_dim)
+    scores = (torch.matmul(grouped, keys.transpose(2, 3)) * attention.scaling).view(
+        rows, kv_heads, group, tokens, length
+    )
+    slots = torch.arange(length, device=hidden.device).view(1, 1, length)
+    visible = slots <= positions.unsqueeze(-1)  # [rows, tokens, length]: each token sees its own and earlier slots
+    bias = torch.zeros(visible.shape, dtype=scores.dtype, device=hidden.device)
+    bias = bias.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    probabilities = torch.softmax(scores + bias[:, None, None], dim=-1, dtype=torch.float32).to(hidden.dtype)
+    attended = torch.matmul(probabilities.view(rows, kv_heads, group * tokens, length), values)
+    attended = attended.view(rows, heads, tokens, head_dim).transpose(1, 2).reshape(rows, tokens, heads * head_dim)
+    hidden = hidden + attention.o_proj(attended)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
-class Prefill(torch.nn.Module):
-    def __init__(self, model, seq_total):
+class Layer(torch.nn.Module):
+    """A decoder layer's forward with its weights as inputs: ``forward(hidden, positions, cos, sin, keys, values,
+    *weights)``, the weights in :func:`layer_weights` order."""
+
+    def __init__(self, layer):
         super().__init__()
-        self.model = model
-        self.seq_total = seq_total
+        self.body = _Attend(layer)
+        self.weight_names = tuple(f"layer.{name}" for name, _ in layer.named_parameters())
 
-    def forward(self, input_ids, attention_mask):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-        keys, values = zip(*out.past_key_values, strict=True)
-        free = self.seq_total - input_ids.shape[1]
-        return (
-            out.logits[:, -1].float(),
-            torch.nn.functional.pad(torch.stack(keys), (0, 0, 0, free)),
-            torch.nn.functional.pad(torch.stack(values), (0, 0, 0, free)),
-        )
+    def forward(self, hidden, positions, cos, sin, keys, values, *weights):
+        weights = dict(zip(self.weight_names, weights, strict=True))
+        return torch.func.functional_call(self.body, weights, (hidden, positions, cos, sin, keys, values))
 
 
-class Decode(torch.nn.Module):
+class _Attend(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        self.rotate_half = sys.modules[type(layer).__module__].rotate_half
+
+    def forward(self, hidden, positions, cos, sin, keys, values):
+        return attend(self.layer, self.rotate_half, hidden, positions, cos, sin, keys, values)
+
+
+class Head(torch.nn.Module):
+    """The final norm and output projection with their weights as inputs: ``forward(hidden, norm, lm_head)``."""
+
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.body = _Head(model.model.norm, model.lm_head)
 
-    def forward(self, token, position, slot, cache_mask, keys, values):
-        past = tuple(zip(keys.unbind(0), values.unbind(0), strict=True))
-        # the new token's key and value are appended after the static cache: mark that column as filled
-        mask = torch.cat([cache_mask, torch.ones_like(cache_mask[:, :1])], dim=1)
-        out = self.model(
-            input_ids=token, attention_mask=mask, position_ids=position, past_key_values=past, use_cache=True
-        )
-        here = (torch.arange(keys.shape[3], device=keys.device) == slot).view(1, 1, -1, 1)
-        new_keys, new_values = zip(
-            *((key[:, :, -1:], value[:, :, -1:]) for key, value in out.past_key_values), strict=True
-        )
-        return (
-            out.logits[:, -1].float(),
-            torch.where(here.unsqueeze(0), torch.stack(new_keys), keys),
-            torch.where(here.unsqueeze(0), torch.stack(new_values), values),
-        )
+    def forward(self, hidden, norm_weight, lm_head_weight):
+        weights = {"norm.weight": norm_weight, "lm_head.weight": lm_head_weight}
+        return torch.func.functional_call(self.body, weights, (hidden,))
 
 
-def example_inputs(config, batch, seq_in, seq_total, dtype, device="cpu"):
-    """Inputs of the right shapes, dtypes and device for ``torch.export`` (the values do not matter)."""
-    ids = {"dtype": torch.long, "device": device}
-    prefill = (torch.ones(batch, seq_in, **ids), torch.ones(batch, seq_in, **ids))
-    shape = cache_shape(config, batch, seq_total)
-    decode = (
-        torch.ones(batch, 1, **ids),
-        torch.full((batch, 1), seq_in, **ids),
-        torch.tensor(seq_in, device=device),
-        torch.ones(batch, seq_total, **ids),
-        torch.zeros(shape, dtype=dtype, device=device),
-        torch.zeros(shape, dtype=dtype, device=device),
-    )
-    return prefill, decode
+class _Head(torch.nn.Module):
+    def __init__(self, norm, lm_head):
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, hidden):
+        return self.lm_head(self.norm(hidden)).float()
+
+
+def layer_weights(model):
+    """Every layer's weights in :class:`Layer` input order, after checking that the layers are alike (one compiled
+    graph runs them all)."""
+    layers = model.model.layers
+    first = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in layers[0].named_parameters()]
+    for index, layer in enumerate(layers):
+        found = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in layer.named_parameters()]
+        if found != first:
+            raise InputError(
+                f"decoder layer {index} has other weights than layer 0 ({found} against {first}): one compiled"
+                " layer graph runs every layer, so they must be alike"
+            )
+    return [[tensor for _, tensor in layer.named_parameters()] for layer in layers]
+
+
+def weight_names(model):
+    """The state-dict names of :func:`layer_weights`, per layer."""
+    return [
+        [f"model.layers.{index}.{name}" for name, _ in layer.named_parameters()]
+        for index, layer in enumerate(model.model.layers)
+    ]
+
+
+def cache_shape(config, rows, context):
+    """One layer's key (or value) cache: ``[rows, kv_heads, context, head_dim]``."""
+    return rows, config.num_key_value_heads, context, head_dim(config.to_dict())

@@ -1,23 +1,24 @@
-"""Greedy text generation with a model's compiled AOTInductor packages.
+"""Running a model through its compiled layer and head graphs, and the packages that hold them.
 
-``results/{model}/aoti/{variant}/`` holds ``prefill.pt2`` and ``decode.pt2``
-(the compiled code of each graph, without weights), ``weights.safetensors``
-(the constants both graphs read, stored once), the model's tokenizer and
-``graphs.json`` (device, batch, lengths, stop tokens): all this runner needs,
-with no checkpoint and no Python model code. The compile stage checks the
-packages through it, the evaluate stage scores them and the server serves
-them; ``python -m workflow_scripts.run_compiled`` runs one from the command
-line.
+``results/{model}/aoti/{variant}/`` holds ``layer.pt2`` and ``head.pt2``
+(compiled code, without weights: :mod:`workflow_scripts.runtime.graphs`),
+``weights.safetensors`` (every layer's weights, the embedding, norm, output
+projection and rotary tables, stored once), the model's tokenizer and
+``graphs.json`` (device, dtype, rows, context, cache shape, stop tokens): all
+:class:`ModelRunner` needs, with no checkpoint and no Python model code. The
+compile stage checks the packages through it, the evaluate stage scores them
+and the server serves them; ``python -m workflow_scripts.run_compiled`` runs
+one from the command line.
 
 A constant that the graphs read in float32 but whose values are bfloat16
 numbers (the weights of a bfloat16 checkpoint) is stored in bfloat16 and
 widened when loaded, so a float32 package takes the checkpoint's bytes, not
 twice them; the file's metadata names the dtype each such constant is loaded
-in, the names that share another's tensor (tied embeddings), and the
-constants a CUDA graph keeps on the CPU.
+in and the names that share another's tensor (tied embeddings).
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,74 +28,133 @@ from workflow_scripts.checkpoint.safetensors_stream import SafetensorsWriter
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_path, read_json
 from workflow_scripts.data.tokenizers import read_tokenizer
+from workflow_scripts.runtime.graphs import Head, Layer, cache_shape, layer_weights, weight_names
 
 GRAPHS_FILE = "graphs.json"
 WEIGHTS_FILE = "weights.safetensors"
+GRAPH_FILES = ("layer.pt2", "head.pt2")
 WIDENED_KEY = "widened_to"
 ALIASES_KEY = "aliases"
-CPU_KEY = "on_cpu"
+EMBEDDING, NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+ROTARY = ("rotary.cos", "rotary.sin")
+# prompt tokens fed per layer call: long enough that a chunk's matrix products run at full speed, short enough
+# that the decode steps of the other rows wait for one chunk at most (docs/serving.md)
+PREFILL_CHUNK = 256
 
 
-class StaticGenerator:
-    """Decoding through fixed-shape prefill and decode callables (compiled packages or modules) on ``device``."""
+@dataclass
+class Cache:
+    """Every layer's keys and values, ``[rows, kv_heads, context, head_dim]`` each: row ``r``'s token at position
+    ``p`` in slot ``p`` of row ``r``."""
 
-    def __init__(self, prefill, decode, batch, seq_in, seq_total, device="cpu", constants=None):
-        self.prefill, self.decode = prefill, decode
-        self.batch, self.seq_in, self.seq_total = batch, seq_in, seq_total
+    keys: list
+    values: list
+
+
+class ModelRunner:
+    """A model as a layer graph run once per layer and a head graph (compiled packages or the eager modules of
+    :mod:`workflow_scripts.runtime.graphs`), with its weights and a cache of ``rows`` rows of ``context`` slots.
+
+    ``weights`` maps the names of :data:`EMBEDDING`, :data:`NORM`, :data:`LM_HEAD`, :data:`ROTARY` to tensors;
+    ``layer_weights`` lists each layer's weights in the layer graph's input order.
+    """
+
+    def __init__(self, layer, head, weights, layer_weights, rows, context, cache_shape, device="cpu"):
+        self.layer, self.head = layer, head
+        self.embedding, self.norm, self.lm_head = weights[EMBEDDING], weights[NORM], weights[LM_HEAD]
+        self.cos, self.sin = (weights[name] for name in ROTARY)
+        self.layer_weights = layer_weights
+        self.rows, self.context = rows, context
+        self.kv_heads, self.head_dim = cache_shape
         self.device = torch.device(device)
-        self.constants = constants  # the tensors compiled packages point into: they live as long as the generator
+        self.weights = weights  # the tensors compiled packages read: they live as long as the runner
 
-    def start(self, ids):
-        """Prefill a prompt (the same in every row): ``(row 0's last logits, state for step)``."""
-        if len(ids) > self.seq_in:
-            raise InputError(f"the prompt has {len(ids)} tokens; the prefill graph takes at most {self.seq_in}")
-        input_ids = torch.zeros(self.batch, self.seq_in, dtype=torch.long, device=self.device)
-        input_ids[:, self.seq_in - len(ids) :] = torch.as_tensor(ids, device=self.device)
-        positions = torch.arange(self.seq_in, device=self.device)
-        attention_mask = (positions >= self.seq_in - len(ids)).long().expand(self.batch, -1)
-        logits, keys, values = self.prefill(input_ids, attention_mask.contiguous())
-        cache_mask = torch.zeros(self.batch, self.seq_total, dtype=torch.long, device=self.device)
-        cache_mask[:, : self.seq_in] = attention_mask
-        return logits[0], {
-            "keys": keys,
-            "values": values,
-            "mask": cache_mask,
-            "position": len(ids),
-            "slot": self.seq_in,
-        }
+    def new_cache(self):
+        shape = (self.rows, self.kv_heads, self.context, self.head_dim)
+        dtype = self.embedding.dtype
 
-    def step(self, state, token):
-        """Feed one token; row 0's logits for the next one."""
-        if state["slot"] >= self.seq_total:
-            raise InputError(f"the decode graph's cache holds {self.seq_total} positions, and they are all used")
-        logits, state["keys"], state["values"] = self.decode(
-            torch.full((self.batch, 1), int(token), dtype=torch.long, device=self.device),
-            torch.full((self.batch, 1), state["position"], dtype=torch.long, device=self.device),
-            torch.tensor(state["slot"], device=self.device),
-            state["mask"],
-            state["keys"],
-            state["values"],
+        def zeros():
+            return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layer_weights]
+
+        return Cache(zeros(), zeros())
+
+    def forward(self, cache, first_row, ids, positions, all_logits=False):
+        """Feed ``ids [rows, tokens]`` at ``positions`` (same shape) into cache rows ``first_row..``; float32 logits of
+        each row's last token ``[rows, vocab]``, or of every token ``[rows * tokens, vocab]``."""
+        rows = slice(first_row, first_row + ids.shape[0])
+        length = int(positions.max()) + 1
+        if length > self.context:
+            raise InputError(f"position {length - 1} is beyond the {self.context} positions of this cache")
+        hidden = self.embedding[ids]
+        for weights, keys, values in zip(self.layer_weights, cache.keys, cache.values, strict=True):
+            hidden = self.layer(
+                hidden, positions, self.cos, self.sin, keys[rows, :, :length], values[rows, :, :length], *weights
+            )
+        hidden = hidden.reshape(-1, hidden.shape[-1]) if all_logits else hidden[:, -1]
+        return self.head(hidden.contiguous(), self.norm, self.lm_head)
+
+    def prefill(self, cache, row, ids, start=0, chunk=PREFILL_CHUNK, all_logits=False):
+        """Feed the tokens ``ids`` into ``row`` from position ``start`` on, ``chunk`` at a time; logits of the last
+        token (``[vocab]``), or of each (``[len(ids), vocab]``)."""
+        if start + len(ids) > self.context:
+            raise InputError(f"{start + len(ids)} tokens do not fit the {self.context} positions of this cache")
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        logits = []
+        for offset in range(0, len(ids), chunk):
+            piece = ids[offset : offset + chunk].unsqueeze(0)
+            positions = torch.arange(start + offset, start + offset + piece.shape[1], device=self.device)
+            logits.append(self.forward(cache, row, piece, positions.unsqueeze(0), all_logits))
+        return torch.cat(logits) if all_logits else logits[-1][0]
+
+    def decode(self, cache, tokens, positions):
+        """One token per row for rows ``0..len(tokens)-1``, each at its own position; their logits."""
+        as_column = {"dtype": torch.long, "device": self.device}
+        return self.forward(
+            cache,
+            0,
+            torch.as_tensor(tokens, **as_column).view(-1, 1),
+            torch.as_tensor(positions, **as_column).view(-1, 1),
         )
-        state["mask"][:, state["slot"]] = 1
-        state["position"] += 1
-        state["slot"] += 1
-        return logits[0]
 
     def generate(self, ids, steps, stop=()):
-        """``(tokens, logits)``: greedy; the prompt's last logits, then one row per fed token."""
-        logits, state = self.start(ids)
-        all_logits, tokens = [logits], []
-        for _ in range(min(steps, self.seq_total - self.seq_in)):
+        """``(tokens, logits)``: greedy from one prompt in row 0; the prompt's last logits, then one row per fed
+        token."""
+        cache = self.new_cache()
+        all_logits = [self.prefill(cache, 0, ids)]
+        tokens = []
+        for position in range(len(ids), len(ids) + steps):
             token = int(all_logits[-1].argmax())
             tokens.append(token)
-            if token in stop:
+            if token in stop or position == self.context:
                 break
-            all_logits.append(self.step(state, token))
+            all_logits.append(self.decode(cache, [token], [position])[0])
         return tokens, torch.stack(all_logits).float()
 
 
+def model_weights(model):
+    """``(weights, layer_weights, layer_names)`` of an eager patched model: the tensors :class:`ModelRunner` takes,
+    and the state-dict names of each layer's (as a package's weights file stores them)."""
+    weights = {
+        EMBEDDING: model.model.embed_tokens.weight,
+        NORM: model.model.norm.weight,
+        LM_HEAD: model.lm_head.weight,
+        ROTARY[0]: model.model.rotary.cos_table,
+        ROTARY[1]: model.model.rotary.sin_table,
+    }
+    return weights, layer_weights(model), weight_names(model)
+
+
+def eager_runner(model, rows, context):
+    """A :class:`ModelRunner` of an eager patched model (loaded with at least ``context`` rotary positions): the same
+    layer and head modules the compile stage exports, not compiled."""
+    weights, per_layer, _ = model_weights(model)
+    _, kv_heads, _, head_dim = cache_shape(model.config, rows, context)
+    layer = Layer(model.model.layers[0])
+    return ModelRunner(layer, Head(model), weights, per_layer, rows, context, (kv_heads, head_dim), model.device)
+
+
 def write_constants(path, constants):
-    """Write the graphs' constants ``{fqn: tensor}`` one at a time: a float32 one whose values are all bfloat16
+    """Write the graphs' weights ``{name: tensor}`` one at a time: a float32 one whose values are all bfloat16
     numbers as bfloat16, a tensor that several names share (tied embeddings) once."""
     first_name, aliases = {}, {}
     for name, tensor in sorted(constants.items()):
@@ -105,12 +165,10 @@ def write_constants(path, constants):
             first_name[key] = name
     stored = {name: storage_dtype(constants[name]) for name in first_name.values()}
     widened = {name: "float32" for name, dtype in stored.items() if dtype != constants[name].dtype}
-    on_cpu = sorted(name for name in stored if constants[name].device.type == "cpu")
     layout = [(name, dtype, tuple(constants[name].shape)) for name, dtype in stored.items()]
     metadata = {
         WIDENED_KEY: json.dumps(widened, sort_keys=True),
         ALIASES_KEY: json.dumps(aliases, sort_keys=True),
-        CPU_KEY: json.dumps(on_cpu),
     }
     with atomic_path(path) as tmp:
         writer = SafetensorsWriter(tmp, layout, metadata)
@@ -125,15 +183,11 @@ def storage_dtype(tensor):
 
 
 def read_constants(path, device):
-    """The constants of :func:`write_constants` on ``device`` (those the graphs keep on the CPU, such as scalars
-    of a CUDA graph, on the CPU), each in the dtype its graphs read, each shared tensor once."""
+    """The constants of :func:`write_constants` on ``device``, each in the dtype its graphs read, each shared tensor
+    once."""
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
-        on_cpu = set(json.loads(metadata[CPU_KEY]))
-        constants = {
-            name: handle.get_tensor(name) if name in on_cpu else handle.get_tensor(name).to(device)
-            for name in handle.keys()  # noqa: SIM118 (a safetensors handle is not a mapping)
-        }
+        constants = {name: handle.get_tensor(name).to(device) for name in handle.keys()}  # noqa: SIM118
     for name, dtype in json.loads(metadata[WIDENED_KEY]).items():
         constants[name] = constants[name].to(getattr(torch, dtype))
     for name, source in json.loads(metadata[ALIASES_KEY]).items():
@@ -141,29 +195,27 @@ def read_constants(path, device):
     return constants
 
 
-def load_package(path, constants):
-    """A compiled graph with its constants pointing at the shared ``constants`` (no copy)."""
-    package = torch._inductor.aoti_load_package(str(path))
-    missing = sorted(set(package.get_constant_fqns()) - set(constants))
-    if missing:
-        raise InputError(f"{path}: {WEIGHTS_FILE} lacks the constants {', '.join(missing[:5])}")
-    package.load_constants(
-        {name: constants[name] for name in package.get_constant_fqns()}, check_full_update=True, user_managed=True
-    )
-    return package
-
-
 def load_compiled(folder):
-    """``(StaticGenerator, tokenizer, graphs record)`` of a compiled package folder; the weights are loaded once
-    and both graphs use them."""
+    """``(ModelRunner, tokenizer, graphs record)`` of a compiled package folder."""
     folder = Path(folder)
     graphs = read_json(folder / GRAPHS_FILE, what="compiled graphs record")
     device = graphs.get("device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError(f"{folder}: compiled for CUDA, but torch sees no CUDA device here")
-    constants = read_constants(folder / WEIGHTS_FILE, device)
-    prefill, decode = (load_package(folder / f"{name}.pt2", constants) for name in ("prefill", "decode"))
-    generator = StaticGenerator(
-        prefill, decode, graphs["batch"], graphs["seq_in"], graphs["seq_total"], device, constants
+    weights = read_constants(folder / WEIGHTS_FILE, device)
+    needed = {EMBEDDING, NORM, LM_HEAD, *ROTARY, *(name for names in graphs["layer_weights"] for name in names)}
+    missing = sorted(needed - set(weights))
+    if missing:
+        raise InputError(f"{folder}: {WEIGHTS_FILE} lacks {', '.join(missing[:5])}")
+    layer, head = (torch._inductor.aoti_load_package(str(folder / name)) for name in GRAPH_FILES)
+    runner = ModelRunner(
+        layer,
+        head,
+        weights,
+        [[weights[name] for name in names] for names in graphs["layer_weights"]],
+        graphs["rows"],
+        graphs["context"],
+        (graphs["kv_heads"], graphs["head_dim"]),
+        device,
     )
-    return generator, read_tokenizer(folder), graphs
+    return runner, read_tokenizer(folder), graphs

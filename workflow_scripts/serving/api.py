@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.serving.engine import QueueFull, Sampling
+from workflow_scripts.serving.sweep import Limits
 from workflow_scripts.serving.text import TextStream
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to all that fits
@@ -130,7 +131,8 @@ def create_app(variant, engine, chat_template, on_ready=None):
     async def completions(body: CompletionRequest):
         check_model(body.model, variant)
         ids = token_ids(body.prompt, tokenizer)
-        return await respond(body, ids, body.sampling(min(COMPLETIONS_DEFAULT_MAX_TOKENS, engine.budget)), False)
+        budget = engine.runner.context - len(ids)
+        return await respond(body, ids, body.sampling(min(COMPLETIONS_DEFAULT_MAX_TOKENS, budget)), False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -138,7 +140,7 @@ def create_app(variant, engine, chat_template, on_ready=None):
         check_roles(body.messages)
         text = chat_template.render([message.model_dump() for message in body.messages])
         ids = tokenizer.encode(text, add_special_tokens=False).ids
-        return await respond(body, ids, body.sampling(engine.budget), True)
+        return await respond(body, ids, body.sampling(engine.runner.context - len(ids)), True)
 
     async def respond(body, ids, sampling, chat):
         events = submit(engine, ids, sampling)
@@ -164,13 +166,11 @@ def create_app(variant, engine, chat_template, on_ready=None):
 def model_card(variant, engine):
     """What a client needs to know of the served model: its id, backend and limits (this API's extension of
     OpenAI's model object; the server's ready file holds the same)."""
-    graphs = variant.generator
     return {
         "id": variant.name,
         "backend": variant.backend,
-        "max_batch": graphs.batch,
-        "max_prompt_tokens": graphs.seq_in,
-        "max_output_tokens": engine.budget,
+        "max_batch": variant.runner.rows,
+        **Limits.of_context(variant.runner.context).record(),
     }
 
 

@@ -1,15 +1,14 @@
-"""Continuous batching over a variant's fixed-shape prefill and decode graphs.
+"""Continuous batching over a variant's layer graphs (:class:`~workflow_scripts.runtime.package.ModelRunner`).
 
-The graphs take ``batch`` rows at once: prefill fills cache slots
-``0..seq_in-1`` from left-padded prompts, and each decode step writes every
-row's next key and value into one shared slot. A request joins a running
-batch by a prefill of its own row, spliced into the cache; the slots that the
-running rows filled before it joined are masked out of its row, and its
-positions count its own tokens only. Because the slot is shared, a request
-joins only if its ``max_tokens`` fit into the slots left; otherwise it waits
-for the batch to drain, when the slots start over. Requests beyond the free
-rows wait in a first-in, first-out queue; beyond ``max_queue`` waiting ones,
-:meth:`Engine.submit` refuses.
+The runner's cache has ``rows`` rows of ``context`` slots, and every row
+keeps its own position: a request takes the lowest free row as soon as one is
+free, whatever its lengths, and gives it back when it ends. A new request's
+prompt is fed in chunks of at most ``prefill_chunk`` tokens, one chunk per
+engine step, between the decode steps of the rows already running, so a long
+prompt neither waits for the running requests nor stalls them. A decode step
+feeds one token to each running row, each at its own position. Requests
+beyond the free rows wait in a first-in, first-out queue; beyond
+``max_queue`` waiting ones, :meth:`Engine.submit` refuses.
 
 All model work runs on one thread of its own: a compiled package is not
 reentrant, and torch's own threads parallelise each step.
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.serving import output_budget
+from workflow_scripts.runtime.package import PREFILL_CHUNK
 
 LOG = logging.getLogger(__name__)
 
@@ -55,7 +54,8 @@ class Request:
     on_event: object
     generated: int = 0
     last_token: int = 0
-    position: int = 0
+    row: int = 0
+    position: int = 0  # the tokens of this request in its row's cache: where the next one goes
     cancelled: bool = False
     done: bool = False
     random: torch.Generator = field(default_factory=torch.Generator)
@@ -81,19 +81,18 @@ def pick_token(logits, sampling, random):
 
 
 class Engine:
-    """Serves :class:`Request` objects through ``generator``'s graphs (a
-    :class:`~workflow_scripts.runtime.package.StaticGenerator`: its ``prefill``, ``decode``, ``batch``,
-    ``seq_in``, ``seq_total`` and ``device``)."""
+    """Serves :class:`Request` objects through ``runner`` (a :class:`~workflow_scripts.runtime.package.ModelRunner`:
+    its ``rows``, ``context``, ``device``, ``new_cache``, ``prefill`` and ``decode``)."""
 
-    def __init__(self, generator, stop_token_ids, max_queue=256):
-        self.graphs = generator
+    def __init__(self, runner, stop_token_ids, max_queue=256, prefill_chunk=PREFILL_CHUNK):
+        self.runner = runner
         self.stop_token_ids = frozenset(stop_token_ids)
         self.max_queue = max_queue
-        self.budget = output_budget(generator.seq_in, generator.seq_total)
+        self.prefill_chunk = prefill_chunk
         self.waiting = collections.deque()
-        self.rows = [None] * generator.batch
+        self.rows = [None] * runner.rows
+        self.prefilling = collections.deque()  # rows' requests whose prompts are not all in the cache, oldest first
         self.cache = None
-        self.slot = generator.seq_in
         self.wakeup = threading.Condition()
         self.running = False
         self.thread = None
@@ -105,15 +104,16 @@ class Engine:
         """Raise :class:`InputError` for a request these graphs cannot serve."""
         if not prompt_ids:
             raise InputError("the prompt is empty")
-        if len(prompt_ids) > self.graphs.seq_in:
+        context = self.runner.context
+        if len(prompt_ids) >= context:
             raise InputError(
-                f"the prompt has {len(prompt_ids)} tokens; this variant's compiled prompt length is"
-                f" {self.graphs.seq_in} tokens"
+                f"the prompt has {len(prompt_ids)} tokens; this variant's context is {context} tokens, prompt and"
+                " answer together"
             )
-        if not 1 <= sampling.max_tokens <= self.budget:
+        if not 1 <= sampling.max_tokens <= context - len(prompt_ids):
             raise InputError(
-                f"max_tokens is {sampling.max_tokens}; this variant's compiled graphs give 1 to {self.budget}"
-                " new tokens per request"
+                f"max_tokens is {sampling.max_tokens}; a prompt of {len(prompt_ids)} tokens leaves 1 to"
+                f" {context - len(prompt_ids)} new tokens in this variant's context of {context}"
             )
 
     def submit(self, prompt_ids, sampling, on_event):
@@ -154,87 +154,59 @@ class Engine:
                     self.wakeup.wait()
                 if not self.running:
                     break
-                joining = self.take_joining()
+                self.admit()
             try:
-                self.advance(joining)
+                self.advance()
             except Exception as error:  # a failed step ends the requests in it, not the server
                 LOG.exception("a batch step failed")
-                self.fail_all(joining, f"error: {error}")
+                self.fail_all(f"error: {error}")
 
-    def take_joining(self):
-        """The waiting requests that join now, in order, for the free rows and the slots left."""
-        if not any(self.rows):
-            self.slot = self.graphs.seq_in
-        joining = []
-        free = self.rows.count(None)
-        while self.waiting and len(joining) < free:
-            head = self.waiting[0]
-            if head.cancelled:
-                end(self.waiting.popleft(), "cancelled")
+    def admit(self):
+        """Give each free row to the next waiting request, oldest first."""
+        for index, row in enumerate(self.rows):
+            if row is not None:
                 continue
-            if self.slot + head.sampling.max_tokens - 1 > self.graphs.seq_total:
-                break  # the head waits for the batch to drain; nothing behind it overtakes it
-            joining.append(self.waiting.popleft())
-        return joining
+            while self.waiting and self.waiting[0].cancelled:
+                end(self.waiting.popleft(), "cancelled")
+            if not self.waiting:
+                return
+            request = self.waiting.popleft()
+            request.row, request.position = index, 0
+            self.rows[index] = request
+            self.prefilling.append(request)
 
-    def advance(self, joining):
-        if joining:
-            self.prefill(joining)
-        if any(self.rows):
+    def advance(self):
+        if self.cache is None:
+            self.cache = self.runner.new_cache()
+        if self.prefilling:
+            self.prefill_chunk_of(self.prefilling[0])
+        if any(request is not None and request not in self.prefilling for request in self.rows):
             self.decode()
 
-    def prefill(self, joining):
-        graphs, device = self.graphs, self.graphs.device
-        free_rows = [index for index, row in enumerate(self.rows) if row is None]
-        input_ids = torch.zeros(graphs.batch, graphs.seq_in, dtype=torch.long, device=device)
-        mask = torch.zeros(graphs.batch, graphs.seq_in, dtype=torch.long, device=device)
-        mask[:, -1] = 1  # rows without a new prompt read one padding token: never a row with nothing to attend to
-        placed = list(zip(free_rows, joining, strict=False))
-        for index, request in placed:
-            length = len(request.prompt_ids)
-            input_ids[index, graphs.seq_in - length :] = torch.as_tensor(request.prompt_ids, device=device)
-            mask[index, graphs.seq_in - length :] = 1
-        logits, keys, values = graphs.prefill(input_ids, mask)
-        self.splice(placed, keys, values, mask)
-        for index, request in placed:
-            self.rows[index] = request
-            request.position = len(request.prompt_ids)
-            self.emit(index, pick_token(logits[index], request.sampling, request.random))
-
-    def splice(self, placed, keys, values, prompt_mask):
-        """Put the new rows' prompt caches into the running cache."""
-        graphs = self.graphs
-        if self.cache is None or not any(self.rows):
-            cache_mask = torch.zeros(graphs.batch, graphs.seq_total, dtype=torch.long, device=graphs.device)
-            cache_mask[:, : graphs.seq_in] = prompt_mask
-            self.cache = {"keys": keys, "values": values, "mask": cache_mask}
-            return
-        for index, _ in placed:
-            self.cache["keys"][:, index] = keys[:, index]
-            self.cache["values"][:, index] = values[:, index]
-            self.cache["mask"][index] = 0
-            self.cache["mask"][index, : graphs.seq_in] = prompt_mask[index]
+    def prefill_chunk_of(self, request):
+        """Feed the next chunk of ``request``'s prompt; its first token once the whole prompt is in."""
+        if request.cancelled:
+            self.prefilling.popleft()
+            return self.finish(request.row, "cancelled")
+        chunk = request.prompt_ids[request.position : request.position + self.prefill_chunk]
+        logits = self.runner.prefill(self.cache, request.row, chunk, start=request.position, chunk=len(chunk))
+        request.position += len(chunk)
+        if request.position == len(request.prompt_ids):
+            self.prefilling.popleft()
+            self.emit(request.row, pick_token(logits, request.sampling, request.random))
 
     def decode(self):
-        graphs, device = self.graphs, self.graphs.device
-        tokens = torch.zeros(graphs.batch, 1, dtype=torch.long)
-        positions = torch.zeros(graphs.batch, 1, dtype=torch.long)
-        for index, request in enumerate(self.rows):
+        """One token for every running row. The step spans rows ``0..`` up to the last running one; the free and
+        prefilling rows among them write into the slot their next token overwrites, at no cost to them."""
+        last = max(index for index, request in enumerate(self.rows) if request is not None)
+        tokens, positions = [0] * (last + 1), [0] * (last + 1)
+        for index, request in enumerate(self.rows[: last + 1]):
             if request is not None:
-                tokens[index, 0], positions[index, 0] = request.last_token, request.position
-        logits, self.cache["keys"], self.cache["values"] = graphs.decode(
-            tokens.to(device),
-            positions.to(device),
-            torch.tensor(self.slot, device=device),
-            self.cache["mask"],
-            self.cache["keys"],
-            self.cache["values"],
-        )
-        self.cache["mask"][:, self.slot] = 1
-        self.slot += 1
+                tokens[index], positions[index] = request.last_token, request.position
+        logits = self.runner.decode(self.cache, tokens, positions)
         self.steps += 1
-        for index, request in enumerate(self.rows):
-            if request is not None:
+        for index, request in enumerate(self.rows[: last + 1]):
+            if request is not None and request not in self.prefilling:
                 request.position += 1
                 self.emit(index, pick_token(logits[index], request.sampling, request.random))
 
@@ -255,11 +227,12 @@ class Engine:
         request, self.rows[index] = self.rows[index], None
         end(request, reason)
 
-    def fail_all(self, joining, reason):
-        for request in [row for row in self.rows if row is not None] + joining:
+    def fail_all(self, reason):
+        for request in [row for row in self.rows if row is not None]:
             if not request.done:
                 end(request, reason)
-        self.rows = [None] * self.graphs.batch
+        self.rows = [None] * self.runner.rows
+        self.prefilling.clear()
         self.cache = None
 
 

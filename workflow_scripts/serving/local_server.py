@@ -100,7 +100,7 @@ class OwnServer(LocalServer):
         record = json.loads(self.ready_file.read_text())
         self.url = f"http://127.0.0.1:{record['port']}/v1"
         self.model = record["id"]
-        self.limits = Limits(record["max_prompt_tokens"], record["max_output_tokens"])
+        self.limits = Limits(record["max_prompt_tokens"], record["max_output_tokens"], record["context_tokens"])
         self.record = {"folder": str(self.folder), "backend": record["backend"], "batch": record["max_batch"]}
         return True
 

@@ -86,13 +86,29 @@ class BenchSettings(Settings):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What the endpoint serves at most; None where unknown (an external server)."""
+    """What the endpoint serves at most; None where unknown (an external server). ``context_tokens``: prompt and
+    output together, where they share one context (a compiled package) rather than having lengths of their own."""
 
     max_prompt_tokens: int | None = None
     max_output_tokens: int | None = None
+    context_tokens: int | None = None
+
+    @classmethod
+    def of_context(cls, context):
+        """A compiled package's: any prompt that leaves room for one new token, any output the prompt leaves room
+        for."""
+        return cls(context - 1, context - 1, context)
 
     def record(self):
         return dataclasses.asdict(self)
+
+    def scale_bases(self):
+        """The prompt and output lengths the sweep's fractions are of: the limits, or for a shared context the
+        vendor's split of it (1024 in, 1024 out of 2048) within the limits."""
+        if self.context_tokens is None:
+            return self.max_prompt_tokens, self.max_output_tokens
+        half = self.context_tokens // 2
+        return min(self.max_prompt_tokens, half), min(self.max_output_tokens, self.context_tokens - half)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +137,10 @@ def scaled_lengths(settings, limits):
             "the limits (--max-prompt-tokens, --max-output-tokens), or set reference_length to null "
             "(--reference-length none) for absolute lengths"
         )
+    prompt_base, output_base = limits.scale_bases()
     return (
-        [scaled(length, limits.max_prompt_tokens, settings.reference_length) for length in settings.inputs],
-        [scaled(length, limits.max_output_tokens, settings.reference_length) for length in settings.outputs],
+        [scaled(length, prompt_base, settings.reference_length) for length in settings.inputs],
+        [scaled(length, output_base, settings.reference_length) for length in settings.outputs],
     )
 
 
@@ -134,6 +151,10 @@ def too_long(case, limits):
         reasons.append(f"input {case.input_tokens} tokens > compiled prompt length {limits.max_prompt_tokens}")
     if limits.max_output_tokens is not None and case.output_tokens > limits.max_output_tokens:
         reasons.append(f"output {case.output_tokens} tokens > compiled output budget {limits.max_output_tokens}")
+    if limits.context_tokens is not None and case.input_tokens + case.output_tokens > limits.context_tokens:
+        reasons.append(
+            f"input and output {case.input_tokens + case.output_tokens} tokens > context {limits.context_tokens}"
+        )
     return "; ".join(reasons) or None
 
 

@@ -1,4 +1,4 @@
-"""Stage 5, AOTInductor: ``results/{model}/aoti/{variant}/{prefill,decode}.pt2``, verified against eager
+"""Stage 5, AOTInductor: ``results/{model}/aoti/{variant}/{layer,head}.pt2``, verified against eager
 (:mod:`workflow_scripts.compilation.aoti_build`).
 
 Usage: python -m workflow_scripts.stages.aoti_compile --model ID --variant NAME --patched MANIFEST --checkpoint MANIFEST

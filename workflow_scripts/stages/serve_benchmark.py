@@ -23,7 +23,7 @@ from workflow_scripts.serving.sweep import BenchSettings
 
 
 def serve_arguments(shape):
-    """The server's options for an eager checkpoint's shape ``{batch, seq_in, seq_total, device}``."""
+    """The server's options for an eager checkpoint's shape ``{batch, context, device}``."""
     return [f"--{key.replace('_', '-')}={value}" for key, value in sorted(shape.items())]
 
 
