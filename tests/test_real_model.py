@@ -75,6 +75,11 @@ def test_gptq_beats_rtn_end_to_end_and_layer_by_layer(real_run):
             )
         # every position of every window: GPTQ at most half of RTN's KL
         assert figures["gptq-int8"]["kl_divergence"] <= 0.5 * figures["rtn-int8"]["kl_divergence"]
+        # the compiled package is scored on the same positions as its eager checkpoint, and agrees with it
+        compiled, eager = figures["aoti-gptq-int8"], figures["gptq-int8"]
+        assert compiled["positions"] == eager["positions"] == float_run["positions"]
+        assert compiled["perplexity"] == pytest.approx(eager["perplexity"], rel=1e-4)
+        assert compiled["kl_divergence"] == pytest.approx(eager["kl_divergence"], rel=1e-2)
         layers = results(flow, model, "quantized", "gptq-int8", "MANIFEST.json")["layers"]
         ratios = {
             int(i): layer["heldout_output_error"]["gptq"] / layer["heldout_output_error"]["rtn"]

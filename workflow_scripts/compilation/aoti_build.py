@@ -1,21 +1,21 @@
 """AOTInductor packages of a model variant, verified against eager (stage 5, ``results/{model}/aoti/{variant}/``).
 
-The portable backend: every machine can build and run it, and exporting the
-whole model with ``torch.export`` at static shapes shows that the patched
-model is the static graph the patches are meant to make. ``variant`` is
+The portable backend: every machine can build and run it. ``variant`` is
 ``float`` (the patched checkpoint) or an int8 scheme (its quantized
 checkpoint, whose fingerprint must name this model's patched checkpoint).
-Both graphs (:mod:`workflow_scripts.runtime.graphs`) are exported and compiled
-with ``torch._inductor.aoti_compile_and_package``, for the CPU (float32) or
-for CUDA (the checkpoint's bfloat16), without their weights: the constants
-both graphs read go once into ``weights.safetensors``
-(:mod:`workflow_scripts.runtime.package`), so the folder takes about
-the variant's own weight bytes. The folder also gets the tokenizer and
-``graphs.json``, so :mod:`workflow_scripts.run_compiled` needs nothing else.
+One decoder layer's graph and the head's (:mod:`workflow_scripts.runtime.graphs`)
+are exported with dynamic rows, tokens and cache length and compiled with
+``torch._inductor.aoti_compile_and_package``, for the CPU (float32) or for
+CUDA (the checkpoint's bfloat16), their weights being inputs: the compiled
+layer runs every layer, so the compile takes the same time whatever the
+model's depth, and every weight goes once into ``weights.safetensors``
+(:mod:`workflow_scripts.runtime.package`). The folder also gets the tokenizer
+and ``graphs.json``, so :mod:`workflow_scripts.run_compiled` and the server
+need nothing else.
 
-Before the folder is published, the compiled packages generate greedily from
-each verify prompt and are compared with the eager model (its own forward and
-KV cache): every step's logits within ``max_abs_logit_diff`` and identical
+Before the folder is published, the packages generate greedily from each
+verify prompt and are compared with the eager model (its own forward and KV
+cache): every step's logits within ``max_abs_logit_diff`` and identical
 tokens. ``verify`` in the manifest records the figures; the stage fails and
 leaves no folder otherwise.
 """
@@ -284,7 +284,7 @@ def compile_variant(model_id, variant, patched, checkpoint, settings, verify_set
             "compile for CUDA (aoti.device: cuda), or leave this variant out of aoti.variants (an int8 variant "
             "needs about a third of the float one's memory)",
         )
-    # rotary tables for the positions the graphs reach, not the model's whole context: they are constants
+    # rotary tables for the positions a row holds, not the model's whole context: they go into the weights file
     model = load_vacc_model(checkpoint, dtype, device, max_position_embeddings=settings.context)
     with staged_directory(output) as staging:
         with private_inductor_cache(model_id, variant):

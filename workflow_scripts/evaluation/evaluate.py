@@ -198,17 +198,15 @@ def compiled_scoring(load_candidate, load_reference, windows, graphs):
             f"the c4 windows have {windows.shape[1]} tokens, more than the packages' context of {graphs['context']}"
             " and one; score them with a larger aoti.context or shorter windows"
         )
-    caches = {}
 
     def candidate_logits(runner, window):
-        cache = caches.setdefault(id(runner), runner.new_cache())
-        return runner.prefill(cache, 0, window[:-1], all_logits=True)
+        return runner.prefill(runner.new_cache(rows=1), 0, window[:-1], all_logits=True)
 
     return Scoring(load_candidate, load_reference, candidate_logits, all_logits)
 
 
 def compiled_letter_logits(runner):
-    cache = runner.new_cache()
+    cache = runner.new_cache(rows=1)
     return lambda ids: runner.prefill(cache, 0, ids).float().cpu() if len(ids) < runner.context else None
 
 

@@ -169,10 +169,9 @@ SECTIONS = (
         "summary",
         "Variant summary",
         COLUMNS,
-        "Perplexity on the validation windows of each model's evaluate.dataset (c4 format); KL divergence and "
-        "top-1 agreement of the next-token distributions against the float eager model on the same positions "
-        "(compiled variants: the positions their decode graph covers); ceval accuracy from the answer letters' "
-        "logits.",
+        "Perplexity on every position of the validation windows of each model's evaluate.dataset (c4 format), "
+        "eager and compiled alike; KL divergence and top-1 agreement of the next-token distributions against the "
+        "float eager model on the same positions; ceval accuracy from the answer letters' logits.",
     ),
     (
         "generations",

@@ -16,9 +16,11 @@ prefill chunks and decode steps at any batch and context; the caller passes
 the cache up to the longest position in use, so attention costs the context
 in use, not the largest one. The weights are inputs, not constants: the same
 compiled layer runs with each layer's weights (the embedding is a row lookup
-the runtime does itself). The layer's norms and projections are the patched
-model's own modules (int8 ones dequantize inside the graph); only the
-attention is written here, against the static cache instead of a growing one.
+the runtime does itself). The layer's norms, activation and weights are the
+patched model's own (int8 ones dequantized inside the graph as its own
+forward does); written here are the attention, against the static cache
+instead of a growing one, and the projections' matrix products
+(:func:`project`).
 """
 
 import sys
@@ -35,9 +37,9 @@ def attend(layer, rotate_half, hidden, positions, cos, sin, keys, values):
     rows, tokens, _ = hidden.shape
     heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
     normed = layer.input_layernorm(hidden)
-    query = attention.q_proj(normed).view(rows, tokens, heads, head_dim).transpose(1, 2)
-    key = attention.k_proj(normed).view(rows, tokens, kv_heads, head_dim).transpose(1, 2)
-    value = attention.v_proj(normed).view(rows, tokens, kv_heads, head_dim)
+    query = project(attention.q_proj, normed).view(rows, tokens, heads, head_dim).transpose(1, 2)
+    key = project(attention.k_proj, normed).view(rows, tokens, kv_heads, head_dim).transpose(1, 2)
+    value = project(attention.v_proj, normed).view(rows, tokens, kv_heads, head_dim)
     cos, sin = cos[positions].unsqueeze(1).to(hidden.dtype), sin[positions].unsqueeze(1).to(hidden.dtype)
     query = query * cos + rotate_half(query) * sin
     key = key * cos + rotate_half(key) * sin
@@ -59,8 +61,20 @@ def attend(layer, rotate_half, hidden, positions, cos, sin, keys, values):
     probabilities = torch.softmax(scores + bias[:, None, None], dim=-1, dtype=torch.float32).to(hidden.dtype)
     attended = torch.matmul(probabilities.view(rows, kv_heads, group * tokens, length), values)
     attended = attended.view(rows, heads, tokens, head_dim).transpose(1, 2).reshape(rows, tokens, heads * head_dim)
-    hidden = hidden + attention.o_proj(attended)
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    hidden = hidden + project(attention.o_proj, attended)
+    mlp, normed = layer.mlp, layer.post_attention_layernorm(hidden)
+    return hidden + project(mlp.down_proj, mlp.act_fn(project(mlp.gate_proj, normed)) * project(mlp.up_proj, normed))
+
+
+def project(linear, inputs):
+    """``linear(inputs)`` computed as ``(weight @ inputs^T)^T``: the same sums, with the weight as the left operand
+    of the matrix product, which the CPU's BLAS runs about twice as fast for a few rows, a decode step's one per
+    request (measured: 4 rows through a 1536 x 576 weight in 88 us against 152 us, 49152 x 576 in 2.8 ms against
+    12 ms), at 10 to 20% more for a chunk of 256 prompt tokens. An int8 projection is dequantized as its own
+    forward does."""
+    weight = linear.dequantized(inputs.dtype) if hasattr(linear, "dequantized") else linear.weight
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    return torch.matmul(weight, flat.T).T.reshape(*inputs.shape[:-1], weight.shape[0])
 
 
 class Layer(torch.nn.Module):
@@ -105,7 +119,7 @@ class _Head(torch.nn.Module):
         self.norm, self.lm_head = norm, lm_head
 
     def forward(self, hidden):
-        return self.lm_head(self.norm(hidden)).float()
+        return project(self.lm_head, self.norm(hidden)).float()
 
 
 def layer_weights(model):

@@ -2,10 +2,11 @@
 
 ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``,
 streamed as server-sent events or answered whole, with OpenAI's error body for
-every refusal: 400 for a bad request (malformed JSON, a prompt longer than the
-compiled length, an unsupported option or chat role), 404 for an unknown
-model, 503 when the queue is full. ``ignore_eos`` is vLLM's extension, which
-benchmarks use to get exactly ``max_tokens`` tokens.
+every refusal: 400 for a bad request (malformed JSON, a prompt or
+``max_tokens`` that does not fit the variant's context, an unsupported option
+or chat role), 404 for an unknown model, 503 when the queue is full.
+``ignore_eos`` is vLLM's extension, which benchmarks use to get exactly
+``max_tokens`` tokens.
 
 FastAPI on uvicorn: the stack vLLM and most OpenAI-compatible servers use,
 maintained, with request validation by pydantic (which mistral-common already

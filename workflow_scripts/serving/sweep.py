@@ -2,9 +2,11 @@
 
 The vendor sends prompts of 510, 1020 and 2040 tokens, asks for 512, 1024 and 2048 output tokens, at 1, 4,
 8 and 16 requests in flight, and skips the cases longer than the compiled lengths. Here the same lengths are
-fractions of ``reference_length`` (2048) and are scaled to the variant's own compiled prompt length and
-output budget, so a small compiled variant runs the same shape of sweep; ``reference_length: null`` takes
-them as absolute token counts (an external server whose limits are unknown).
+fractions of ``reference_length`` (2048), scaled to the endpoint's own limits: a VACC build's prompt length
+and output budget, or, for a compiled package whose prompt and answer share one context, half the context
+each (the vendor's 1024 in and 1024 out of 2048: :meth:`Limits.scale_bases`), so any endpoint runs the
+same shape of sweep; ``reference_length: null`` takes them as absolute token counts (an external server
+whose limits are unknown).
 
 The Snakefile imports this module to size the benchmark's jobs: it imports no torch, transformers or openai.
 The settings' defaults and bounds are those of ``config/schema.yaml`` (``models.<id>.bench``), read from the
@@ -60,7 +62,7 @@ class BenchSettings(Settings):
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
     concurrency: tuple[int, ...]
-    # the lengths above are fractions of this, scaled to the compiled lengths; None: absolute token counts
+    # the lengths above are fractions of this, scaled to the endpoint's limits; None: absolute token counts
     reference_length: int | None
     # requests per case; a case sends at least as many as its concurrency, so that all are in flight once
     requests: int
@@ -167,7 +169,7 @@ def plan_cases(settings, limits):
         for output_tokens in outputs:
             for concurrency in settings.concurrency:
                 case = Case(input_tokens, output_tokens, concurrency)
-                # small compiled lengths can scale two of the vendor's lengths to one count
+                # small limits can scale two of the vendor's lengths to one count
                 if case in seen:
                     continue
                 seen.add(case)

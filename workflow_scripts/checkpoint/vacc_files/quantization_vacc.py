@@ -34,11 +34,15 @@ def quantize_per_channel(weight: torch.Tensor, bits: int = 8):
     return w.div_(divisor).round_().clamp_(-qmax, qmax).to(torch.int8), scale
 
 
+def dequantize(weight, weight_scale, dtype):
+    """The ``[out, in]`` weight in ``dtype``: each int8 row times its channel's scale."""
+    return weight.to(dtype) * weight_scale.to(dtype).unsqueeze(1)
+
+
 class _QuantizedLinearPerChannelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, weight_scale):
-        dequantized = weight.to(hidden.dtype) * weight_scale.to(hidden.dtype).unsqueeze(1)
-        return nn.functional.linear(hidden, dequantized)
+        return nn.functional.linear(hidden, dequantize(weight, weight_scale, hidden.dtype))
 
     @staticmethod
     def symbolic(graph, hidden, weight, weight_scale):
@@ -71,6 +75,9 @@ class QuantizedLinearPerChannel(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return _QuantizedLinearPerChannelFunction.apply(hidden, self.weight, self.weight_scale)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.weight, self.weight_scale, dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8, per_channel=True"
