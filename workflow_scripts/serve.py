@@ -11,7 +11,9 @@ wait in a queue (docs/serving.md).
 
 import argparse
 import logging
+import signal
 import socket
+import threading
 from pathlib import Path
 
 import torch
@@ -60,7 +62,7 @@ def main(argv):
             atomic_write_json(args.ready_file, {"host": args.host, "port": port, **model_card(variant, engine)})
 
     app = create_app(variant, engine, ChatTemplate(args.folder), ready)
-    serve(app, listener)
+    serve(app, listener, engine)
 
 
 def bound_socket(host, port):
@@ -76,13 +78,30 @@ def bound_socket(host, port):
     return listener
 
 
-def serve(app, listener):
+def serve(app, listener, engine):
+    """HTTP on a thread of its own, the engine on this, the main thread (serving/engine.py says why), until SIGINT or
+    SIGTERM: then the server stops taking requests, finishes those in flight (5 s at most) and the engine ends."""
     import uvicorn
 
     # log_config None: uvicorn's loggers (startup, one access line per request) go through run_cli's set-up, in
     # the same format as ours, instead of handlers of uvicorn's own
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info", timeout_graceful_shutdown=5))
-    server.run(sockets=[listener])
+
+    def http():
+        try:
+            server.run(sockets=[listener])
+        finally:
+            engine.stop()
+
+    def stop(signum, frame):
+        server.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    thread = threading.Thread(target=http, name="http")
+    thread.start()
+    engine.serve_forever()
+    thread.join()
 
 
 if __name__ == "__main__":

@@ -92,17 +92,15 @@ class ChatRequest(GenerationRequest):
 
 
 def create_app(variant, engine, chat_template, on_ready=None):
-    """The app serving ``variant`` through ``engine``: its tokenizer encodes prompts and decodes tokens,
-    ``chat_template`` renders chats (a refusal, like any :class:`InputError`, is a 400); ``on_ready()`` runs once
-    the engine runs."""
+    """The app serving ``variant`` through ``engine`` (which its caller runs): its tokenizer encodes prompts and
+    decodes tokens, ``chat_template`` renders chats (a refusal, like any :class:`InputError`, is a 400);
+    ``on_ready()`` runs once the app accepts requests."""
     tokenizer = variant.tokenizer
 
     async def lifespan(app):
-        engine.start()
         if on_ready is not None:
             on_ready()
         yield
-        engine.stop()
 
     app = FastAPI(title=f"VACC workflow: {variant.name}", lifespan=lifespan)
 

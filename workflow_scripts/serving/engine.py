@@ -10,8 +10,11 @@ feeds one token to each running row, each at its own position. Requests
 beyond the free rows wait in a first-in, first-out queue; beyond
 ``max_queue`` waiting ones, :meth:`Engine.submit` refuses.
 
-All model work runs on one thread of its own: a compiled package is not
-reentrant, and torch's own threads parallelise each step.
+All model work runs on one thread, :meth:`Engine.serve_forever`'s: a compiled
+package is not reentrant, and torch's own threads parallelise each step. The
+server runs it on the process's main thread (workflow_scripts/serve.py): torch's
+OpenMP threads run a decode step there three times as fast as from a second
+thread, once another thread has used them too.
 """
 
 import collections
@@ -94,7 +97,7 @@ class Engine:
         self.prefilling = collections.deque()  # rows' requests whose prompts are not all in the cache, oldest first
         self.cache = None
         self.wakeup = threading.Condition()
-        self.running = False
+        self.running = True
         self.thread = None
         self.steps = 0
 
@@ -133,20 +136,22 @@ class Engine:
             return sum(row is not None for row in self.rows), len(self.waiting)
 
     def start(self):
-        self.running = True
+        """Serve on a thread of its own (tests; the server runs :meth:`serve_forever` on its main thread)."""
         self.thread = threading.Thread(target=self.serve_forever, name="engine", daemon=True)
         self.thread.start()
 
     def stop(self):
+        """End :meth:`serve_forever` after the step in progress (and its thread, if :meth:`start` made one)."""
         with self.wakeup:
             self.running = False
             self.wakeup.notify()
-        if self.thread is not None:
+        if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join()
 
     # the engine's thread
 
     def serve_forever(self):
+        """Run requests until :meth:`stop`."""
         torch.set_grad_enabled(False)
         while True:
             with self.wakeup:
