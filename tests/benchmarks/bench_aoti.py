@@ -170,8 +170,7 @@ def main():
                     compile_graphs(model, settings, Path(scratch))
                 per_layer_seconds = time.monotonic() - start
                 (Path(scratch) / "graphs.json").write_text(json.dumps(graphs))
-                for name in ("tokenizer.json", "weights.safetensors"):
-                    (Path(scratch) / name).symlink_to(folder / name)
+                (Path(scratch) / "tokenizer.json").symlink_to(folder / "tokenizer.json")
                 per_layer = load_compiled(scratch)[0]
                 whole_package, whole_seconds = compile_whole_model(model, eager, Path(scratch))
                 whole = WholeModelRunner(whole_package, per_layer)

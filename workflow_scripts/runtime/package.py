@@ -41,8 +41,8 @@ ROTARY = ("rotary.cos", "rotary.sin")
 # that the decode steps of the other rows wait for one chunk at most (docs/serving.md)
 PREFILL_CHUNK = 256
 # Decode steps feed at least this many rows, a free row at its slot 0 beside a lone request: the projections
-# multiply the weight by one column per row (runtime.graphs.project), and BLAS runs a single column 2.5 times
-# slower than two (SmolLM2's int8 package: 52 ms a step for one row, 20 ms for two)
+# multiply the weight by one column per row (runtime.graphs.project), and BLAS takes a single column through a
+# slower path (SmolLM2's int8 package, interleaved runs: 20.9 ms a step for one row, 18.5 ms for two)
 MIN_DECODE_ROWS = 2
 
 
