@@ -696,10 +696,18 @@ CASES = [
     ),
     Case(
         "config-aoti-variant",
-        "an aoti variant that is not a quantize scheme, no room for the greedy steps",
+        "an aoti variant that is not a quantize scheme, an `aoti.context` with no room for a prompt before the "
+        "greedy steps",
         config_with(demo_model(quantize={"schemes": ["gptq-int8"]})),
         r"config: models\.demo-mistral\.aoti\.variants\[0\] = rtn-int8 is not among "
         r"models\.demo-mistral\.quantize\.schemes",
+    ),
+    Case(
+        "config-aoti-windows",
+        "an `aoti.context` shorter than the perplexity windows the compiled variants are scored on",
+        config_with(demo_model(aoti={"variants": ["rtn-int8"], "context": 256})),
+        r"config: models\.demo-mistral\.aoti\.context = 256 is shorter than the perplexity windows of "
+        r"models\.demo-mistral\.evaluate\.dataset \(\d+ tokens, less the last\)",
     ),
     # download
     Case(
@@ -918,7 +926,7 @@ CASES = [
     ),
     Case(
         "aoti-prompt-too-long",
-        "a verify prompt that leaves no room in `aoti.context` for its greedy tokens",
+        "a verify prompt that, with its greedy tokens, does not fit `aoti.context`",
         prompt_longer_than_context,
         r"config: models\.tiny\.verify\.prompts\[0\] has \d+ tokens, more than "
         r"models\.tiny\.aoti\.context - verify\.greedy_tokens = 4",

@@ -124,7 +124,9 @@ def check_gptq_samples(model, quantize, datasets):
             )
 
 
-def check_aoti(model, settings):
+def check_aoti(model, settings, window_tokens):
+    """The compiled variants exist, and their context holds the verify steps and the perplexity windows (scored
+    through the packages' prefill, on the same positions as the eager variants)."""
     aoti = settings["aoti"]
     for index, variant in enumerate(aoti["variants"]):
         if variant != "float" and variant not in settings["quantize"]["schemes"]:
@@ -137,6 +139,12 @@ def check_aoti(model, settings):
         raise InputError(
             f"config: models.{model}.aoti.context = {aoti['context']} leaves no room for a prompt before "
             f"verify.greedy_tokens = {steps}"
+        )
+    if aoti["variants"] and window_tokens - 1 > aoti["context"]:
+        raise InputError(
+            f"config: models.{model}.aoti.context = {aoti['context']} is shorter than the perplexity windows of "
+            f"models.{model}.evaluate.dataset ({window_tokens} tokens, less the last) its compiled variants are "
+            "scored on; raise it or shorten the windows"
         )
 
 
@@ -181,7 +189,8 @@ def check_config(config):
         check_gptq_samples(model, settings["quantize"], config["datasets"])
         check_lengths(f"models.{model}.vamc", settings["vamc"]["seq_in"], settings["vamc"]["seq_total"])
         check_overrides(f"models.{model}.vamc.overrides", settings["vamc"]["overrides"])
-        check_aoti(model, settings)
+        window_tokens = window_settings(config, settings["evaluate"]["dataset"])["seqlen"]
+        check_aoti(model, settings, window_tokens)
         check_bench(model, settings)
     for index, target in enumerate(config["targets"]):
         if target not in models:
