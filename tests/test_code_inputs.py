@@ -49,7 +49,7 @@ TOKEN_WINDOWS = MANIFEST | {
 }
 
 EXPECTED = {
-    "download": FETCH | {"checkpoint/assemble.py", "checkpoint/fetch.py", "checkpoint/folder.py"},
+    "download": FETCH | {"checkpoint/assemble.py", "checkpoint/fetch.py", "checkpoint/folder.py", "core/hub.py"},
     "download_demo": FETCH
     | {
         "checkpoint/assemble.py",
@@ -74,7 +74,7 @@ EXPECTED = {
     | SETTINGS
     | VACC
     | {"core/devices.py", "data/tokenizers.py", "evaluation/verify.py", "runtime/decode.py"},
-    "fetch_dataset": DATASET_FOLDER | {"data/fetch.py"},
+    "fetch_dataset": DATASET_FOLDER | {"core/hub.py", "data/fetch.py"},
     "fetch_dataset_demo": DATASET_FOLDER | {"data/demo_datasets.py"},
     "fetch_dataset_python_docs": DATASET_FOLDER | {"data/python_docs.py"},
     "tokenizer_store": CLI | {"data/tokenizers.py"},

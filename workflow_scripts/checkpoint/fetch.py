@@ -12,8 +12,9 @@ from pathlib import Path
 
 from workflow_scripts.checkpoint.folder import METADATA_PATTERNS, PICKLE_PATTERNS, WEIGHT_PATTERNS
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.core.fetch import hub_snapshot, local_origin
+from workflow_scripts.core.fetch import local_origin
 from workflow_scripts.core.files import link_file
+from workflow_scripts.core.hub import hub_snapshot
 
 LOG = logging.getLogger(__name__)
 

@@ -1,13 +1,11 @@
-"""What the fetch stages of models and datasets share: their arguments, hub errors, and assembling a folder."""
+"""What the fetch stages of models and datasets share: their arguments and assembling a folder (the hub client's
+use is :mod:`workflow_scripts.core.hub`)."""
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 
-from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import staged_directory
 from workflow_scripts.core.manifest import write_folder_manifest
 
@@ -23,43 +21,6 @@ def fetch_arguments(argv, doc, subject, choices=None, formats=None):
     parser.add_argument("--source", required=True, type=json.loads, help=f"the {subject}'s source settings as JSON")
     parser.add_argument("--manifest", required=True, type=Path, help=f"MANIFEST.json inside the {subject} folder")
     return parser.parse_args(argv)
-
-
-def hub_token():
-    """HF_TOKEN when set: private and gated repos. It is passed to the hub client, never written anywhere."""
-    return os.environ.get("HF_TOKEN") or None
-
-
-@contextlib.contextmanager
-def hub_errors(what, fix):
-    """Turn the hub client's errors about ``what`` into one-line input errors that say what to ``fix``."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RevisionResolutionError
-
-    try:
-        yield
-    except (LocalEntryNotFoundError, RevisionResolutionError) as error:
-        offline = " with HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise InputError(
-            f"{what} is not in the local hub cache{offline} ({error.__class__.__name__}); "
-            f"fetch it online first or fix {fix}"
-        ) from None
-    except HfHubHTTPError as error:
-        raise InputError(f"cannot fetch {what}: {error}") from None
-
-
-def hub_snapshot(repo, revision, patterns, what, fix, repo_type="model"):
-    """``(folder, commit)``: the snapshot folder in the hub cache of the files of hub repo ``repo`` at ``revision``
-    that match ``patterns`` (``snapshot_download``: interrupted downloads resume, ``HF_HUB_OFFLINE=1`` reads the
-    cache), and the commit the revision resolved to, as the hub answered it (offline: the cache's ``refs/``).
-    Errors name ``what`` and the setting to ``fix`` (:func:`hub_errors`)."""
-    from huggingface_hub import HfApi, snapshot_download
-
-    token = hub_token()
-    with hub_errors(what, fix):
-        # resolved once, so the files and the recorded commit are the same commit whatever the branch does meanwhile
-        resolved = HfApi(token=token).resolve_revision(repo, repo_type=repo_type, revision=revision)
-        folder = snapshot_download(repo, repo_type=repo_type, revision=resolved, allow_patterns=patterns, token=token)
-    return Path(folder), resolved.resolved
 
 
 def local_origin(folder):

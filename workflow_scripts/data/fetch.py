@@ -12,8 +12,9 @@ import logging
 from pathlib import Path
 
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.core.fetch import hub_snapshot, local_origin
+from workflow_scripts.core.fetch import local_origin
 from workflow_scripts.core.files import link_file
+from workflow_scripts.core.hub import hub_snapshot
 from workflow_scripts.data.datasets import DATASET_FILES
 
 LOG = logging.getLogger(__name__)
