@@ -36,6 +36,7 @@ SHARED_FIXTURE_FILES = {
     "test_slurm.py": "SLURM cluster",
     "test_faults.py": "reference run's code",
     "test_workflow.py": "reference run's code",
+    "test_disk_full.py": "reference run's code",
     "test_compile.py": "compiled packages",
     "test_serving.py": "compiled packages",
     "test_transformers445.py": "transformers 4.45 venv",

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from workflow_scripts.core.errors import StageError
+from workflow_scripts.core.files import disk_full, full_reason
 
 # Loggers that say INFO for every HTTP request (huggingface_hub's and openai's transport): a line per request
 # would bury a stage's own progress lines, so they say only warnings.
@@ -14,7 +15,8 @@ CHATTY_LOGGERS = ("httpx2",)
 
 
 def run_cli(main, argv=None):
-    """Run a stage's (or a tool's) ``main``; turn a :class:`StageError` into a one-line message and exit 1.
+    """Run a stage's (or a tool's) ``main``; turn a :class:`StageError`, or an error that says the disk is full,
+    into a one-line message and exit 1.
 
     Logging is set up here and nowhere else: every record goes to stderr (a job's log) as ``time level logger:
     message``, from INFO up; the chatty HTTP loggers from WARNING up. The libraries log through their module's
@@ -30,9 +32,30 @@ def run_cli(main, argv=None):
         quiet_progress_bars()
     try:
         main(sys.argv[1:] if argv is None else argv)
-    except StageError as error:
+    except StageError as error:  # DiskFull among them: a full disk met where the stage writes its outputs
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except Exception as error:
+        message = full_disk_message(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def full_disk_message(error):
+    """The one line for a full disk met outside the output helpers (files.py), which name the path themselves: the
+    file the error names, or, where it names none, the error itself (its traceback goes to the log). None for
+    any other error."""
+    reason = full_reason(error)
+    if reason is None:
+        return None
+    named = getattr(error, "filename", None)
+    if named is not None and not isinstance(named, int):
+        return str(disk_full(error, os.fsdecode(named)))
+    logging.getLogger(__name__).error("%s", reason, exc_info=error)
+    said = (str(error).splitlines() or [""])[0]
+    return f"{reason} while writing a file the stage does not name ({type(error).__name__}: {said})"
 
 
 def quiet_progress_bars():

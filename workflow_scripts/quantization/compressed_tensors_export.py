@@ -22,10 +22,25 @@ from workflow_scripts.checkpoint.safetensors_stream import BackgroundWriter, Saf
 from workflow_scripts.checkpoint.vacc_code import VACC_FILES
 from workflow_scripts.core.code_inputs import sources_digest
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.core.files import atomic_write_json, link_file, read_json, sha256_file, staged_directory
+from workflow_scripts.core.files import (
+    atomic_write_json,
+    check_free_space,
+    link_file,
+    read_json,
+    sha256_file,
+    staged_directory,
+    writing,
+)
 from workflow_scripts.core.manifest import MANIFEST_NAME, write_folder_manifest
 from workflow_scripts.core.progress import Progress
-from workflow_scripts.quantization.int8_checkpoint import PROJECTIONS, QUANTIZATION_KEY, copy_tensor, weight_map
+from workflow_scripts.quantization.int8_checkpoint import (
+    PROJECTIONS,
+    QUANTIZATION_KEY,
+    SHARD_METADATA,
+    copy_tensor,
+    safetensors_bytes,
+    weight_map,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -106,6 +121,7 @@ def int8_matrices(shard):
 
 
 def output_layout(shard, names, matrices):
+    """The output shard's layout for the source's tensors ``names`` (in the source's order)."""
     layout = []
     for name in names:
         matrix = matrices.get(name)
@@ -133,19 +149,35 @@ def write_packed(shard, matrix, writer, bits):
     writer.write(torch.tensor(q.shape, dtype=torch.int64))
 
 
-def export_shard(shard, names, target, bits, progress):
-    """Write one output shard in the source's tensor order; return ``{output tensor: shard file}``."""
+def shard_layout(shard, names):
+    """``(names in the source's order, the int8 matrices among them, the output shard's layout)``."""
     matrices = int8_matrices(shard)
     names = sorted(names, key=lambda name: shard.entries[name]["data_offsets"][0])
-    layout = output_layout(shard, names, matrices)
-    writer = BackgroundWriter(SafetensorsWriter(target, layout, metadata={"format": "pt"}))
-    for name in names:
-        if name in matrices:
-            write_packed(shard, matrices[name], writer, bits)
-        elif not name.endswith(f".weight{SCALE_SUFFIX}"):
-            copy_tensor(shard, name, writer)
-        progress(shard.raw(name).nbytes)
-    writer.close()
+    return names, matrices, output_layout(shard, names, matrices)
+
+
+def exported_bytes(int8, mapping, shards):
+    """The bytes the export of ``int8`` takes, known before it is written: its shards exactly, from the source
+    tensors' shapes and dtypes; the config and the index as the source's (the config gains its
+    ``quantization_config``). The other files are links, which take no data."""
+    total = 0
+    for shard_name, shard in shards.items():
+        total += safetensors_bytes(shard_layout(shard, [n for n, s in mapping.items() if s == shard_name])[2])
+    return total + sum((int8 / name).stat().st_size for name in ("config.json", INDEX_FILE) if (int8 / name).exists())
+
+
+def export_shard(shard, names, target, bits, progress):
+    """Write one output shard in the source's tensor order; return ``{output tensor: shard file}``."""
+    names, matrices, layout = shard_layout(shard, names)
+    with writing(target, safetensors_bytes(layout)):
+        writer = BackgroundWriter(SafetensorsWriter(target, layout, metadata=SHARD_METADATA))
+        for name in names:
+            if name in matrices:
+                write_packed(shard, matrices[name], writer, bits)
+            elif not name.endswith(f".weight{SCALE_SUFFIX}"):
+                copy_tensor(shard, name, writer)
+            progress(shard.raw(name).nbytes)
+        writer.close()
     return {name: target.name for name, _, _ in layout}
 
 
@@ -163,6 +195,7 @@ def export_compressed_tensors(model, int8, folder, code_module):
     total = sum(sum(shard.raw_size(n) for n in shard.entries) for shard in shards.values())
     progress = Progress(f"model {model}: compressed-tensors", total, " GB", 1e9)
     with staged_directory(folder) as staging:
+        check_free_space(folder, exported_bytes(int8, mapping, shards))
         new_map = {}
         for shard_name in shard_names:
             names = [name for name, shard in mapping.items() if shard == shard_name]

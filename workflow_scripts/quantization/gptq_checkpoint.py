@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from workflow_scripts.checkpoint.vacc_files.quantization_vacc import quantize_pe
 from workflow_scripts.core.code_inputs import sources_digest
 from workflow_scripts.core.devices import resolve_device, resolve_dtype
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.core.files import atomic_path, sha256_file
+from workflow_scripts.core.files import atomic_path, check_free_space, sha256_file, writing
 from workflow_scripts.core.manifest import MANIFEST_NAME
 from workflow_scripts.data.provenance import check_tokenizer
 from workflow_scripts.data.tokenizers import TOKENIZER_FILE, file_fingerprint
@@ -53,7 +54,9 @@ from workflow_scripts.quantization.int8_checkpoint import (
     MatrixError,
     QuantizeSettings,
     open_checkpoint,
+    projection_of,
     quantization_record,
+    quantized_bytes,
     write_quantized_checkpoint,
 )
 
@@ -252,7 +255,8 @@ def process_layer(layer, index, calibration, holdout, settings, dtype, partial, 
         layer_entries, layer_figures = quantize_layer(layer, index, calibration, holdout, settings, dtype)
         record = {"fingerprint": layer_print, "figures": layer_figures}
         partial.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(partial) as tmp:
+        data_bytes = sum(tensor.nbytes for tensor in layer_entries.values())  # and a header
+        with writing(partial, data_bytes, at_least=True), atomic_path(partial) as tmp:
             save_file(
                 {name: tensor.cpu() for name, tensor in layer_entries.items()},
                 str(tmp),
@@ -322,6 +326,19 @@ def partial_path(partial_dir, index):
     return partial_dir / f"layer-{index:03d}.safetensors"
 
 
+def gptq_bytes(model, patched, modules, partial_dir):
+    """The bytes a GPTQ run still writes, before it starts: the partial files of the layers that have none yet
+    (their int8 weights and scales; a little more with their headers) and the checkpoint, which is written
+    while they are there."""
+    _, mapping, shards = open_checkpoint(patched, model, modules)
+    partials = 0
+    for name, shard_name in mapping.items():
+        if projection_of(name, modules) and not partial_path(partial_dir, int(name.split(".")[2])).exists():
+            shape, dtype = shards[shard_name].shape(name), shards[shard_name].dtype(name)
+            partials += math.prod(shape) + shape[0] * dtype.itemsize
+    return partials + quantized_bytes(patched, mapping, shards, modules)
+
+
 def quantize_gptq(model, patched, calibration, folder, settings, code_module):
     """The ``gptq-int8`` checkpoint of a patched one, layer by layer through partials that a rerun resumes from;
     ``code_module``, the stage that runs this, fingerprints the code (and so which partials are still valid)."""
@@ -339,7 +356,15 @@ def quantize_gptq(model, patched, calibration, folder, settings, code_module):
         "code": sources_digest(code_module),
     }
     partial_dir = folder.parent / f".{folder.name}.partial"
-    figures, device = gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
+    try:
+        check_free_space(folder, gptq_bytes(model, patched, settings.modules, partial_dir))
+        figures, device = gptq_layers(model, patched, calibration, settings, partial_dir, fingerprint)
+    except BaseException:
+        # as the checkpoint's staged folder does: a failed rebuild leaves no previous result looking current
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            partial_dir.rmdir()  # only where no layer was finished: a finished layer stays for the rerun
+        raise
 
     def from_partials(shard, name, writer):
         with safe_open(str(partial_path(partial_dir, int(name.split(".")[2]))), "pt") as layer:

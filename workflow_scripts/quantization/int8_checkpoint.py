@@ -7,6 +7,7 @@ the configs with the ``vacc_quantization`` key, and the manifest.
 """
 
 import ctypes
+import json
 import logging
 import math
 import shutil
@@ -17,11 +18,19 @@ import torch
 
 from workflow_scripts.checkpoint.folder import INDEX_FILE, read_weight_map, write_weight_index
 from workflow_scripts.checkpoint.layout import tensor_shapes
-from workflow_scripts.checkpoint.safetensors_stream import BackgroundWriter, SafetensorsFile, SafetensorsWriter
+from workflow_scripts.checkpoint.safetensors_stream import NAMES, BackgroundWriter, SafetensorsFile, SafetensorsWriter
 from workflow_scripts.checkpoint.vacc_code import VACC_FILES
 from workflow_scripts.core.code_inputs import sources_digest
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.core.files import atomic_write_json, link_file, read_json, sha256_file, staged_directory
+from workflow_scripts.core.files import (
+    atomic_write_json,
+    check_free_space,
+    link_file,
+    read_json,
+    sha256_file,
+    staged_directory,
+    writing,
+)
 from workflow_scripts.core.manifest import MANIFEST_NAME, write_folder_manifest
 from workflow_scripts.core.progress import Progress
 from workflow_scripts.core.settings import Settings
@@ -36,6 +45,7 @@ QUANTIZATION_KEY = "vacc_quantization"
 INT8_MODEL_TYPE = "mistral_vacc_int8"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COPY_BYTES = 64 << 20
+SHARD_METADATA = {"format": "pt"}
 
 
 class MatrixError:
@@ -104,6 +114,7 @@ def write_quantized_checkpoint(
     progress = Progress(f"model {model}: quantized", total, " GB", 1e9)
     figures = {}
     with staged_directory(folder) as staging:
+        check_free_space(folder, quantized_bytes(patched, mapping, shards, modules))
         for shard_name in shard_names:
             names = [name for name, shard in mapping.items() if shard == shard_name]
             target = staging / shard_name
@@ -151,6 +162,32 @@ def write_quantized_checkpoint(
         len(figures),
         worst["relative_frobenius_error"],
     )
+
+
+def safetensors_bytes(layout, metadata=SHARD_METADATA):
+    """The size of the file :class:`SafetensorsWriter` writes for ``layout``: its header (as the writer encodes
+    it) and the data, known before any tensor is computed."""
+    header, offset = {}, 0
+    for name, dtype, shape in layout:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header = {"__metadata__": metadata, **header}
+    encoded = len(json.dumps(header, separators=(",", ":")).encode())
+    return 8 + encoded + -encoded % 8 + offset
+
+
+def quantized_bytes(patched, mapping, shards, modules):
+    """The bytes the quantized checkpoint of ``patched`` takes, known before it is written: its shards exactly,
+    from the source tensors' shapes and dtypes; the copied VACC code; the configs and the index as the source's
+    (they gain a few lines). The tokenizer files are links, which take no data."""
+    total = 0
+    for shard_name, shard in shards.items():
+        names = [name for name, owner in mapping.items() if owner == shard_name]
+        total += safetensors_bytes(shard_layout(shard, names, modules)[1])
+    copied = ("config.json", "config_vacc.json", INDEX_FILE, *VACC_FILES)
+    return total + sum((patched / name).stat().st_size for name in copied if (patched / name).exists())
 
 
 def keep_freed_chunks():
@@ -224,7 +261,9 @@ def copy_tensor(shard, name, writer):
         writer.write(raw[first:end], lambda first=first, end=end: shard.release_bytes(name, first, end))
 
 
-def output_layout(shard, names, modules):
+def shard_layout(shard, names, modules):
+    """``(names in the source's order, the output shard's layout)``: each projection as int8 with its scale."""
+    names = sorted(names, key=lambda name: shard.entries[name]["data_offsets"][0])
     layout = []
     for name in names:
         if projection_of(name, modules):
@@ -232,24 +271,23 @@ def output_layout(shard, names, modules):
             layout.append((f"{name}_scale", shard.dtype(name), shard.shape(name)[:1]))
         else:
             layout.append((name, shard.dtype(name), shard.shape(name)))
-    return layout
+    return names, layout
 
 
 def quantize_shard(shard, names, target, modules, matrix_writer, progress):
     """Write one output shard; ``matrix_writer(shard, name, writer)`` writes each projection and returns
     its figures. Return ``{matrix: figures}``."""
-    names = sorted(names, key=lambda name: shard.entries[name]["data_offsets"][0])
-    writer = BackgroundWriter(
-        SafetensorsWriter(target, output_layout(shard, names, modules), metadata={"format": "pt"})
-    )
+    names, layout = shard_layout(shard, names, modules)
     figures = {}
-    for index, name in enumerate(names):
-        if index + 1 < len(names):
-            shard.prefetch(names[index + 1])
-        if projection_of(name, modules):
-            figures[name] = matrix_writer(shard, name, writer)
-        else:
-            copy_tensor(shard, name, writer)
-        progress(shard.raw(name).nbytes)
-    writer.close()
+    with writing(target, safetensors_bytes(layout)):
+        writer = BackgroundWriter(SafetensorsWriter(target, layout, metadata=SHARD_METADATA))
+        for index, name in enumerate(names):
+            if index + 1 < len(names):
+                shard.prefetch(names[index + 1])
+            if projection_of(name, modules):
+                figures[name] = matrix_writer(shard, name, writer)
+            else:
+                copy_tensor(shard, name, writer)
+            progress(shard.raw(name).nbytes)
+        writer.close()
     return figures
