@@ -66,6 +66,7 @@ class WholeModelRunner(ModelRunner):
             runner.head,
             runner.weights,
             runner.layer_weights,
+            runner.head_weights,
             runner.rows,
             runner.context,
             (runner.kv_heads, runner.head_dim),
@@ -78,7 +79,7 @@ class WholeModelRunner(ModelRunner):
         caches = [keys[rows, :, :length] for keys in cache.keys] + [values[rows, :, :length] for values in cache.values]
         hidden = self.whole(self.embedding[ids], positions, self.cos, self.sin, *caches)
         hidden = hidden.reshape(-1, hidden.shape[-1]) if all_logits else hidden[:, -1]
-        return self.head(hidden.contiguous(), self.norm, self.lm_head)
+        return self.head(hidden.contiguous(), *self.head_weights)
 
 
 def compile_whole_model(model, runner, folder):

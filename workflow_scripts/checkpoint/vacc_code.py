@@ -50,12 +50,22 @@ def check_own_code(folder):
             )
 
 
+INT8_ALIGNMENT = 64
+
+
 def load_vacc_model(folder, dtype, device="cpu", **config_overrides):
     """A checkpoint whose modeling files this workflow wrote (patched or quantized), in eval mode on ``device``;
     their hashes are checked before transformers may run them."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     check_own_code(folder)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         folder, trust_remote_code=True, dtype=dtype, device_map=device, **config_overrides
     ).eval()
+    for parameter in model.parameters():
+        # int8 weights mapped from the file at 8-byte offsets, copied to aligned memory for the CPU's int8 kernel
+        # (quantization_vacc.ALIGNMENT), once here rather than at their first forward
+        if parameter.dtype == torch.int8 and parameter.data_ptr() % INT8_ALIGNMENT:
+            parameter.data = parameter.data.clone()
+    return model

@@ -50,11 +50,9 @@ from workflow_scripts.core.settings import Settings
 from workflow_scripts.core.variants import parse
 from workflow_scripts.data.tokenizers import encode_prompts
 from workflow_scripts.runtime.decode import greedy_decode
-from workflow_scripts.runtime.graphs import Head, Layer, cache_shape
+from workflow_scripts.runtime.graphs import Head, Layer, cache_shape, head_weight_names
 from workflow_scripts.runtime.package import (
     GRAPHS_FILE,
-    LM_HEAD,
-    NORM,
     ROTARY,
     WEIGHTS_FILE,
     load_compiled,
@@ -132,8 +130,12 @@ def compile_graphs(model, settings, folder):
         {0: batch, 2: length},
         (None,) * len(layer_weights[0]),
     )
-    head_inputs = (torch.zeros(example_rows, hidden_size, dtype=dtype, device=device), weights[NORM], weights[LM_HEAD])
-    head_shapes = ({0: torch.export.Dim.DYNAMIC}, None, None)
+    head_names = head_weight_names(model)
+    head_inputs = (
+        torch.zeros(example_rows, hidden_size, dtype=dtype, device=device),
+        *(weights[name] for name in head_names),
+    )
+    head_shapes = ({0: torch.export.Dim.DYNAMIC}, (None,) * len(head_names))
     for name, module, inputs, shapes in (
         ("layer", Layer(model.model.layers[0]), layer_inputs, layer_shapes),
         ("head", Head(model), head_inputs, head_shapes),
@@ -161,6 +163,7 @@ def compile_graphs(model, settings, folder):
         "kv_heads": config.num_key_value_heads,
         "head_dim": cache_shape(config, 1, 1)[3],
         "layer_weights": layer_names,
+        "head_weights": head_names,
     }
 
 

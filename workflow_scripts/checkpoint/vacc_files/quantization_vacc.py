@@ -39,10 +39,31 @@ def dequantize(weight, weight_scale, dtype):
     return weight.to(dtype) * weight_scale.to(dtype).unsqueeze(1)
 
 
+# PyTorch's int8 weight-only CPU kernel reads the weight with aligned vector loads: an int8 weight mapped from a
+# safetensors file at an offset that is a multiple of 8 only crashes it (a segmentation fault, measured), so such a
+# weight is copied once into memory the allocator aligns (:func:`aligned`).
+ALIGNMENT = 64
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
+
+
+def linear_int8(hidden, weight, weight_scale):
+    """``hidden @ dequantize(weight, weight_scale)^T``. In bfloat16 on the CPU through PyTorch's int8 weight-only
+    kernel, which multiplies the int8 rows directly and scales each output (several times faster than
+    dequantizing first, and without rounding each dequantized weight to bfloat16); elsewhere dequantized."""
+    if hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        product = torch.ops.aten._weight_int8pack_mm(flat, weight, weight_scale.to(hidden.dtype))
+        return product.reshape(*hidden.shape[:-1], weight.shape[0])
+    return nn.functional.linear(hidden, dequantize(weight, weight_scale, hidden.dtype))
+
+
 class _QuantizedLinearPerChannelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, weight_scale):
-        return nn.functional.linear(hidden, dequantize(weight, weight_scale, hidden.dtype))
+        return linear_int8(hidden, weight, weight_scale)
 
     @staticmethod
     def symbolic(graph, hidden, weight, weight_scale):
@@ -74,6 +95,8 @@ class QuantizedLinearPerChannel(nn.Module):
         return layer
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.device.type == "cpu":
+            self.weight.data = aligned(self.weight.data)
         return _QuantizedLinearPerChannelFunction.apply(hidden, self.weight, self.weight_scale)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
