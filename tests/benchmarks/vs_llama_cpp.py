@@ -249,7 +249,7 @@ def main():
     binaries = build_llama_cpp()
     gguf = quantized_gguf(binaries)
     tokenizer = read_tokenizer(args.package)
-    windows = args.windows or sorted(REPO.glob("results/evaluation-sets/*/c4-validation.safetensors"))[-1]
+    windows = args.windows or sorted(REPO.glob("results/evaluation-sets/*/python-docs-validation.safetensors"))[-1]
     text_file = CACHE / "held-out.txt"
     text_file.write_text(held_out_text(windows, args.package))
 
