@@ -1,4 +1,5 @@
-"""A one-node SLURM cluster on 127.0.0.1 from Debian's slurmctld, slurmd, slurm-client and munge.
+"""A one-node SLURM cluster on 127.0.0.1 from Debian's slurmctld, slurmd, slurm-client and munge, with two GPUs
+as a generic resource (empty files stand for their devices).
 
 Accounting is off (no slurmdbd), so job states come from ``squeue``, and
 ``MinJobAge`` keeps finished jobs there for an hour. Every SLURM client
@@ -26,6 +27,11 @@ from pathlib import Path
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "srun", "scontrol", "sinfo", "scancel")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
+# slurmd reads the node's generic resources from beside slurm.conf
+GRES_CONF = SYSTEM_CONF.with_name("gres.conf")
+# GPUs the scheduler hands out with no device behind them: a job that asks --gpus=1 is accepted and granted
+# gres/gpu, and runs on the CPU
+GPUS = 2
 MARK = "# written by the vacc workflow's tests (tests/slurm_cluster.py)\n"
 DAEMONS = ("slurmd", "slurmctld", "munged")
 # No accounting: job states come from squeue. Successful jobs keep their SLURM logs, in which the job step
@@ -51,8 +57,9 @@ def why_unavailable():
         return f"{', '.join(missing_binaries())} not found: install Debian's {' '.join(PACKAGES)} (.ci/run does)"
     if os.geteuid() != 0:
         return "starting slurmctld and slurmd needs root"
-    if SYSTEM_CONF.exists() and not SYSTEM_CONF.read_text().startswith(MARK):
-        return f"{SYSTEM_CONF} belongs to a real cluster; the tests will not replace it"
+    for conf in (SYSTEM_CONF, GRES_CONF):
+        if conf.exists() and not conf.read_text().startswith(MARK):
+            return f"{conf} belongs to a real cluster; the tests will not replace it"
     return None
 
 
@@ -100,8 +107,9 @@ class Cluster:
                     "SchedulerType=sched/backfill",
                     "SelectType=select/cons_tres",
                     "SelectTypeParameters=CR_Core_Memory",
+                    "GresTypes=gpu",
                     f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.node_memory_mb}"
-                    " State=UNKNOWN",
+                    f" Gres=gpu:{GPUS} State=UNKNOWN",
                     "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
                 ]
             )
@@ -126,6 +134,11 @@ class Cluster:
         SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
         SYSTEM_CONF.write_text(self.conf())
         root = self.root
+        # Slurm 22.05's gpu plugin counts a node's GPUs by their files (a count alone registers 0 and drains the
+        # node); empty files stand for them, since nothing opens them
+        for index in range(GPUS):
+            (root / f"gpu{index}").touch()
+        GRES_CONF.write_text(f"{MARK}AutoDetect=off\nNodeName=localhost Name=gpu File={root}/gpu[0-{GPUS - 1}]\n")
         subprocess.run(
             [
                 "munged",
@@ -160,9 +173,10 @@ class Cluster:
         return {int(i): (name, state) for i, name, state in (line.split("|") for line in lines)}
 
     def job_field(self, job_id, field):
-        """A ``scontrol show job`` field, e.g. ``TimeLimit``."""
+        """A ``scontrol --details show job`` field, e.g. ``TimeLimit``, or ``JOB_GRES`` (the generic resources it
+        was granted: ``gpu:1``)."""
         shown = subprocess.run(
-            ["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, check=True
+            ["scontrol", "-d", "-o", "show", "job", str(job_id)], capture_output=True, text=True, check=True
         ).stdout
         return dict(item.split("=", 1) for item in shown.split() if "=" in item)[field]
 
@@ -218,8 +232,9 @@ def tear_down(root):
         deadline = time.monotonic() + 20
         while any(map(running, pids)) and time.monotonic() < deadline:
             time.sleep(0.2)
-    if SYSTEM_CONF.exists() and SYSTEM_CONF.read_text().startswith(MARK):
-        SYSTEM_CONF.unlink()
+    for conf in (SYSTEM_CONF, GRES_CONF):
+        if conf.exists() and conf.read_text().startswith(MARK):
+            conf.unlink()
 
 
 if __name__ == "__main__":

@@ -274,33 +274,86 @@ os.execv({sbatch!r}, [{sbatch!r}, *sys.argv[1:]])
 """
 
 
+def recording_sbatch(folder):
+    """``(PATH with a recording sbatch first, the file of its calls)``."""
+    bin_dir, calls = folder / "bin", folder / "sbatch-calls.jsonl"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(RECORDING_SBATCH.format(python=sys.executable, calls=str(calls), sbatch=shutil.which("sbatch")))
+    sbatch.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", calls
+
+
+def sbatch_calls(calls):
+    """``{rule: arguments}`` of each recorded sbatch call (the plugin names the rule in the job's comment)."""
+    recorded = [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+    return {
+        arguments[arguments.index("--comment") + 1].split("_wildcards_")[0][5:]: arguments for arguments in recorded
+    }
+
+
 def test_a_gptq_job_on_cuda_asks_sbatch_for_a_gpu(cluster, slurm_flow, tmp_path):
     """``quantize.gptq-int8.device: cuda`` makes the GPTQ job ask for ``--gpus=1``, without the
     ``--ntasks-per-gpu=1`` that plugin releases before 2.7.1 added (with ``--cpus-per-task`` the job step's srun
-    refuses it). The test cluster has no GPU, so the real sbatch rejects the request and nothing runs."""
-    flow = Workflow.copy_of(slurm_flow[0], tmp_path)
+    refuses it). The test cluster grants the GPU; the stage, which finds no CUDA device in it, says so."""
+    flow = Workflow.copy_of(slurm_flow[0], tmp_path / "copy")
     flow.snakemake_python = slurm_flow[0].snakemake_python
     config = reference_config()
     config["targets"] = [SLURM_TARGET]
     config["models"][SLURM_TARGET]["quantize"]["gptq-int8"]["device"] = "cuda"
     flow.write_config(config, "cuda.yaml")
-    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch-calls.jsonl"
-    bin_dir.mkdir()
-    sbatch = bin_dir / "sbatch"
-    sbatch.write_text(RECORDING_SBATCH.format(python=sys.executable, calls=str(calls), sbatch=shutil.which("sbatch")))
-    sbatch.chmod(0o755)
-    jobs_before = cluster.jobs()
+    path, calls = recording_sbatch(tmp_path)
     target = f"results/{SLURM_TARGET}/quantized/gptq-int8/MANIFEST.json"
-    env = {**jobs_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {**jobs_env(), "PATH": path}
     output = slurm_run(flow, "--retries", "0", "--force", target, config="cuda.yaml", check=False, env=env)
-    submitted = [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
-    assert len(submitted) == 1, output[-3000:]
-    arguments = submitted[0]
-    assert arguments[arguments.index("--comment") + 1] == f"rule_quantize_gptq_wildcards_{SLURM_TARGET}"
+    arguments = sbatch_calls(calls)["quantize_gptq"]
     assert "--gpus=1" in arguments
     task_geometry = [argument.split("=")[0] for argument in arguments if argument.startswith(("--cpus", "--ntasks"))]
     assert task_geometry == ["--cpus-per-task"]
-    assert (
-        "sbatch failed. The error message was 'sbatch: error: Invalid generic resource (gres) specification'" in output
+    (job_id,) = [i for i, _, rule in SUBMITTED.findall(output) if rule == "quantize_gptq"]
+    assert cluster.job_field(job_id, "JOB_GRES") == "gpu:1"
+    job_log = (flow.work / f"logs/{SLURM_TARGET}/quantize-gptq-int8.log").read_text()
+    assert f"models.{SLURM_TARGET}.quantize.gptq-int8.device is cuda, but torch sees no CUDA device here" in job_log
+
+
+# the jobs that ask for a GPU through the profile, as a site would for its GPU partition, computing on the CPU
+GPU_PROFILE = """
+set-resources:
+  quantize_gptq:
+    gpu: 1
+  evaluate:
+    gpu: 1
+"""
+
+
+def test_gpu_jobs_the_profile_asks_for_are_granted_a_gpu(cluster, slurm_flow, reference_run, tmp_path):
+    """The profile's ``set-resources`` give the GPTQ and evaluate jobs ``gpu: 1``: sbatch gets ``--gpus=1``, the
+    cluster grants one (scontrol's ``JOB_GRES``: without accounting there is no ``sacct`` here), the job step's
+    log shows the resource, and the outputs, computed on the CPU, equal the local run's."""
+    flow = Workflow.copy_of(slurm_flow[0], tmp_path / "copy")
+    flow.snakemake_python = slurm_flow[0].snakemake_python
+    profile = tmp_path / "gpu-profile"
+    profile.mkdir()
+    (profile / "config.yaml").write_text((flow.code / "profiles" / "slurm" / "config.yaml").read_text() + GPU_PROFILE)
+    path, calls = recording_sbatch(tmp_path)
+    targets = [
+        f"results/{SLURM_TARGET}/quantized/gptq-int8/MANIFEST.json",
+        f"results/{SLURM_TARGET}/eval/gptq-int8.json",
+    ]
+    output = flow.run(
+        "--workflow-profile", str(profile), "--jobs", "2", *TEST_FLAGS, "--force", *targets,
+        env={**jobs_env(), "PATH": path},
+    )  # fmt: skip
+    requested = sbatch_calls(calls)
+    granted = {rule: cluster.job_field(job_id, "JOB_GRES") for job_id, _, rule in SUBMITTED.findall(output)}
+    print(
+        "requested:", {rule: [a for a in arguments if a.startswith("--gpus")] for rule, arguments in requested.items()}
     )
-    assert cluster.jobs() == jobs_before
+    print("granted:", granted)
+    for rule in ("quantize_gptq", "evaluate"):
+        assert "--gpus=1" in requested[rule], requested[rule]
+        assert granted[rule] == "gpu:1", granted[rule]
+    for _, slurm_log, rule in SUBMITTED.findall(output):
+        assert re.search(r"^    resources: .*\bgpu=1\b", Path(slurm_log).read_text(), re.MULTILINE), (rule, slurm_log)
+    local, remote = output_digests(reference_run.work), output_digests(flow.work)
+    assert all(remote[path] == local[path] for path in targets)
