@@ -205,3 +205,35 @@ def test_no_network_says_the_hub_could_not_be_reached(tmp_path):
     line = failed(result, manifest)
     assert "the hub at http://hub.invalid could not be reached (ConnectError:" in line
     assert "local hub cache" in line and "not in the local hub cache" not in line
+
+
+# the dataset repo through fetch_dataset: a file checked by its git blob sha1 (not LFS), the retries, a gated repo
+C4_TRAIN = DATASET_FILES["c4"][1]["train"]
+
+
+def test_a_dataset_file_with_altered_bytes_is_refused_by_its_git_blob_sha1(tmp_path, hub):
+    hub.fault("GET", f"/datasets/{DATASET}/resolve/{COMMIT}/{C4_TRAIN}$", "alter")
+    manifest, result = fetch(tmp_path, hub, "dataset", check=False)
+    line = failed(result, manifest)
+    expected = hub.repos[("datasets", DATASET)].etag(C4_TRAIN)
+    assert f"dataset tiny: {C4_TRAIN}" in line and f"{DATASET}@main (commit {COMMIT}): {C4_TRAIN} arrived" in line
+    assert "with git blob sha1 " in line and f"but the hub gives {expected}" in line
+    manifest, _ = fetch(tmp_path, hub, "dataset")
+    assert manifest.exists()
+
+
+def test_a_dataset_fetch_retries_and_equals_an_undisturbed_one(tmp_path, hub):
+    reference, _ = fetch(tmp_path / "reference", hub, "dataset")
+    hub.fault("GET", f"/api/datasets/{DATASET}/revision/main$", "status", times=1, status=500)
+    hub.fault("GET", f"/datasets/{DATASET}/resolve/{COMMIT}/{C4_TRAIN}$", "status", times=1, status=503)
+    manifest, _ = fetch(tmp_path / "faulty", hub, "dataset")
+    assert manifest.read_bytes() == reference.read_bytes()
+    assert [r["status"] for r in hub.requests("GET", f"/resolve/{COMMIT}/{C4_TRAIN}$")] == [200, 503, 200]
+
+
+def test_a_gated_dataset_says_how_to_get_access(tmp_path, hub):
+    hub.repos[("datasets", DATASET)].tokens = (TOKEN,)
+    manifest, result = fetch(tmp_path, hub, "dataset", check=False)
+    line = failed(result, manifest)
+    assert "the repo is gated and the hub refused access (HTTP 401) with no token set" in line
+    assert f"accept its terms on {hub.url}/datasets/{DATASET} with your account" in line

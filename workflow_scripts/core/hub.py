@@ -150,9 +150,9 @@ def token_state(token):
 
 
 @contextlib.contextmanager
-def hub_errors(repo, revision, what, fix):
-    """Turn the hub client's errors about ``what`` (repo ``repo`` at ``revision``) into one-line input errors
-    that say what to ``fix``."""
+def hub_errors(repo, revision, what, fix, repo_type="model"):
+    """Turn the hub client's errors about ``what`` (repo ``repo`` of ``repo_type`` at ``revision``) into one-line
+    input errors that say what to ``fix``."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -168,7 +168,7 @@ def hub_errors(repo, revision, what, fix):
     except GatedRepoError as error:
         raise InputError(
             f"{what}: the repo is gated and the hub refused access (HTTP {error.response.status_code}) "
-            f"{token_state(hub_token())}: accept its terms on {endpoint()}/{repo} with your account, then "
+            f"{token_state(hub_token())}: accept its terms on {repo_page(repo, repo_type)} with your account, then "
             f"{TOKEN_HELP}"
         ) from None
     except RevisionNotFoundError as error:
@@ -202,6 +202,10 @@ def hub_errors(repo, revision, what, fix):
         if transient_cause(error) is None:
             raise
         raise unreachable(what, error) from None
+
+
+def repo_page(repo, repo_type):
+    return f"{endpoint()}/{'datasets/' if repo_type == 'dataset' else ''}{repo}"
 
 
 def unreachable(what, cause):
@@ -251,7 +255,7 @@ def hub_snapshot(repo, revision, patterns, what, fix, repo_type="model"):
 
     token = hub_token()
     bound_unlimited_timeouts()
-    with hub_errors(repo, revision, what, fix):
+    with hub_errors(repo, revision, what, fix, repo_type):
         # resolved once, so the files and the recorded commit are the same commit whatever the branch does meanwhile
         resolved = with_retries(
             lambda: HfApi(token=token).resolve_revision(repo, repo_type=repo_type, revision=revision), what
