@@ -198,3 +198,29 @@ def test_all_zero_rows_give_zero_scale_and_finite_outputs(patched, copy_checkpoi
     logits = load(target, torch.float32)(IDS).logits
     assert torch.isfinite(logits).all()
     shutil.rmtree(target)
+
+
+def test_int8_projections_in_bfloat16_on_the_cpu_use_the_int8_kernel_at_any_alignment():
+    """``linear_int8`` in bfloat16 on the CPU (PyTorch's int8 weight-only kernel) gives the float32 dequantized
+    product to bfloat16's precision, and the module copies a weight mapped at an 8-byte offset (as from a
+    safetensors file) to aligned memory, where the kernel would crash."""
+    from workflow_scripts.checkpoint.vacc_files.quantization_vacc import (
+        ALIGNMENT,
+        QuantizedLinearPerChannel,
+        dequantize,
+        linear_int8,
+    )
+
+    torch.manual_seed(0)
+    layer = QuantizedLinearPerChannel.from_linear(torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16))
+    hidden = torch.randn(2, 3, 64)
+    expected = hidden @ dequantize(layer.weight, layer.weight_scale, torch.float32).T
+    got = linear_int8(hidden.bfloat16(), layer.weight, layer.weight_scale).float()
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    storage = torch.empty(48 * 64 + ALIGNMENT, dtype=torch.int8)
+    offset = next(i for i in range(ALIGNMENT) if (storage.data_ptr() + i) % ALIGNMENT == 8)
+    layer.weight.data = storage[offset : offset + 48 * 64].view(48, 64).copy_(layer.weight.data)
+    assert layer.weight.data_ptr() % ALIGNMENT == 8
+    assert torch.equal(layer(hidden.bfloat16()), got.bfloat16())
+    assert layer.weight.data_ptr() % ALIGNMENT == 0
