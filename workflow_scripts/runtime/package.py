@@ -191,13 +191,18 @@ def storage_dtype(tensor):
     return torch.bfloat16 if exact_in_bfloat16 else tensor.dtype
 
 
+def aligned(tensor, alignment=64):
+    """``tensor``, copied into memory the allocator aligns only where it is not (the CPU's int8 weight-only kernel
+    crashes on a misaligned weight: quantization_vacc.ALIGNMENT)."""
+    return tensor if tensor.data_ptr() % alignment == 0 else tensor.clone()
+
+
 def read_constants(path, device):
     """The constants of :func:`write_constants` on ``device``, each in the dtype its graphs read, each shared tensor
     once."""
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
-        # copied into memory the allocator aligns: the CPU's int8 weight-only kernel needs it (quantization_vacc)
-        constants = {name: handle.get_tensor(name).to(device, copy=True) for name in handle.keys()}  # noqa: SIM118
+        constants = {name: aligned(handle.get_tensor(name)).to(device) for name in handle.keys()}  # noqa: SIM118
     for name, dtype in json.loads(metadata[WIDENED_KEY]).items():
         constants[name] = constants[name].to(getattr(torch, dtype))
     for name, source in json.loads(metadata[ALIASES_KEY]).items():
