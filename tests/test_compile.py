@@ -196,7 +196,7 @@ def test_compiled_packages_match_eager_and_run_alone(compiled):
         assert {"layer.pt2", "head.pt2", "tokenizer.json", "graphs.json"} <= set(manifest["files"])
         figures = manifest["verify"]
         assert figures["greedy_steps"] == 16 and figures["bound"] == 1e-4
-        assert all(p["greedy_tokens_identical"] and p["max_abs_logit_diff"] <= 1e-4 for p in figures["prompts"])
+        assert all(not p["greedy_choices_differ"] and p["max_abs_logit_diff"] <= 1e-4 for p in figures["prompts"])
     runner, tokenizer, graphs = load_compiled(compiled / "aoti" / "rtn-int8")
     assert (graphs["rows"], graphs["context"], len(graphs["layer_weights"])) == (2, 2048, 2)
     tokens, logits = runner.generate(tokenizer.encode("The capital of France is").ids, 16)
@@ -223,7 +223,11 @@ def test_one_layer_graph_runs_every_layer_from_one_copy_of_the_weights_in_the_ch
         constants = read_constants(folder / "weights.safetensors", "cpu")
         assert constants["model.layers.0.input_layernorm.weight"].dtype == torch.float32
         assert constants["rotary.cos"].shape[0] == 2048
-        assert graphs["layer_weights"][1][0] == "model.layers.1." + graphs["layer_weights"][0][0].split(".", 3)[3]
+        first, second = graphs["layer_weights"][:2]
+        assert second == [[name.replace("layers.0.", "layers.1.") for name in stack] for stack in first]
+        # q, k and v are one graph input, stacked by rows at load (runtime.graphs.FUSED), gate and up another
+        assert [f"model.layers.0.self_attn.{name}_proj.weight" for name in "qkv"] in first
+        assert ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"] in first
 
 
 @pytest.mark.slow  # compiles AOTInductor packages
@@ -279,8 +283,16 @@ def test_packages_that_disagree_with_eager_fail_the_check(compiled, patched):
     torch.set_grad_enabled(False)
     int8_model = load_vacc_model(compiled / "rtn-int8", torch.float32)
     prompts = encode_prompts(patched["ministral"], VERIFY.prompts)
+    eager = eager_generations(int8_model, prompts, 4)
     with pytest.raises(CheckFailed, match=r"compiled vs eager: prompt 0: max \|logit diff\| .* \(bound 0\.0001\)"):
-        verify_compiled(eager_generations(int8_model, prompts, 4), compiled / "aoti" / "float", prompts, AOTI, 4)
+        verify_compiled(eager, compiled / "aoti" / "float", prompts, AOTI, 4)
+    # Within a loose bound the same packages pass, fed the int8 model's tokens: the near-uniform logits of this
+    # random-weight model put their greedy choices apart at steps where the int8 model's two candidates are closer
+    # than twice the logits' difference
+    loose = dataclasses.replace(AOTI, max_abs_logit_diff={"float32": 100.0})
+    figures = verify_compiled(eager, compiled / "aoti" / "float", prompts, loose, 4)
+    differing = [(tie, p["max_abs_logit_diff"]) for p in figures["prompts"] for tie in p["greedy_choices_differ"]]
+    assert differing and all(0 <= tie["eager_margin"] <= 2 * bound for tie, bound in differing)
 
 
 @pytest.mark.slow  # compiles AOTInductor packages

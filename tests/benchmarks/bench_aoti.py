@@ -63,6 +63,7 @@ class WholeModelRunner(ModelRunner):
     def __init__(self, whole, runner):
         super().__init__(
             None,
+            None,
             runner.head,
             runner.weights,
             runner.layer_weights,

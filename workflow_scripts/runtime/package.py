@@ -1,7 +1,7 @@
 """Running a model through its compiled layer and head graphs, and the packages that hold them.
 
-``results/{model}/aoti/{variant}/`` holds ``layer.pt2`` and ``head.pt2``
-(compiled code, without weights: :mod:`workflow_scripts.runtime.graphs`),
+``results/{model}/aoti/{variant}/`` holds ``layer.pt2``, ``decode.pt2`` and
+``head.pt2`` (compiled code, without weights: :mod:`workflow_scripts.runtime.graphs`),
 ``weights.safetensors`` (every layer's weights, the embedding, norm, output
 projection and rotary tables, stored once), the model's tokenizer and
 ``graphs.json`` (device, dtype, rows, context, cache shape, stop tokens): all
@@ -32,7 +32,7 @@ from workflow_scripts.runtime.graphs import Head, Layer, cache_shape, head_weigh
 
 GRAPHS_FILE = "graphs.json"
 WEIGHTS_FILE = "weights.safetensors"
-GRAPH_FILES = ("layer.pt2", "head.pt2")
+GRAPH_FILES = ("layer.pt2", "decode.pt2", "head.pt2")
 WIDENED_KEY = "widened_to"
 ALIASES_KEY = "aliases"
 EMBEDDING, NORM = "model.embed_tokens.weight", "model.norm.weight"
@@ -40,36 +40,42 @@ ROTARY = ("rotary.cos", "rotary.sin")
 # prompt tokens fed per layer call: long enough that a chunk's matrix products run at full speed, short enough
 # that the decode steps of the other rows wait for one chunk at most (docs/serving.md)
 PREFILL_CHUNK = 256
-# Decode steps feed at least this many rows, a free row at its slot 0 beside a lone request: the projections
-# multiply the weight by one column per row (runtime.graphs.project), and BLAS takes a single column through a
-# slower path (SmolLM2's int8 package, interleaved runs: 20.9 ms a step for one row, 18.5 ms for two)
-MIN_DECODE_ROWS = 2
+# Decode steps of a float32 package feed at least two rows, a free row at its slot 0 beside a lone request: its
+# projections multiply the weight by one column per row (runtime.graphs.project), and BLAS takes a single column
+# through a slower path (SmolLM2's int8 package, interleaved runs: 20.9 ms a step for one row, 18.5 ms for two).
+# bfloat16 projections run one row as fast as two, so a lone request's step feeds its row alone.
+MIN_DECODE_ROWS = {torch.float32: 2}
 
 
 @dataclass
 class Cache:
-    """Every layer's keys and values, ``[rows, kv_heads, context, head_dim]`` each: row ``r``'s token at position
-    ``p`` in slot ``p`` of row ``r``."""
+    """Every layer's keys and values, ``[layers, rows, kv_heads, context, head_dim]``: row ``r``'s token at position
+    ``p`` in slot ``p`` of row ``r``. One tensor of all layers, so that a step cuts every layer's rows and slots in
+    use with one indexing (30 of them took 0.2 ms of SmolLM2's 6 ms step)."""
 
-    keys: list
-    values: list
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 class ModelRunner:
     """A model as a layer graph run once per layer and a head graph (compiled packages or the eager modules of
     :mod:`workflow_scripts.runtime.graphs`), with its weights and a cache of ``rows`` rows of ``context`` slots.
+    ``decode_layer`` is the layer graph for one token per row (a decode step), ``layer`` for any number.
 
     ``weights`` maps the names of :data:`EMBEDDING`, :data:`ROTARY` and the head's weights to tensors;
     ``layer_weights`` lists each layer's weights in the layer graph's input order, ``head_weights`` the head
     graph's (:func:`~workflow_scripts.runtime.graphs.head_weight_names`).
     """
 
-    def __init__(self, layer, head, weights, layer_weights, head_weights, rows, context, cache_shape, device="cpu"):
-        self.layer, self.head = layer, head
+    def __init__(
+        self, layer, decode_layer, head, weights, layer_weights, head_weights, rows, context, cache_shape, device="cpu"
+    ):
+        self.layer, self.decode_layer, self.head = layer, decode_layer, head
         self.embedding, self.head_weights = weights[EMBEDDING], head_weights
         self.cos, self.sin = (weights[name] for name in ROTARY)
         self.layer_weights = layer_weights
         self.rows, self.context = rows, context
+        self.min_decode_rows = min(MIN_DECODE_ROWS.get(self.embedding.dtype, 1), rows)
         self.kv_heads, self.head_dim = cache_shape
         self.device = torch.device(device)
         self.weights = weights  # the tensors compiled packages read: they live as long as the runner
@@ -77,13 +83,8 @@ class ModelRunner:
     def new_cache(self, rows=None):
         """A cache of ``rows`` rows (all the runner's by default), zeros: the slots beyond a row's position are
         masked out, and a masked zero adds nothing where uninitialised memory could hold NaNs."""
-        shape = (rows or self.rows, self.kv_heads, self.context, self.head_dim)
-        dtype = self.embedding.dtype
-
-        def zeros():
-            return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layer_weights]
-
-        return Cache(zeros(), zeros())
+        shape = (len(self.layer_weights), rows or self.rows, self.kv_heads, self.context, self.head_dim)
+        return Cache(*(torch.zeros(shape, dtype=self.embedding.dtype, device=self.device) for _ in range(2)))
 
     def forward(self, cache, first_row, ids, positions, all_logits=False):
         """Feed ``ids [rows, tokens]`` at ``positions`` (same shape) into cache rows ``first_row..``; float32 logits of
@@ -93,10 +94,10 @@ class ModelRunner:
         if length > self.context:
             raise InputError(f"position {length - 1} is beyond the {self.context} positions of this cache")
         hidden = self.embedding[ids]
-        for weights, keys, values in zip(self.layer_weights, cache.keys, cache.values, strict=True):
-            hidden = self.layer(
-                hidden, positions, self.cos, self.sin, keys[rows, :, :length], values[rows, :, :length], *weights
-            )
+        layer = self.decode_layer if ids.shape[1] == 1 else self.layer
+        in_use = (cache.keys[:, rows, :, :length].unbind(), cache.values[:, rows, :, :length].unbind())
+        for weights, keys, values in zip(self.layer_weights, *in_use, strict=True):
+            hidden = layer(hidden, positions, self.cos, self.sin, keys, values, *weights)
         hidden = hidden.reshape(-1, hidden.shape[-1]) if all_logits else hidden[:, -1]
         return self.head(hidden.contiguous(), *self.head_weights)
 
@@ -123,18 +124,20 @@ class ModelRunner:
             torch.as_tensor(positions, **as_column).view(-1, 1),
         )
 
-    def generate(self, ids, steps, stop=()):
+    def generate(self, ids, steps, stop=(), forced=None):
         """``(tokens, logits)``: greedy from one prompt in row 0; the prompt's last logits, then one row per fed
-        token. Each step also feeds row 1, at its slot 0 (:data:`MIN_DECODE_ROWS`)."""
-        cache = self.new_cache(rows=MIN_DECODE_ROWS)
+        token. With ``forced`` (``steps`` tokens), those tokens are fed instead of the greedy ones (teacher
+        forcing), so two models' logits compare on the same sequence. A float32 package's steps also feed row 1,
+        at its slot 0 (:data:`MIN_DECODE_ROWS`)."""
+        cache = self.new_cache(rows=self.min_decode_rows)
+        padding = [0] * (self.min_decode_rows - 1)
         all_logits = [self.prefill(cache, 0, ids)]
         tokens = []
-        for position in range(len(ids), len(ids) + steps):
-            token = int(all_logits[-1].argmax())
+        for step, position in enumerate(range(len(ids), len(ids) + steps)):
+            token = int(all_logits[-1].argmax()) if forced is None else forced[step]
             tokens.append(token)
             if token in stop or position == self.context:
                 break
-            padding = [0] * (MIN_DECODE_ROWS - 1)
             all_logits.append(self.decode(cache, [token, *padding], [position, *padding])[0])
         return tokens, torch.stack(all_logits).float()
 
@@ -159,7 +162,8 @@ def eager_runner(model, rows, context):
     _, kv_heads, _, head_dim = cache_shape(model.config, rows, context)
     layer = Layer(model.model.layers[0])
     head = [weights[name] for name in head_weight_names(model)]
-    return ModelRunner(layer, Head(model), weights, per_layer, head, rows, context, (kv_heads, head_dim), model.device)
+    shape = (kv_heads, head_dim)
+    return ModelRunner(layer, layer, Head(model), weights, per_layer, head, rows, context, shape, model.device)
 
 
 def write_constants(path, constants):
@@ -210,6 +214,14 @@ def read_constants(path, device):
     return constants
 
 
+def stack_rows(weights, names):
+    """The graph input that stacks the weights ``names`` by rows (runtime.graphs.fused_layer), taken out of
+    ``weights`` so that they are held once; a single name's tensor as it is."""
+    if len(names) == 1:
+        return weights[names[0]]
+    return torch.cat([weights.pop(name) for name in names])
+
+
 class CompiledGraph:
     """A loaded package called with its input tensors in order. The package's own ``__call__`` parses its input
     and output specs (JSON) and flattens its arguments on every call: about 45 us a call, 1.4 ms of a 12 ms
@@ -233,16 +245,20 @@ def load_compiled(folder):
         raise InputError(f"{folder}: compiled for CUDA, but torch sees no CUDA device here")
     weights = read_constants(folder / WEIGHTS_FILE, device)
     head_names = graphs["head_weights"]
-    needed = {EMBEDDING, *ROTARY, *head_names, *(name for names in graphs["layer_weights"] for name in names)}
-    missing = sorted(needed - set(weights))
+    stacked = [name for inputs in graphs["layer_weights"] for stack in inputs for name in stack]
+    missing = sorted({EMBEDDING, *ROTARY, *head_names, *stacked} - set(weights))
     if missing:
         raise InputError(f"{folder}: {WEIGHTS_FILE} lacks {', '.join(missing[:5])}")
-    layer, head = (CompiledGraph(torch._inductor.aoti_load_package(str(folder / name))) for name in GRAPH_FILES)
+    layer_weights = [[stack_rows(weights, stack) for stack in inputs] for inputs in graphs["layer_weights"]]
+    layer, decode_layer, head = (
+        CompiledGraph(torch._inductor.aoti_load_package(str(folder / name))) for name in GRAPH_FILES
+    )
     runner = ModelRunner(
         layer,
+        decode_layer,
         head,
         weights,
-        [[weights[name] for name in names] for names in graphs["layer_weights"]],
+        layer_weights,
         [weights[name] for name in head_names],
         graphs["rows"],
         graphs["context"],

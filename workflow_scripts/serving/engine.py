@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workflow_scripts.core.errors import InputError
-from workflow_scripts.runtime.package import MIN_DECODE_ROWS, PREFILL_CHUNK
+from workflow_scripts.runtime.package import PREFILL_CHUNK
 
 LOG = logging.getLogger(__name__)
 
@@ -202,10 +202,10 @@ class Engine:
 
     def decode(self):
         """One token for every running row. The step spans rows ``0..`` up to the last running one, and at least
-        ``MIN_DECODE_ROWS`` of them; the free and prefilling rows among them write into the slot their next token
-        overwrites, at no cost to them."""
+        the runner's ``min_decode_rows`` of them (:data:`~workflow_scripts.runtime.package.MIN_DECODE_ROWS`); the
+        free and prefilling rows among them write into the slot their next token overwrites, at no cost to them."""
         last = max(index for index, request in enumerate(self.rows) if request is not None)
-        last = max(last, min(MIN_DECODE_ROWS, self.runner.rows) - 1)
+        last = max(last, self.runner.min_decode_rows - 1)
         tokens, positions = [0] * (last + 1), [0] * (last + 1)
         for index, request in enumerate(self.rows[: last + 1]):
             if request is not None:
