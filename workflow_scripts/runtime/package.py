@@ -51,7 +51,8 @@ MIN_DECODE_ROWS = {torch.float32: 2}
 class Cache:
     """Every layer's keys and values, ``[layers, rows, kv_heads, context, head_dim]``: row ``r``'s token at position
     ``p`` in slot ``p`` of row ``r``. One tensor of all layers, so that a step cuts every layer's rows and slots in
-    use with one indexing (30 of them took 0.2 ms of SmolLM2's 6 ms step)."""
+    use with one indexing (with 30 per layer, the runtime's own Python took 0.32 ms of SmolLM2's 6 ms step; now
+    0.08 ms, cProfile)."""
 
     keys: torch.Tensor
     values: torch.Tensor
