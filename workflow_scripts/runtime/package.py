@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from workflow_scripts.checkpoint.safetensors_stream import SafetensorsWriter
+from workflow_scripts.checkpoint.vacc_files.quantization_vacc import aligned
 from workflow_scripts.core.errors import InputError
 from workflow_scripts.core.files import atomic_path, read_json
 from workflow_scripts.data.tokenizers import read_tokenizer
@@ -196,18 +197,12 @@ def storage_dtype(tensor):
     return torch.bfloat16 if exact_in_bfloat16 else tensor.dtype
 
 
-def aligned(tensor, alignment=64):
-    """``tensor``, copied into memory the allocator aligns only where it is not (the CPU's int8 weight-only kernel
-    crashes on a misaligned weight: quantization_vacc.ALIGNMENT)."""
-    return tensor if tensor.data_ptr() % alignment == 0 else tensor.clone()
-
-
 def read_constants(path, device):
     """The constants of :func:`write_constants` on ``device``, each in the dtype its graphs read, each shared tensor
     once."""
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
-        constants = {name: aligned(handle.get_tensor(name)).to(device) for name in handle.keys()}  # noqa: SIM118
+        constants = {name: handle.get_tensor(name).to(device) for name in handle.keys()}  # noqa: SIM118
     for name, dtype in json.loads(metadata[WIDENED_KEY]).items():
         constants[name] = constants[name].to(getattr(torch, dtype))
     for name, source in json.loads(metadata[ALIASES_KEY]).items():
@@ -215,12 +210,16 @@ def read_constants(path, device):
     return constants
 
 
-def stack_rows(weights, names):
+def graph_input(weights, names):
     """The graph input that stacks the weights ``names`` by rows (runtime.graphs.fused_layer), taken out of
-    ``weights`` so that they are held once; a single name's tensor as it is."""
-    if len(names) == 1:
-        return weights[names[0]]
-    return torch.cat([weights.pop(name) for name in names])
+    ``weights`` so that they are held once; a single name's tensor as it is, an int8 one in memory the CPU's int8
+    kernel can read (quantization_vacc.aligned: the file maps it at 8-byte offsets), in ``weights`` too."""
+    if len(names) > 1:
+        return torch.cat([weights.pop(name) for name in names])
+    (name,) = names
+    if weights[name].dtype == torch.int8:
+        weights[name] = aligned(weights[name])
+    return weights[name]
 
 
 class CompiledGraph:
@@ -250,7 +249,7 @@ def load_compiled(folder):
     missing = sorted({EMBEDDING, *ROTARY, *head_names, *stacked} - set(weights))
     if missing:
         raise InputError(f"{folder}: {WEIGHTS_FILE} lacks {', '.join(missing[:5])}")
-    layer_weights = [[stack_rows(weights, stack) for stack in inputs] for inputs in graphs["layer_weights"]]
+    layer_weights = [[graph_input(weights, stack) for stack in inputs] for inputs in graphs["layer_weights"]]
     layer, decode_layer, head = (
         CompiledGraph(torch._inductor.aoti_load_package(str(folder / name))) for name in GRAPH_FILES
     )
@@ -260,7 +259,7 @@ def load_compiled(folder):
         head,
         weights,
         layer_weights,
-        [weights[name] for name in head_names],
+        [graph_input(weights, [name]) for name in head_names],
         graphs["rows"],
         graphs["context"],
         (graphs["kv_heads"], graphs["head_dim"]),
