@@ -112,8 +112,8 @@ def test_gptq_beats_rtn_end_to_end_and_layer_by_layer(real_run):
             f"KL {alike['kl_divergence']:.5f}, top-1 {alike['top1_agreement']:.4f}"
         )
         assert alike["positions"] == compiled["positions"]
-        # bfloat16 sums in another order: the default run's package measured 2e-5 and 10% apart
-        assert compiled["perplexity"] == pytest.approx(alike["perplexity"], rel=1e-3)
+        # bfloat16 sums in another order: perplexity 2e-5 and 1.9e-3 apart (default run, CI), KL 10% and 8%
+        assert compiled["perplexity"] == pytest.approx(alike["perplexity"], rel=5e-3)
         assert compiled["kl_divergence"] == pytest.approx(alike["kl_divergence"], rel=0.25)
         layers = results(flow, model, "quantized", "gptq-int8", "MANIFEST.json")["layers"]
         ratios = {
