@@ -67,7 +67,7 @@ def eager_as_packaged(flow, model, variant):
     from workflow_scripts.evaluation.evaluate import eager_scoring, score_windows
 
     root = flow.work / "results" / model
-    graphs = json.loads((root / "aoti" / variant / "graphs.json").read_text())
+    graphs = results(flow, model, "aoti", variant, "graphs.json")
     evaluation = results(flow, model, "eval", f"aoti-{variant}.json")
 
     def packaged():
@@ -78,7 +78,7 @@ def eager_as_packaged(flow, model, variant):
 
     (path,) = flow.work.glob("results/evaluation-sets/*/*-validation.safetensors")
     windows = load_file(path)["input_ids"].long()[: evaluation["c4"]["windows"]]
-    vocab_size = json.loads((root / "patched" / "config.json").read_text())["vocab_size"]
+    vocab_size = results(flow, model, "patched", "config.json")["vocab_size"]
     reference = functools.partial(load_vacc_model, root / "patched", torch.float32, insert_slice=False)
     with torch.no_grad():
         figures, _ = score_windows(eager_scoring(packaged, reference), windows, vocab_size)
